@@ -1,0 +1,11 @@
+"""flaxlm: pretraining decoder Transformers with JAX, Flax, jax.sharding, tf.data and Orbax."""
+
+import os as _os
+
+# TensorFlow (the input pipeline) prints C++ start-up chatter about oneDNN and CPU features at
+# import; it is noise here. A value set by the user wins. (oneDNN only speeds up TensorFlow's
+# own float ops, which the pipeline does not use.)
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+_os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Input data: tokenizers, corpora and the tf.data pipeline that packs them into batches."""

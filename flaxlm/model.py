@@ -1,0 +1,263 @@
+"""The decoder-only Transformer (Flax linen): parameters in, logits out.
+
+One module covers both families through `ModelConfig`:
+
+- GPT-2: LayerNorm, GELU MLP, learned absolute positions, biases, tied input/output embeddings.
+- Llama: RMSNorm, SwiGLU MLP, rotary positions, grouped-query attention, no biases, untied output.
+- The classic sinusoidal encoding of Vaswani et al. (x + PE(p)) is a third position choice.
+
+Blocks are pre-norm: x + Attn(Norm(x)), then x + MLP(Norm(x)). Every parameter carries logical
+axis names (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`) and the main activations are
+constrained by logical names at block boundaries; `flaxlm.mesh` maps names to mesh axes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flaxlm.attention import dot_product_attention
+from flaxlm.config import ModelConfig, Mlp, Norm, Position
+
+Array = jax.Array
+
+
+def _dtype(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def _init(std: float) -> nn.initializers.Initializer:
+    return nn.initializers.normal(stddev=std)
+
+
+def _constrain(x: Array, names: tuple[str | None, ...]) -> Array:
+    """Activation sharding by logical names (a no-op outside a mesh / rules context)."""
+    return nn.with_logical_constraint(x, names)
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * scale, computed in float32."""
+
+    eps: float
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+            (x.shape[-1],),
+            self.param_dtype,
+        )
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
+    dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+    if cfg.norm == Norm.rmsnorm:
+        return RMSNorm(eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name=name)
+    return nn.LayerNorm(
+        epsilon=cfg.norm_eps,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        use_bias=True,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+        # Statistics in float32 even when activations are bfloat16.
+        force_float32_reductions=True,
+        # Two-pass variance: E[(x-mean)^2] matches reference implementations in float32.
+        use_fast_variance=False,
+        name=name,
+    )
+
+
+def sinusoidal_encoding(positions: Array, d_model: int) -> Array:
+    """PE(p, 2i) = sin(p / 10000^(2i/d)), PE(p, 2i+1) = cos(...), interleaved as in the paper."""
+    i = jnp.arange(d_model // 2, dtype=jnp.float32)
+    inv_freq = jnp.exp(-math.log(10000.0) * 2.0 * i / d_model)
+    angles = positions[..., None].astype(jnp.float32) * inv_freq
+    pe = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+    return pe.reshape(*positions.shape, d_model)
+
+
+def apply_rope(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary embeddings, rotate-half convention (Llama / Hugging Face), on (B, T, N, H)."""
+    h = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # (B, T, H/2)
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = x32[..., : h // 2], x32[..., h // 2 :]
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head (or grouped-query) causal self-attention over packed segments."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, segment_ids: Array) -> Array:
+        cfg = self.cfg
+        dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+        head_dim = cfg.dim_per_head
+
+        def proj(name: str, heads: int, axis: str) -> Array:
+            return nn.DenseGeneral(
+                features=(heads, head_dim),
+                use_bias=cfg.use_bias,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                kernel_init=nn.with_logical_partitioning(
+                    _init(cfg.init_std), ("embed", axis, "head_dim")
+                ),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis, "head_dim")),
+                name=name,
+            )(x)
+
+        q = proj("query", cfg.n_heads, "heads")
+        k = proj("key", cfg.kv_heads, "kv_heads")
+        v = proj("value", cfg.kv_heads, "kv_heads")
+        if cfg.position == Position.rope:
+            q = apply_rope(q, positions, cfg.rope_theta)
+            k = apply_rope(k, positions, cfg.rope_theta)
+        q = _constrain(q, ("batch", "length", "act_heads", None))
+        k = _constrain(k, ("batch", "length", "act_kv_heads", None))
+        v = _constrain(v, ("batch", "length", "act_kv_heads", None))
+        out = dot_product_attention(q, k, v, segment_ids, segment_ids, cfg.attention)
+        out = _constrain(out, ("batch", "length", "act_heads", None))
+        # GPT-2 scales the init of projections into the residual stream by 1/sqrt(2 * layers).
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        return nn.DenseGeneral(
+            features=cfg.d_model,
+            axis=(-2, -1),
+            use_bias=cfg.use_bias,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=nn.with_logical_partitioning(_init(out_std), ("heads", "head_dim", "embed")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            name="out",
+        )(out)
+
+
+class FeedForward(nn.Module):
+    """GELU MLP (GPT-2) or SwiGLU (Llama): down(act(up(x))) or down(silu(gate(x)) * up(x))."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.cfg
+        dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+
+        def dense(name: str, features: int, axes: tuple[str, str], std: float) -> nn.Dense:
+            return nn.Dense(
+                features,
+                use_bias=cfg.use_bias,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                kernel_init=nn.with_logical_partitioning(_init(std), axes),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)),
+                name=name,
+            )
+
+        up = dense("up", cfg.d_ff, ("embed", "mlp"), cfg.init_std)(x)
+        if cfg.mlp == Mlp.swiglu:
+            gate = dense("gate", cfg.d_ff, ("embed", "mlp"), cfg.init_std)(x)
+            hidden = nn.silu(gate) * up
+        else:
+            # GPT-2 uses the tanh approximation of GELU.
+            hidden = nn.gelu(up, approximate=True)
+        hidden = _constrain(hidden, ("batch", "length", "act_mlp"))
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        return dense("down", cfg.d_model, ("mlp", "embed"), out_std)(hidden)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: attention then MLP."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, segment_ids: Array) -> Array:
+        x = x + Attention(self.cfg, name="attn")(make_norm(self.cfg, "attn_norm")(x), positions, segment_ids)
+        x = x + FeedForward(self.cfg, name="mlp")(make_norm(self.cfg, "mlp_norm")(x))
+        return _constrain(x, ("batch", "length", "act_embed"))
+
+
+class Transformer(nn.Module):
+    """Decoder-only Transformer language model.
+
+    Args to __call__:
+      tokens: int (B, T) token ids.
+      positions: int (B, T) position of each token in its document (restart per segment);
+        defaults to 0..T-1.
+      segment_ids: int (B, T) document id of each token within its row, 0 for padding;
+        defaults to all ones (one document).
+    Returns float32 logits (B, T, vocab_size).
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: Array,
+        positions: Array | None = None,
+        segment_ids: Array | None = None,
+    ) -> Array:
+        cfg = self.cfg
+        dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens)
+
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            embedding_init=nn.with_logical_partitioning(_init(cfg.init_std), ("vocab", "embed")),
+            name="embed",
+        )
+        x = embed(tokens)
+        if cfg.position == Position.learned:
+            pos_table = nn.Embed(
+                cfg.max_seq_len,
+                cfg.d_model,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                embedding_init=nn.with_logical_partitioning(_init(cfg.init_std), (None, "embed")),
+                name="pos_embed",
+            )
+            x = x + pos_table(positions)
+        elif cfg.position == Position.sinusoidal:
+            x = x + sinusoidal_encoding(positions, cfg.d_model).astype(dtype)
+        x = _constrain(x, ("batch", "length", "act_embed"))
+
+        for i in range(cfg.n_layers):
+            x = Block(cfg, name=f"block_{i}")(x, positions, segment_ids)
+        x = make_norm(cfg, "final_norm")(x)
+
+        if cfg.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = nn.Dense(
+                cfg.vocab_size,
+                use_bias=False,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                kernel_init=nn.with_logical_partitioning(_init(cfg.init_std), ("embed", "vocab")),
+                name="lm_head",
+            )(x)
+        logits = _constrain(logits, ("batch", "length", "act_vocab"))
+        return logits.astype(jnp.float32)
