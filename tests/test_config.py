@@ -1,0 +1,102 @@
+"""Config loading, composition, overrides and the errors users see."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import CONFIGS
+
+from flaxlm import config
+from flaxlm.config import ConfigError, Mlp, Norm, Position
+from flaxlm.mesh import resolve_shape
+
+
+def test_composition_merges_base_preset_and_experiment():
+    cfg = config.load(CONFIGS / "tiny.yaml")
+    assert cfg.model.d_model == 64  # from models/gpt2-tiny.yaml
+    assert cfg.optimizer.b2 == 0.95  # from base.yaml
+    assert cfg.data.seq_len == 64  # from tiny.yaml itself, overriding base.yaml's 256
+    assert cfg.model.norm is Norm.layernorm and cfg.model.position is Position.learned
+
+
+def test_overrides_are_typed_and_win():
+    cfg = config.load(CONFIGS / "tiny.yaml", ["model.n_layers=3", "model.mlp=swiglu", "train.steps=7"])
+    assert cfg.model.n_layers == 3 and cfg.model.mlp is Mlp.swiglu and cfg.train.steps == 7
+
+
+def test_misspelled_key_is_named():
+    with pytest.raises(ConfigError, match=r"model\.n_layer"):
+        config.load(CONFIGS / "tiny.yaml", ["model.n_layer=3"])
+
+
+def test_misspelled_key_in_yaml_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"defaults: [{CONFIGS / 'tiny.yaml'}]\noptimizer:\n  learning_rat: 0.1\n")
+    with pytest.raises(ConfigError, match=r"optimizer\.learning_rat"):
+        config.load(bad)
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigError, match=r"model\.d_model"):
+        config.load(CONFIGS / "tiny.yaml", ["model.d_model=big"])
+
+
+def test_bad_enum_value_is_named():
+    with pytest.raises(ConfigError, match=r"model\.position"):
+        config.load(CONFIGS / "tiny.yaml", ["model.position=absolute"])
+
+
+def test_mesh_that_does_not_match_devices():
+    cfg = config.load(CONFIGS / "tiny.yaml", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=1"])
+    with pytest.raises(ConfigError, match=r"data=2 x fsdp=2 x tensor=1 has 4 devices but 8"):
+        resolve_shape(cfg.mesh, 8)
+
+
+def test_mesh_fill_axis():
+    cfg = config.load(CONFIGS / "tiny.yaml", ["mesh.data=2", "mesh.fsdp=-1", "mesh.tensor=2"])
+    assert resolve_shape(cfg.mesh, 8) == {"data": 2, "fsdp": 2, "tensor": 2}
+    four_way = config.load(CONFIGS / "tiny.yaml", ["mesh.data=4", "mesh.fsdp=-1"])
+    with pytest.raises(ConfigError, match="does not divide 6"):
+        resolve_shape(four_way.mesh, 6)
+
+
+def test_mesh_must_divide_dimensions():
+    with pytest.raises(ConfigError, match=r"mesh\.tensor=3 does not divide model\.n_heads=4"):
+        config.load(CONFIGS / "tiny.yaml", ["mesh.tensor=3", "mesh.fsdp=1", "model.vocab_size=321"])
+
+
+def test_impossible_model_combinations():
+    with pytest.raises(ConfigError, match=r"model\.n_kv_heads=3 does not divide model\.n_heads=4"):
+        config.load(CONFIGS / "tiny.yaml", ["model.n_kv_heads=3"])
+    with pytest.raises(ConfigError, match=r"data\.seq_len=128 exceeds model\.max_seq_len=64"):
+        config.load(CONFIGS / "tiny.yaml", ["data.seq_len=128"])
+    with pytest.raises(ConfigError, match=r"model\.vocab_size=100"):
+        config.load(CONFIGS / "tiny.yaml", ["model.vocab_size=100"])
+
+
+def test_override_without_equals_sign():
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        config.load(CONFIGS / "tiny.yaml", ["model.d_model"])
+
+
+def test_missing_file_and_cycle(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        config.load(tmp_path / "nope.yaml")
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("defaults: [b.yaml]\n")
+    b.write_text("defaults: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        config.load(a)
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = config.load(CONFIGS / "tiny.yaml", ["model.position=rope", "mesh.rules.embed=[]"])
+    path = tmp_path / "saved.yaml"
+    path.write_text(config.to_yaml(cfg))
+    assert config.load(path) == cfg
+
+
+def test_every_shipped_config_loads():
+    files = sorted(CONFIGS.glob("*.yaml"))
+    assert {"base.yaml", "tiny.yaml", "quickstart.yaml"} <= {f.name for f in files}
+    for path in files:
+        config.load(path)
