@@ -29,9 +29,7 @@ def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array) -> jax.A
     return (causal[None] & same & real)[:, None]
 
 
-def reference_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
-) -> jax.Array:
+def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """softmax(Q K^T / sqrt(d_k)) V written out with einsums; the oracle for the other kernels.
 
     Logits and softmax are computed in float32 whatever the input dtype.

@@ -57,6 +57,15 @@ class DataIteratorRestore(ocp.args.CheckpointArgs):
     iterator: DataIterator
 
 
+def _pytree_restore(abstract: Any, partial: bool = False) -> ocp.args.PyTreeRestore:
+    """Restore args that place every array in the sharding its ShapeDtypeStruct names."""
+    return ocp.args.PyTreeRestore(
+        item=abstract,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=partial,
+    )
+
+
 class Checkpointer:
     """The checkpoint manager of one run directory."""
 
@@ -72,7 +81,7 @@ class Checkpointer:
             self.directory,
             options=options,
             item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
+                "state": ocp.PyTreeCheckpointHandler(),
                 "data": DataIteratorHandler(),
                 "config": ocp.JsonCheckpointHandler(),
             },
@@ -86,7 +95,7 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data: DataIterator | None, cfg: Config) -> bool:
         items = {
-            "state": ocp.args.StandardSave(state),
+            "state": ocp.args.PyTreeSave(state),
             "config": ocp.args.JsonSave(to_dict(cfg)),
         }
         if data is not None:
@@ -95,7 +104,7 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state: Any, data: DataIterator | None = None) -> Any:
         """Restores the state into the shardings of abstract_state (and the data position)."""
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        items = {"state": _pytree_restore(abstract_state)}
         if data is not None:
             items["data"] = DataIteratorRestore(data)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
@@ -103,17 +112,9 @@ class Checkpointer:
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         """Restores only the parameters (for evaluation and generation)."""
-        abstract = {"params": abstract_params}
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    item=abstract,
-                    restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-                    partial_restore=True,
-                )
-            ),
-        )
+        # A partial restore reads the params subtree only; the optimizer state stays on disk.
+        restore = _pytree_restore({"params": abstract_params}, partial=True)
+        restored = self._manager.restore(step, args=ocp.args.Composite(state=restore))
         return restored["state"]["params"]
 
     def saved_config(self, step: int) -> dict[str, Any]:

@@ -74,7 +74,9 @@ def _train(args: argparse.Namespace) -> None:
     cfg = config_lib.load(args.config, args.overrides)
     summary = run(cfg)
     first, final = summary.first_eval, summary.final_eval
-    lines = [f"trained steps {summary.start_step}..{summary.end_step} in {summary.wall_seconds:.0f} s"]
+    lines = [
+        f"trained steps {summary.start_step}..{summary.end_step} in {summary.wall_seconds:.0f} s"
+    ]
     if first is not None:
         lines.append(f"bits per byte: {first['bits_per_byte']:.3f} at the start")
     lines.append(f"bits per byte: {final['bits_per_byte']:.3f} at the end")
@@ -97,7 +99,9 @@ def _generate(args: argparse.Namespace) -> None:
     from flaxlm.loop import generate_text
 
     _, trainer, params, _ = _load_run(args.checkpoint, args.step, [])
-    text = generate_text(trainer, params, args.prompt, args.max_new_tokens, args.temperature, args.seed)
+    text = generate_text(
+        trainer, params, args.prompt, args.max_new_tokens, args.temperature, args.seed
+    )
     print(text, flush=True)
 
 

@@ -27,24 +27,24 @@ class ConfigError(ValueError):
     """A config that cannot work; the message names the key, the value and the rule."""
 
 
-class Norm(str, enum.Enum):
+class Norm(enum.StrEnum):
     layernorm = "layernorm"
     rmsnorm = "rmsnorm"
 
 
-class Mlp(str, enum.Enum):
+class Mlp(enum.StrEnum):
     gelu = "gelu"
     swiglu = "swiglu"
 
 
-class Position(str, enum.Enum):
+class Position(enum.StrEnum):
     learned = "learned"  # GPT-2: a trained table added to the token embeddings
     sinusoidal = "sinusoidal"  # Vaswani et al.: x + PE(p), nothing trained
     rope = "rope"  # Llama: rotary embeddings applied to queries and keys
     none = "none"  # causal attention alone (NoPE)
 
 
-class AttentionKernel(str, enum.Enum):
+class AttentionKernel(enum.StrEnum):
     reference = "reference"  # explicit einsum softmax(QK^T/sqrt(d))V: the oracle
     xla = "xla"  # jax.nn.dot_product_attention, XLA implementation
     cudnn = "cudnn"  # jax.nn.dot_product_attention, cuDNN flash attention (NVIDIA GPUs)
@@ -277,7 +277,7 @@ def _require(ok: bool, message: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Checks rules that types cannot express. Needs no devices."""
-    m, mesh, d, o, t = cfg.model, cfg.mesh, cfg.data, cfg.optimizer, cfg.train
+    m, d, o, t = cfg.model, cfg.data, cfg.optimizer, cfg.train
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
         value = getattr(m, key)
         _require(value > 0, f"model.{key}={value} must be positive")
@@ -296,9 +296,14 @@ def validate(cfg: Config) -> None:
         "set model.head_dim explicitly",
     )
     if m.position == Position.rope:
-        _require(m.dim_per_head % 2 == 0, f"rotary embeddings need an even head_dim, got {m.dim_per_head}")
+        _require(
+            m.dim_per_head % 2 == 0,
+            f"rotary embeddings need an even head_dim, got {m.dim_per_head}",
+        )
     if m.position == Position.sinusoidal:
-        _require(m.d_model % 2 == 0, f"sinusoidal positions need an even model.d_model, got {m.d_model}")
+        _require(
+            m.d_model % 2 == 0, f"sinusoidal positions need an even model.d_model, got {m.d_model}"
+        )
     for key in ("dtype", "param_dtype"):
         value = getattr(m, key)
         _require(
@@ -311,10 +316,18 @@ def validate(cfg: Config) -> None:
         f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}",
     )
     _require(d.seq_len >= 2, f"data.seq_len={d.seq_len} must be at least 2 (inputs and targets)")
-    _require(d.global_batch_size > 0, f"data.global_batch_size={d.global_batch_size} must be positive")
-    _require(d.corpus in ("python-docs", "files"), f"data.corpus={d.corpus!r} is not python-docs or files")
+    _require(
+        d.global_batch_size > 0, f"data.global_batch_size={d.global_batch_size} must be positive"
+    )
+    _require(
+        d.corpus in ("python-docs", "files"),
+        f"data.corpus={d.corpus!r} is not python-docs or files",
+    )
     if d.corpus == "files":
-        _require(bool(d.train_files), "data.corpus=files needs data.train_files (a glob of .txt/.jsonl files)")
+        _require(
+            bool(d.train_files),
+            "data.corpus=files needs data.train_files (a glob of .txt/.jsonl files)",
+        )
     _require(d.tokenizer == "byte", f"data.tokenizer={d.tokenizer!r}: only 'byte' is available")
     from flaxlm.data.tokenizer import ByteTokenizer
 
@@ -325,7 +338,9 @@ def validate(cfg: Config) -> None:
     )
 
     _require(o.name == "adamw", f"optimizer.name={o.name!r}: only 'adamw' is available")
-    _require(o.decay in ("cosine", "constant"), f"optimizer.decay={o.decay!r} is not cosine or constant")
+    _require(
+        o.decay in ("cosine", "constant"), f"optimizer.decay={o.decay!r} is not cosine or constant"
+    )
     _require(o.learning_rate > 0, f"optimizer.learning_rate={o.learning_rate} must be positive")
     _require(o.warmup_steps >= 0, f"optimizer.warmup_steps={o.warmup_steps} must be >= 0")
     _require(0 <= o.min_lr_ratio <= 1, f"optimizer.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
@@ -333,8 +348,14 @@ def validate(cfg: Config) -> None:
     _require(t.steps > 0, f"train.steps={t.steps} must be positive")
     _require(t.log_every > 0, f"train.log_every={t.log_every} must be positive")
     _require(t.eval_every >= 0, f"train.eval_every={t.eval_every} must be >= 0")
-    _require(cfg.checkpoint.every_steps > 0, f"checkpoint.every_steps={cfg.checkpoint.every_steps} must be positive")
-    _require(cfg.checkpoint.max_to_keep > 0, f"checkpoint.max_to_keep={cfg.checkpoint.max_to_keep} must be positive")
+    _require(
+        cfg.checkpoint.every_steps > 0,
+        f"checkpoint.every_steps={cfg.checkpoint.every_steps} must be positive",
+    )
+    _require(
+        cfg.checkpoint.max_to_keep > 0,
+        f"checkpoint.max_to_keep={cfg.checkpoint.max_to_keep} must be positive",
+    )
 
     _validate_mesh(cfg)
 

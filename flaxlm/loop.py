@@ -100,9 +100,7 @@ def run(cfg: Config) -> RunSummary:
 
     first_eval = None
     if start == 0:
-        first_eval = evaluate(trainer, state.params, eval_set)
-        writer.write(0, {f"eval_{k}": v for k, v in first_eval.items()})
-        log(f"step 0: eval loss {first_eval['loss']:.4f}, {first_eval['bits_per_byte']:.4f} bits/byte")
+        first_eval = _evaluate(trainer, state.params, eval_set, writer, 0)
 
     progress = tqdm(
         total=t.steps,
@@ -139,30 +137,36 @@ def run(cfg: Config) -> RunSummary:
                     f"step {checkpointer.latest_step()} in {checkpointer.directory}"
                 )
         if t.eval_every and done % t.eval_every == 0 and done != t.steps:
-            result = evaluate(trainer, state.params, eval_set)
-            writer.write(done, {f"eval_{k}": v for k, v in result.items()})
-            log(f"step {done}: eval loss {result['loss']:.4f}, {result['bits_per_byte']:.4f} bits/byte")
+            _evaluate(trainer, state.params, eval_set, writer, done)
         if done % checkpointer.every_steps == 0 or done == t.steps:
             checkpointer.save(done, state, data, cfg)
         progress.update(1)
     progress.close()
 
     if start < t.steps or final_eval is None:
-        final_eval = evaluate(trainer, state.params, eval_set)
-        writer.write(t.steps, {f"eval_{k}": v for k, v in final_eval.items()})
-        log(
-            f"step {t.steps}: eval loss {final_eval['loss']:.4f}, "
-            f"{final_eval['bits_per_byte']:.4f} bits/byte"
-        )
+        final_eval = _evaluate(trainer, state.params, eval_set, writer, t.steps)
     checkpointer.wait()
     checkpointer.close()
 
     text = None
     if t.sample_prompt:
-        text = generate_text(trainer, state.params, t.sample_prompt, t.sample_new_tokens,
-                             t.sample_temperature, t.seed)
+        text = generate_text(
+            trainer,
+            state.params,
+            t.sample_prompt,
+            t.sample_new_tokens,
+            t.sample_temperature,
+            t.seed,
+        )
     writer.close()
     return RunSummary(start, t.steps, first_eval, final_eval, time.perf_counter() - started, text)
+
+
+def _evaluate(trainer: Trainer, params, eval_set, writer: MetricsWriter, step: int) -> dict:
+    result = evaluate(trainer, params, eval_set)
+    writer.write(step, {f"eval_{k}": v for k, v in result.items()})
+    log(f"step {step}: eval loss {result['loss']:.4f}, {result['bits_per_byte']:.4f} bits/byte")
+    return result
 
 
 def _throughput(

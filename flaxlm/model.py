@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxlm.attention import dot_product_attention
-from flaxlm.config import ModelConfig, Mlp, Norm, Position
+from flaxlm.config import Mlp, ModelConfig, Norm, Position
 
 Array = jax.Array
 
@@ -142,7 +142,9 @@ class Attention(nn.Module):
             use_bias=cfg.use_bias,
             dtype=dtype,
             param_dtype=param_dtype,
-            kernel_init=nn.with_logical_partitioning(_init(out_std), ("heads", "head_dim", "embed")),
+            kernel_init=nn.with_logical_partitioning(
+                _init(out_std), ("heads", "head_dim", "embed")
+            ),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
             name="out",
         )(out)
@@ -188,7 +190,9 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, segment_ids: Array) -> Array:
-        x = x + Attention(self.cfg, name="attn")(make_norm(self.cfg, "attn_norm")(x), positions, segment_ids)
+        x = x + Attention(self.cfg, name="attn")(
+            make_norm(self.cfg, "attn_norm")(x), positions, segment_ids
+        )
         x = x + FeedForward(self.cfg, name="mlp")(make_norm(self.cfg, "mlp_norm")(x))
         return _constrain(x, ("batch", "length", "act_embed"))
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from flaxlm import mesh as mesh_lib
 from flaxlm.config import Config
@@ -141,7 +141,9 @@ class Trainer:
         seq = self.cfg.data.seq_len
         tokens = jnp.zeros((1, seq), jnp.int32)
         params = self.model.init(key, tokens)["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params)
+        )
 
     @contextlib.contextmanager
     def context(self) -> Iterator[None]:
@@ -153,7 +155,9 @@ class Trainer:
         with self.context():
             return self._init(jax.random.key(seed))
 
-    def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    def train_step(
+        self, state: TrainState, batch: Batch
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
         with self.context():
             return self._train_step(state, batch)
 
@@ -184,5 +188,3 @@ def evaluate(trainer: Trainer, params, batches) -> dict[str, float]:
         "bits_per_byte": nats / np.log(2.0) / max(nbytes, 1.0),
         "tokens": int(tokens),
     }
-
-

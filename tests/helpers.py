@@ -24,7 +24,9 @@ def flaxlm(*args: str, devices: int = 8, check: bool = True, timeout: int = 600)
         timeout=timeout,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"flaxlm {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"flaxlm {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 

@@ -50,7 +50,10 @@ def test_kernels_match_numpy(kernel, heads):
     q, k, v, seg = _inputs(*heads)
     expected = numpy_attention(q, k, v, seg, seg)
     got = dot_product_attention(
-        *(jnp.asarray(x, jnp.float32) for x in (q, k, v)), jnp.asarray(seg), jnp.asarray(seg), kernel
+        *(jnp.asarray(x, jnp.float32) for x in (q, k, v)),
+        jnp.asarray(seg),
+        jnp.asarray(seg),
+        kernel,
     )
     real = seg != 0  # outputs at padding positions are unused and unconstrained
     np.testing.assert_allclose(np.asarray(got)[real], expected[real], atol=1e-5, rtol=1e-5)

@@ -50,20 +50,29 @@ def test_resume_onto_another_mesh_and_device_count(tmp_path, corpus_cache):
     expected = train_losses(full)
     resumed = _stopped_at_step_3(full, tmp_path / "resumed")
     # 4 devices, tensor-parallel instead of data-parallel: the arrays are resharded on restore.
-    train_tiny(resumed, corpus_cache, *COMMON, "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2", devices=4)
+    train_tiny(
+        resumed, corpus_cache, *COMMON, "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2", devices=4
+    )
     got = train_losses(resumed)
-    np.testing.assert_allclose([got[s] for s in (4, 5, 6)], [expected[s] for s in (4, 5, 6)], rtol=1e-5)
+    np.testing.assert_allclose(
+        [got[s] for s in (4, 5, 6)], [expected[s] for s in (4, 5, 6)], rtol=1e-5
+    )
 
 
 def test_resuming_with_another_model_is_refused(tmp_path, corpus_cache):
     run = tmp_path / "run"
     train_tiny(run, corpus_cache, *COMMON)
-    from helpers import flaxlm
     from conftest import CONFIGS
+    from helpers import flaxlm
 
     proc = flaxlm(
-        "train", "--config", str(CONFIGS / "tiny.yaml"), f"train.run_dir={run}",
-        f"data.cache_dir={corpus_cache}", "model.d_model=128", check=False,
+        "train",
+        "--config",
+        str(CONFIGS / "tiny.yaml"),
+        f"train.run_dir={run}",
+        f"data.cache_dir={corpus_cache}",
+        "model.d_model=128",
+        check=False,
     )
     assert proc.returncode == 2
     assert "model.d_model: 64 -> 128" in proc.stderr

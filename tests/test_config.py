@@ -19,7 +19,9 @@ def test_composition_merges_base_preset_and_experiment():
 
 
 def test_overrides_are_typed_and_win():
-    cfg = config.load(CONFIGS / "tiny.yaml", ["model.n_layers=3", "model.mlp=swiglu", "train.steps=7"])
+    cfg = config.load(
+        CONFIGS / "tiny.yaml", ["model.n_layers=3", "model.mlp=swiglu", "train.steps=7"]
+    )
     assert cfg.model.n_layers == 3 and cfg.model.mlp is Mlp.swiglu and cfg.train.steps == 7
 
 
@@ -74,7 +76,7 @@ def test_impossible_model_combinations():
 
 
 def test_override_without_equals_sign():
-    with pytest.raises(ConfigError, match="key.sub=value"):
+    with pytest.raises(ConfigError, match=r"key\.sub=value"):
         config.load(CONFIGS / "tiny.yaml", ["model.d_model"])
 
 

@@ -68,7 +68,7 @@ def test_long_documents_are_split_not_dropped(tmp_path, corpus_cache):
     tokens = np.concatenate([next(it)["tokens"][0] for _ in range(16)])  # one epoch = 1002 ids
     tok = ByteTokenizer()
     assert tokens[0] == tok.bos_id
-    assert tok.decode(tokens[: 1002]) == long_doc  # every byte, in order
+    assert tok.decode(tokens[:1002]) == long_doc  # every byte, in order
     assert tokens[1001] == tok.eos_id
 
 
@@ -107,7 +107,9 @@ def _cfg(corpus_cache, *overrides):
 
 def test_order_is_a_function_of_the_seed(corpus_cache):
     cfg = _cfg(corpus_cache)
-    first = [next(pipeline.DataIterator(pipeline.train_dataset(cfg.data, seed=s))) for s in (0, 0, 1)]
+    first = [
+        next(pipeline.DataIterator(pipeline.train_dataset(cfg.data, seed=s))) for s in (0, 0, 1)
+    ]
     np.testing.assert_array_equal(first[0]["tokens"], first[1]["tokens"])
     assert not np.array_equal(first[0]["tokens"], first[2]["tokens"])
 

@@ -58,7 +58,9 @@ def test_every_parameter_has_logical_axis_names(tiny_cfg):
     for family in FAMILIES:
         cfg = tiny_cfg(family=family)
         model = Transformer(cfg.model)
-        boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+        boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))[
+            "params"
+        ]
         leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
         assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
         for leaf in leaves:
@@ -71,7 +73,10 @@ def test_family_structure(tiny_cfg):
     assert "pos_embed" in gpt2 and "lm_head" not in gpt2  # learned positions, tied output
     assert "pos_embed" not in llama and "lm_head" in llama  # rotary, untied output
     assert "gate" in llama["block_0"]["mlp"] and "gate" not in gpt2["block_0"]["mlp"]
-    assert "bias" in gpt2["block_0"]["attn"]["query"] and "bias" not in llama["block_0"]["attn"]["query"]
+    assert (
+        "bias" in gpt2["block_0"]["attn"]["query"]
+        and "bias" not in llama["block_0"]["attn"]["query"]
+    )
     # Grouped-query attention: 4 query heads, 2 key/value heads of width 16.
     assert llama["block_0"]["attn"]["query"]["kernel"].shape == (64, 4, 16)
     assert llama["block_0"]["attn"]["key"]["kernel"].shape == (64, 2, 16)

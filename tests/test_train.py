@@ -75,7 +75,9 @@ def _run_three_steps(cfg, shape):
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_every_mesh_gives_the_same_losses_and_parameters(tiny_cfg, family):
     # 8 heads and 8 key/value heads so that tensor=8 divides every sharded dimension.
-    cfg = tiny_cfg("model.n_heads=8", "model.n_kv_heads=8", "optimizer.warmup_steps=0", family=family)
+    cfg = tiny_cfg(
+        "model.n_heads=8", "model.n_kv_heads=8", "optimizer.warmup_steps=0", family=family
+    )
     _, ref_state, ref_losses = _run_three_steps(cfg, MESHES["1 device"])
     ref_params = jax.device_get(ref_state.params)
     for name, shape in MESHES.items():
@@ -106,7 +108,9 @@ def _assert_sharded_as_the_rules_say(trainer, state, shape):
             factor = int(np.prod([sizes[a] for a in rules.get(name, [])])) if name else 1
             assert shard[dim] == array.shape[dim] // factor, (names, array.shape, shard)
 
-    jax.tree.map(check, params, logical, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    jax.tree.map(
+        check, params, logical, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+    )
     # Spot checks: FSDP splits the embedding width, tensor parallelism the vocabulary and heads.
     embed = params["embed"]["embedding"]
     assert embed.addressable_shards[0].data.shape == (320 // sizes["tensor"], 64 // sizes["fsdp"])

@@ -1,0 +1,77 @@
+"""The command line end to end: train, eval, generate, and the errors users see."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import CONFIGS
+from helpers import flaxlm, train_tiny
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, corpus_cache):
+    run = tmp_path_factory.mktemp("cli") / "run"
+    proc = train_tiny(run, corpus_cache, "train.steps=20", "mesh.data=2", "mesh.fsdp=4")
+    return run, proc
+
+
+def test_train_writes_the_run_directory(trained_run):
+    run, proc = trained_run
+    assert (run / "config.yaml").is_file()
+    assert any((run / "tensorboard").iterdir())
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == [5, 10, 15, 20]
+    for key in ("loss", "learning_rate", "grad_norm", "tokens_per_second", "mfu"):
+        assert all(isinstance(r[key], float) for r in train_records), key
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 10, 20]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]  # it learned something
+    # The summary on stdout: bits per byte before and after, then the sample.
+    assert "bits per byte" in proc.stdout and "Once upon a time" in proc.stdout
+
+
+def test_eval_prints_one_json_line(trained_run, corpus_cache):
+    run, _ = trained_run
+    proc = flaxlm("eval", "--checkpoint", str(run), f"data.cache_dir={corpus_cache}", devices=4)
+    result = json.loads(proc.stdout.strip())
+    assert result["step"] == 20
+    assert result["perplexity"] == pytest.approx(2.718281828 ** result["loss"], rel=1e-6)
+    assert 0 < result["bits_per_byte"] < 9 and result["tokens"] > 0
+    # The same eval set and parameters as the training run's final eval, on another mesh.
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in records if r.get("step") == 20 and "eval_loss" in r][-1]
+    assert result["loss"] == pytest.approx(final["eval_loss"], rel=1e-5)
+
+
+def test_eval_of_an_earlier_step_and_a_missing_step(trained_run, corpus_cache):
+    run, _ = trained_run
+    proc = flaxlm(
+        "eval", "--checkpoint", str(run), "--step", "10", f"data.cache_dir={corpus_cache}"
+    )
+    assert json.loads(proc.stdout)["step"] == 10
+    missing = flaxlm("eval", "--checkpoint", str(run), "--step", "7", check=False)
+    assert missing.returncode == 2 and "no checkpoint at step 7" in missing.stderr
+
+
+def test_generate_greedy_is_deterministic_and_keeps_the_prompt(trained_run):
+    run, _ = trained_run
+    args = ("generate", "--checkpoint", str(run), "--prompt", "The list", "--max-new-tokens", "20")
+    first, second = flaxlm(*args), flaxlm(*args, devices=1)
+    assert first.stdout.startswith("The list")
+    assert first.stdout == second.stdout  # greedy, and independent of the device count
+
+
+def test_bad_inputs_exit_2_with_a_message(tmp_path):
+    typo = flaxlm("train", "--config", str(CONFIGS / "tiny.yaml"), "model.n_layer=2", check=False)
+    assert typo.returncode == 2 and "model.n_layer" in typo.stderr
+    assert "Traceback" not in typo.stderr
+    mesh = flaxlm(
+        "train", "--config", str(CONFIGS / "tiny.yaml"), "mesh.data=3", "mesh.fsdp=1", check=False
+    )
+    assert mesh.returncode == 2 and "mesh.data=3" in mesh.stderr
+    not_a_run = flaxlm("eval", "--checkpoint", str(tmp_path), check=False)
+    assert not_a_run.returncode == 2 and "no config.yaml" in not_a_run.stderr
