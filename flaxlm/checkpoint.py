@@ -66,6 +66,10 @@ def _pytree_restore(abstract: Any, partial: bool = False) -> ocp.args.PyTreeRest
     )
 
 
+class CheckpointSaveError(OSError):
+    """A save failed (for example a full disk); the previous checkpoints are untouched."""
+
+
 class Checkpointer:
     """The checkpoint manager of one run directory."""
 
@@ -74,7 +78,10 @@ class Checkpointer:
         self.every_steps = cfg.every_steps
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.max_to_keep,
+            keep_period=cfg.keep_every or None,
             enable_async_checkpointing=cfg.async_save,
+            # Half-written saves of a killed process (temporary directories) are removed.
+            cleanup_tmp_directories=True,
             create=True,
         )
         self._manager = ocp.CheckpointManager(
@@ -91,16 +98,26 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def all_steps(self) -> list[int]:
-        return list(self._manager.all_steps())
+        return sorted(self._manager.all_steps())
 
-    def save(self, step: int, state: Any, data: DataIterator | None, cfg: Config) -> bool:
+    def save(self, step: int, state: Any, data: DataIterator | None, cfg: Config) -> None:
+        """Starts saving (asynchronously); returns once the arrays are safe to overwrite."""
         items = {
             "state": ocp.args.PyTreeSave(state),
             "config": ocp.args.JsonSave(to_dict(cfg)),
         }
         if data is not None:
             items["data"] = DataIteratorSave(data)
-        return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        try:
+            self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as e:
+            raise self._save_error(step, e) from e
+
+    def _save_error(self, step: int | None, error: Exception) -> CheckpointSaveError:
+        previous = [s for s in self.all_steps() if step is None or s < step]
+        kept = f"step {previous[-1]} in {self.directory} is intact" if previous else "none existed"
+        what = f"saving checkpoint {step}" if step is not None else "finishing a checkpoint"
+        return CheckpointSaveError(f"{what} failed ({error}); the previous checkpoint: {kept}")
 
     def restore(self, step: int, abstract_state: Any, data: DataIterator | None = None) -> Any:
         """Restores the state into the shardings of abstract_state (and the data position)."""
@@ -110,6 +127,40 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"]
 
+    def restore_latest_good(
+        self, abstract_state: Any, data: DataIterator | None, log=print
+    ) -> tuple[int, Any] | None:
+        """Restores the newest checkpoint that reads back whole, moving unreadable ones aside.
+
+        A checkpoint that fails to restore (truncated or corrupt files) is renamed to
+        `corrupt-<step>` (kept for inspection, never deleted) and the previous one is tried.
+        Returns (step, state), or None when there is no checkpoint at all.
+        """
+        for step in reversed(self.all_steps()):
+            try:
+                return step, self.restore(step, abstract_state, data)
+            except Exception as e:  # any failure to read back means: not a usable checkpoint
+                target = self._quarantine(step)
+                log(
+                    f"checkpoint {step} cannot be restored ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:300]}); moved it to {target} and trying the "
+                    "previous one"
+                )
+        return None
+
+    def _quarantine(self, step: int) -> Path:
+        source = self.directory / str(step)
+        target = self.directory / f"corrupt-{step}"
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.directory / f"corrupt-{step}-{n}"
+        if jax.process_index() == 0:
+            source.rename(target)
+        # The manager caches its step list; rebuild it so the step is gone from it.
+        self._manager.reload()
+        return target
+
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         """Restores only the parameters (for evaluation and generation)."""
         # A partial restore reads the params subtree only; the optimizer state stays on disk.
@@ -117,13 +168,12 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(state=restore))
         return restored["state"]["params"]
 
-    def saved_config(self, step: int) -> dict[str, Any]:
-        return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
-            "config"
-        ]
-
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Blocks until every started save is on disk (raises if one failed)."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            raise self._save_error(None, e) from e
 
     def close(self) -> None:
         self._manager.close()

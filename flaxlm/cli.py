@@ -6,7 +6,8 @@
                     [--seed S]
 
 Results go to stdout (`eval` prints one JSON object per line, `generate` the text); progress and
-errors go to stderr. Exit status is 0 on success; on a bad input, 2 with a one-paragraph message.
+errors go to stderr. Exit status: 0 on success; 2 on a bad input and 1 on a failed run (NaN loss,
+failed save), each with a one-paragraph message; 143 when SIGTERM stopped training after a save.
 """
 
 from __future__ import annotations
@@ -107,13 +108,23 @@ def _generate(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from flaxlm.checkpoint import CheckpointSaveError
     from flaxlm.config import ConfigError
+    from flaxlm.loop import NonFiniteLossError
+    from flaxlm.preemption import Preempted
 
     try:
         {"train": _train, "eval": _eval, "generate": _generate}[args.command](args)
-    except (ConfigError, FileNotFoundError, FloatingPointError) as e:
+    except (ConfigError, FileNotFoundError) as e:
         print(f"flaxlm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except (NonFiniteLossError, CheckpointSaveError) as e:
+        print(f"flaxlm {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except Preempted as e:
+        # 128 + SIGTERM, the status of a process ended by the signal, here after a clean save.
+        print(f"flaxlm {args.command}: {e}", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"flaxlm {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -50,6 +50,24 @@ class AttentionKernel(enum.StrEnum):
     cudnn = "cudnn"  # jax.nn.dot_product_attention, cuDNN flash attention (NVIDIA GPUs)
 
 
+class OptimizerName(enum.StrEnum):
+    adamw = "adamw"
+    adafactor = "adafactor"
+    lion = "lion"
+
+
+class Decay(enum.StrEnum):
+    cosine = "cosine"  # cosine from the peak to min_lr_ratio x peak at train.steps
+    linear = "linear"  # straight line from the peak to min_lr_ratio x peak
+    wsd = "wsd"  # warmup-stable-decay: the peak, then linear decay over the last decay_fraction
+    constant = "constant"
+
+
+class NanPolicy(enum.StrEnum):
+    stop = "stop"  # stop the run, naming the step and the last good checkpoint
+    skip = "skip"  # drop that update (params and optimizer state unchanged) and count it
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 320
@@ -141,24 +159,34 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    name: str = "adamw"
+    name: OptimizerName = OptimizerName.adamw
     learning_rate: float = 3e-4
     warmup_steps: int = 100
-    # "cosine" decays to min_lr_ratio * learning_rate at train.steps; "constant" keeps the peak.
-    decay: str = "cosine"
+    decay: Decay = Decay.cosine
     min_lr_ratio: float = 0.1
+    # wsd only: the fraction of train.steps spent decaying at the end.
+    decay_fraction: float = 0.2
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.1
     # Global-norm clipping threshold; 0 disables clipping.
     grad_clip_norm: float = 1.0
+    # Split each batch into this many micro-batches and sum their gradients (same update as the
+    # whole batch, a fraction of the activation memory).
+    grad_accum_steps: int = 1
+    # Weight of the z-loss, mean(logsumexp(logits)^2), which keeps the softmax normaliser near 1
+    # (PaLM); 0 disables it.
+    z_loss: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     every_steps: int = 100
+    # Keep the latest max_to_keep checkpoints, and also every checkpoint whose step is a
+    # multiple of keep_every (0: none).
     max_to_keep: int = 3
+    keep_every: int = 0
     async_save: bool = True
 
 
@@ -174,6 +202,12 @@ class TrainConfig:
     peak_flops_per_device: float | None = None
     progress_bar: bool = True
     tensorboard: bool = True
+    # What a NaN or Inf in the loss or gradients does (detected on device at every step).
+    nan_policy: NanPolicy = NanPolicy.stop
+    # A loss above spike_factor x its running average is logged as a spike (0 disables).
+    spike_factor: float = 1.5
+    # [first, last): record a profiler trace of these steps under run_dir/profile ([] = none).
+    profile_steps: list[int] = dataclasses.field(default_factory=list)
     # Printed after training: a continuation of this prompt (None or "" skips it).
     sample_prompt: str | None = "Once upon a time"
     sample_new_tokens: int = 200
@@ -337,10 +371,18 @@ def validate(cfg: Config) -> None:
         f"{ByteTokenizer.vocab_size} ids",
     )
 
-    _require(o.name == "adamw", f"optimizer.name={o.name!r}: only 'adamw' is available")
     _require(
-        o.decay in ("cosine", "constant"), f"optimizer.decay={o.decay!r} is not cosine or constant"
+        0 < o.decay_fraction <= 1, f"optimizer.decay_fraction={o.decay_fraction} must be in (0, 1]"
     )
+    _require(
+        o.grad_accum_steps >= 1, f"optimizer.grad_accum_steps={o.grad_accum_steps} must be >= 1"
+    )
+    _require(
+        d.global_batch_size % o.grad_accum_steps == 0,
+        f"optimizer.grad_accum_steps={o.grad_accum_steps} does not divide "
+        f"data.global_batch_size={d.global_batch_size}",
+    )
+    _require(o.z_loss >= 0, f"optimizer.z_loss={o.z_loss} must be >= 0")
     _require(o.learning_rate > 0, f"optimizer.learning_rate={o.learning_rate} must be positive")
     _require(o.warmup_steps >= 0, f"optimizer.warmup_steps={o.warmup_steps} must be >= 0")
     _require(0 <= o.min_lr_ratio <= 1, f"optimizer.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
@@ -355,6 +397,16 @@ def validate(cfg: Config) -> None:
     _require(
         cfg.checkpoint.max_to_keep > 0,
         f"checkpoint.max_to_keep={cfg.checkpoint.max_to_keep} must be positive",
+    )
+    _require(
+        cfg.checkpoint.keep_every >= 0,
+        f"checkpoint.keep_every={cfg.checkpoint.keep_every} must be >= 0",
+    )
+    _require(t.spike_factor >= 0, f"train.spike_factor={t.spike_factor} must be >= 0")
+    _require(
+        not t.profile_steps
+        or (len(t.profile_steps) == 2 and 0 <= t.profile_steps[0] < t.profile_steps[1]),
+        f"train.profile_steps={t.profile_steps} must be [] or [first, last) with first < last",
     )
 
     _validate_mesh(cfg)
@@ -383,7 +435,11 @@ def check_divisibility(cfg: Config, sizes: dict[str, int]) -> None:
     """Every sharded dimension must be divisible by the mesh axes its logical axis maps to."""
     m, d = cfg.model, cfg.data
     dims = {
-        "batch": ("data.global_batch_size", d.global_batch_size),
+        # Each micro-batch is sharded over the batch axes (the whole batch when not accumulating).
+        "batch": (
+            "data.global_batch_size / optimizer.grad_accum_steps",
+            d.global_batch_size // cfg.optimizer.grad_accum_steps,
+        ),
         "vocab": ("model.vocab_size", m.vocab_size),
         "embed": ("model.d_model", m.d_model),
         "heads": ("model.n_heads", m.n_heads),

@@ -1,13 +1,19 @@
-"""The training loop: the one place where files, clocks, logging and checkpoints meet the steps.
+"""The training loop: the one place where files, clocks, signals and checkpoints meet the steps.
 
-`run(cfg)` trains for `train.steps` steps in `train.run_dir`, resuming from the latest checkpoint
-there if one exists (state and data position), evaluating at the start, every `train.eval_every`
-steps and at the end, and checkpointing every `checkpoint.every_steps` steps and at the end.
+`run(cfg)` trains for `train.steps` steps in `train.run_dir`. It resumes from the newest readable
+checkpoint there (state and data position; an unreadable one is moved aside), evaluates at the
+start, every `train.eval_every` steps and at the end, checkpoints every `checkpoint.every_steps`
+steps and at the end, and on SIGTERM (or JAX's preemption notice) saves and stops.
+
+The host never waits for the device between steps: step s+1 is dispatched before the metrics of
+step s are read back, and those are only a few scalars. Every step's loss and gradient norm are
+checked for NaN/Inf that way; a checkpoint is only written once its step is known to be finite.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -19,13 +25,14 @@ from tqdm import tqdm
 
 from flaxlm import config as config_lib
 from flaxlm.checkpoint import Checkpointer
-from flaxlm.config import Config, ConfigError
+from flaxlm.config import Config, ConfigError, NanPolicy
 from flaxlm.data import pipeline
 from flaxlm.data.tokenizer import ByteTokenizer
 from flaxlm.flops import flops_per_token, param_count, total_peak_flops
 from flaxlm.generate import sample
 from flaxlm.mesh import make_mesh
-from flaxlm.metrics import MetricsWriter
+from flaxlm.metrics import MetricsWriter, SpikeDetector, memory_in_use
+from flaxlm.preemption import Preempted, PreemptionWatcher
 from flaxlm.train import Trainer, evaluate
 
 
@@ -42,7 +49,15 @@ class RunSummary:
     first_eval: dict[str, float] | None
     final_eval: dict[str, float]
     wall_seconds: float
+    tokens_per_second: float | None
+    mean_step_seconds: float | None
+    mean_checkpoint_blocking_seconds: float | None
+    skipped_steps: int
+    loss_spikes: int
     sample: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 def _check_same_model(run_dir: Path, cfg: Config) -> None:
@@ -63,6 +78,50 @@ def _check_same_model(run_dir: Path, cfg: Config) -> None:
         )
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradient norm was NaN/Inf and train.nan_policy is stop."""
+
+
+@dataclasses.dataclass
+class _Window:
+    """Timing of the steps since the last log record."""
+
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+    steps: int = 0
+    data_wait: float = 0.0
+
+    def record(self, tokens_per_step: int, flops_per_step: float, peak: float | None) -> dict:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return {
+            "tokens_per_second": tokens_per_step * self.steps / elapsed,
+            "step_seconds": elapsed / self.steps,
+            "data_wait_seconds": self.data_wait / self.steps,
+            "compute_seconds": (elapsed - self.data_wait) / self.steps,
+            "mfu": flops_per_step * self.steps / elapsed / peak if peak else None,
+        }
+
+
+class _Profiler:
+    """Records a jax.profiler trace of steps [first, last) under run_dir/profile."""
+
+    def __init__(self, steps: list[int], run_dir: Path):
+        self.first, self.last = (steps[0], steps[1]) if steps else (None, None)
+        self.directory = run_dir / "profile"
+        self.active = False
+
+    def before(self, step: int) -> None:
+        if step == self.first:
+            jax.profiler.start_trace(str(self.directory))
+            self.active = True
+
+    def after(self, step: int, outputs: Any) -> None:
+        if self.active and step + 1 >= self.last:
+            jax.block_until_ready(outputs)
+            jax.profiler.stop_trace()
+            self.active = False
+            log(f"profiler trace of steps {self.first}..{self.last - 1} in {self.directory}")
+
+
 def run(cfg: Config) -> RunSummary:
     started = time.perf_counter()
     t = cfg.train
@@ -80,11 +139,21 @@ def run(cfg: Config) -> RunSummary:
     eval_set = pipeline.eval_batches(cfg.data, jax.process_index(), jax.process_count())
     checkpointer = Checkpointer(run_dir, cfg.checkpoint)
     writer = MetricsWriter(run_dir, t.tensorboard)
+    watcher = PreemptionWatcher()
+    try:
+        return _train(cfg, trainer, data, eval_set, checkpointer, writer, watcher, started)
+    finally:
+        watcher.close()
+        writer.close()
+        checkpointer.close()
 
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        state = checkpointer.restore(latest, trainer.abstract_state, data)
-        log(f"resumed from {checkpointer.directory / str(latest)} at step {latest}")
+
+def _train(cfg, trainer, data, eval_set, checkpointer, writer, watcher, started) -> RunSummary:
+    t = cfg.train
+    restored = checkpointer.restore_latest_good(trainer.abstract_state, data, log=log)
+    if restored is not None:
+        step, state = restored
+        log(f"resumed from {checkpointer.directory / str(step)} at step {step}")
     else:
         state = trainer.init_state(t.seed)
     start = int(jax.device_get(state.step))
@@ -94,14 +163,12 @@ def run(cfg: Config) -> RunSummary:
     flops_per_step = flops_per_token(cfg.model, n_params, cfg.data.seq_len) * tokens_per_step
     peak = total_peak_flops(t.peak_flops_per_device)
     log(
-        f"model: {n_params:,} parameters; mesh {dict(mesh.shape)} on {jax.device_count()} "
-        f"{jax.devices()[0].platform} devices; {tokens_per_step:,} tokens per step"
+        f"model: {n_params:,} parameters; mesh {dict(trainer.mesh.shape)} on "
+        f"{jax.device_count()} {jax.devices()[0].platform} devices; "
+        f"{tokens_per_step:,} tokens per step"
     )
 
-    first_eval = None
-    if start == 0:
-        first_eval = _evaluate(trainer, state.params, eval_set, writer, 0)
-
+    first_eval = _evaluate(trainer, state.params, eval_set, writer, 0) if start == 0 else None
     progress = tqdm(
         total=t.steps,
         initial=start,
@@ -111,42 +178,82 @@ def run(cfg: Config) -> RunSummary:
         disable=not t.progress_bar or jax.process_index() != 0,
         dynamic_ncols=True,
     )
-    window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+    spikes = SpikeDetector(t.spike_factor)
+    profiler = _Profiler(t.profile_steps, Path(t.run_dir))
+    window = _Window()
+    step_times: list[float] = []
+    save_blocking: list[float] = []
+    pending: tuple[int, dict] | None = None  # (step, metrics on device), read one step late
+    skipped = int(jax.device_get(state.skipped))
+
+    def finish(step: int, metrics: dict) -> None:
+        """Host-side handling of one step's metrics: NaN guard, spikes, logging."""
+        nonlocal skipped, window
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        window.steps += 1
+        finite = bool(values.pop("finite"))
+        skipped = int(values["skipped_steps"])
+        if not finite and t.nan_policy == NanPolicy.stop:
+            last = checkpointer.latest_step()
+            where = f"step {last} in {checkpointer.directory}" if last is not None else "none"
+            raise NonFiniteLossError(
+                f"the loss is {values['loss']} and the gradient norm {values['grad_norm']} at "
+                f"step {step}; stopped (train.nan_policy=stop). Last good checkpoint: {where}. "
+                "Lower optimizer.learning_rate or set train.nan_policy=skip to drop such steps."
+            )
+        if not finite:
+            log(f"step {step}: non-finite loss or gradients; update skipped ({skipped} so far)")
+        if spikes.update(values["loss"]):
+            log(f"step {step}: loss spike {values['loss']:.4f} (average {spikes.average:.4f})")
+            writer.write(step, {"loss_spike": values["loss"], "loss_average": spikes.average})
+        if step % t.log_every == 0 or step == t.steps:
+            record = {**values, **window.record(tokens_per_step, flops_per_step, peak)}
+            record.update(memory_in_use())
+            writer.write(step, record)
+            step_times.append(record["step_seconds"])
+            progress.set_postfix(
+                loss=f"{values['loss']:.3f}", tok_s=f"{record['tokens_per_second']:,.0f}"
+            )
+            window = _Window()
+
     final_eval = first_eval
-    for step in range(start, t.steps):
+    for step in range(start + 1, t.steps + 1):
+        profiler.before(step)
         fetch_start = time.perf_counter()
         batch = trainer.global_batch(next(data))
-        data_wait += time.perf_counter() - fetch_start
+        window.data_wait += time.perf_counter() - fetch_start
         state, metrics = trainer.train_step(state, batch)
-        window_steps += 1
-        done = step + 1
+        profiler.after(step, metrics)
+        if pending is not None:
+            finish(*pending)  # the previous step's metrics: ready or nearly so
+        pending = (step, metrics)
 
-        if done % t.log_every == 0 or done == t.steps:
-            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            elapsed = time.perf_counter() - window_start
-            record = _throughput(values, elapsed, window_steps, data_wait, tokens_per_step)
-            record["mfu"] = flops_per_step * window_steps / elapsed / peak if peak else None
-            writer.write(done, record)
-            progress.set_postfix(
-                loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_second']:,.0f}"
-            )
-            window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-            if not np.isfinite(record["loss"]):
-                raise FloatingPointError(
-                    f"the loss is {record['loss']} at step {done}; the last good checkpoint is "
-                    f"step {checkpointer.latest_step()} in {checkpointer.directory}"
-                )
-        if t.eval_every and done % t.eval_every == 0 and done != t.steps:
-            _evaluate(trainer, state.params, eval_set, writer, done)
-        if done % checkpointer.every_steps == 0 or done == t.steps:
-            checkpointer.save(done, state, data, cfg)
+        if t.eval_every and step % t.eval_every == 0 and step != t.steps:
+            _evaluate(trainer, state.params, eval_set, writer, step)
+        preempted = watcher.requested(step)
+        if step % checkpointer.every_steps == 0 or step == t.steps or preempted:
+            finish(*pending)  # never checkpoint a step that is not known to be finite
+            pending = None
+            save_start = time.perf_counter()
+            checkpointer.save(step, state, data, cfg)
+            save_blocking.append(time.perf_counter() - save_start)
+            writer.write(step, {"checkpoint_blocking_seconds": save_blocking[-1]})
         progress.update(1)
+        if preempted:
+            checkpointer.wait()
+            progress.close()
+            raise Preempted(
+                step,
+                str(checkpointer.directory / str(step)),
+                watcher.signal_name or "preemption notice",
+            )
+    if pending is not None:
+        finish(*pending)
     progress.close()
 
     if start < t.steps or final_eval is None:
         final_eval = _evaluate(trainer, state.params, eval_set, writer, t.steps)
     checkpointer.wait()
-    checkpointer.close()
 
     text = None
     if t.sample_prompt:
@@ -158,8 +265,24 @@ def run(cfg: Config) -> RunSummary:
             t.sample_temperature,
             t.seed,
         )
-    writer.close()
-    return RunSummary(start, t.steps, first_eval, final_eval, time.perf_counter() - started, text)
+    trained = t.steps - start
+    summary = RunSummary(
+        start_step=start,
+        end_step=t.steps,
+        first_eval=first_eval,
+        final_eval=final_eval,
+        wall_seconds=time.perf_counter() - started,
+        tokens_per_second=tokens_per_step / float(np.median(step_times)) if step_times else None,
+        mean_step_seconds=float(np.median(step_times)) if step_times else None,
+        mean_checkpoint_blocking_seconds=float(np.mean(save_blocking)) if save_blocking else None,
+        skipped_steps=skipped,
+        loss_spikes=spikes.count,
+        sample=text,
+    )
+    if jax.process_index() == 0:
+        (Path(t.run_dir) / "summary.json").write_text(json.dumps(summary.to_json(), indent=2))
+    log(f"trained {trained} steps; summary in {Path(t.run_dir) / 'summary.json'}")
+    return summary
 
 
 def _evaluate(trainer: Trainer, params, eval_set, writer: MetricsWriter, step: int) -> dict:
@@ -167,16 +290,6 @@ def _evaluate(trainer: Trainer, params, eval_set, writer: MetricsWriter, step: i
     writer.write(step, {f"eval_{k}": v for k, v in result.items()})
     log(f"step {step}: eval loss {result['loss']:.4f}, {result['bits_per_byte']:.4f} bits/byte")
     return result
-
-
-def _throughput(
-    values: dict[str, float], elapsed: float, steps: int, data_wait: float, tokens_per_step: int
-) -> dict[str, Any]:
-    record = dict(values)
-    record["tokens_per_second"] = tokens_per_step * steps / elapsed
-    record["step_seconds"] = elapsed / steps
-    record["data_wait_seconds"] = data_wait / steps
-    return record
 
 
 def generate_text(

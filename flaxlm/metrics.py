@@ -1,4 +1,4 @@
-"""Where metrics go: `metrics.jsonl` (one JSON object per record) and TensorBoard event files.
+"""Observability: `metrics.jsonl` and TensorBoard, memory in use, and loss-spike detection.
 
 Only process 0 writes; the others get a writer that does nothing, so the loop need not care.
 """
@@ -23,7 +23,9 @@ class MetricsWriter:
             return
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        path = run_dir / "metrics.jsonl"
+        _drop_partial_last_line(path)
+        self._jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115
         if tensorboard:
             from flax.metrics.tensorboard import SummaryWriter
 
@@ -54,3 +56,57 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN/Inf; keep them visible rather than invalid
     return value
+
+
+def _drop_partial_last_line(path: Path) -> None:
+    """A process killed mid-write leaves half a record; cut it so the file stays valid JSONL."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def memory_in_use() -> dict[str, int]:
+    """Bytes in use on the first local device (accelerators) and by this process on the host."""
+    out = {}
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_in_use" in stats:
+        out["device_memory_bytes"] = int(stats["bytes_in_use"])
+    try:
+        import psutil
+
+        out["host_memory_bytes"] = int(psutil.Process().memory_info().rss)
+    except ImportError:  # psutil comes with the stack, but is not essential
+        pass
+    return out
+
+
+class SpikeDetector:
+    """Flags a loss above `factor` x its exponential moving average (after a short warm-up)."""
+
+    def __init__(self, factor: float, decay: float = 0.95, warmup: int = 20):
+        self.factor, self.decay, self.warmup = factor, decay, warmup
+        self.average: float | None = None
+        self.seen = 0
+        self.count = 0
+
+    def update(self, loss: float) -> bool:
+        if not math.isfinite(loss):
+            return False
+        spike = (
+            self.factor > 0
+            and self.average is not None
+            and self.seen >= self.warmup
+            and loss > self.factor * self.average
+        )
+        self.count += spike
+        # A spike does not move the average: the average describes normal training.
+        if not spike:
+            self.average = (
+                loss
+                if self.average is None
+                else (self.decay * self.average + (1 - self.decay) * loss)
+            )
+        self.seen += 1
+        return spike

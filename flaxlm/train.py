@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,10 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
 from flaxlm import mesh as mesh_lib
-from flaxlm.config import Config
+from flaxlm.config import Config, NanPolicy
 from flaxlm.model import Transformer
 from flaxlm.optim import learning_rate_schedule, make_optimizer
 
@@ -36,6 +37,8 @@ class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
+    # Updates dropped because the loss or the gradients were not finite (train.nan_policy=skip).
+    skipped: jax.Array
 
 
 def token_losses(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
@@ -51,13 +54,63 @@ def token_losses(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]
     return losses, weights.astype(jnp.float32)
 
 
-def loss_fn(params, model: Transformer, batch: Batch) -> tuple[jax.Array, jax.Array]:
+def loss_sums(
+    params, model: Transformer, batch: Batch, z_loss: float
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The training objective summed (not averaged) over the batch's predicted tokens.
+
+    Sums make micro-batches add up exactly to the whole batch; the caller divides by the total
+    token count once.
+    """
     logits = model.apply(
         {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"]
     )
     losses, weights = token_losses(logits, batch)
-    count = jnp.maximum(weights.sum(), 1.0)
-    return (losses * weights).sum() / count, count
+    nats = (losses * weights).sum()
+    aux = {"nats": nats, "tokens": weights.sum()}
+    objective = nats
+    if z_loss:
+        z = (jax.nn.logsumexp(logits[:, :-1], axis=-1) ** 2 * weights).sum()
+        objective = objective + z_loss * z
+        aux["z"] = z
+    return objective, aux
+
+
+def _micro_batches(batch: Batch, steps: int) -> Batch:
+    """(B, T) -> (steps, B / steps, T), micro-batch i holding rows i, i + steps, ...
+
+    Strided rather than contiguous rows, so that each micro-batch keeps rows on every device of
+    the batch axes (a contiguous split would put micro-batch 0 on the first devices only).
+    """
+
+    def split(x: jax.Array) -> jax.Array:
+        b = x.shape[0]
+        x = x.reshape(b // steps, steps, *x.shape[1:]).swapaxes(0, 1)
+        return nn.with_logical_constraint(x, (None, "batch", "length"))
+
+    return jax.tree.map(split, batch)
+
+
+def gradients(
+    params, model: Transformer, batch: Batch, z_loss: float, accum_steps: int
+) -> tuple[Any, dict[str, jax.Array]]:
+    """Gradients of the per-token mean objective, accumulated over micro-batches if asked."""
+    grad_fn = jax.grad(loss_sums, has_aux=True)
+    if accum_steps == 1:
+        grads, aux = grad_fn(params, model, batch, z_loss)
+    else:
+
+        def add(carry, micro):
+            grads, aux = grad_fn(params, model, micro, z_loss)
+            return jax.tree.map(jnp.add, carry, (grads, aux)), None
+
+        micro = _micro_batches(batch, accum_steps)
+        first = jax.tree.map(lambda x: x[0], micro)
+        shapes = jax.eval_shape(lambda p, b: grad_fn(p, model, b, z_loss), params, first)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        (grads, aux), _ = jax.lax.scan(add, zeros, micro)
+    count = jnp.maximum(aux["tokens"], 1.0)
+    return jax.tree.map(lambda g: g / count, grads), {**aux, "count": count}
 
 
 def train_step(
@@ -67,17 +120,34 @@ def train_step(
     model: Transformer,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
+    z_loss: float = 0.0,
+    accum_steps: int = 1,
+    skip_nonfinite: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, model, batch)
+    grads, aux = gradients(state.params, model, batch, z_loss, accum_steps)
+    loss = aux["nats"] / aux["count"]
+    grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if skip_nonfinite:
+        # Keep the old params and optimizer state: a bad batch leaves no trace but a count.
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        params = jax.tree.map(keep, params, state.params)
+        opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+    skipped = state.skipped + (~finite).astype(jnp.int32)
     metrics = {
         "loss": loss,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": grad_norm,
         "learning_rate": schedule(state.step),
-        "tokens": count,
+        "tokens": aux["tokens"],
+        "finite": finite,
+        "skipped_steps": skipped,
     }
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    if z_loss:
+        metrics["z_loss"] = aux["z"] / aux["count"]
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, skipped=skipped)
+    return new_state, metrics
 
 
 def eval_step(params, batch: Batch, *, model: Transformer) -> dict[str, jax.Array]:
@@ -92,6 +162,40 @@ def eval_step(params, batch: Batch, *, model: Transformer) -> dict[str, jax.Arra
         "tokens": weights.sum(),
         "bytes": is_byte.sum(),
     }
+
+
+def _path_keys(path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def optimizer_state_specs(opt_state, params, param_specs):
+    """Logical specs for optimizer state: shard each slot like the parameter it belongs to.
+
+    Optax keeps per-parameter slots (Adam's moments, Lion's momentum, Adafactor's factors) in
+    subtrees that mirror the parameter tree, so a slot's path ends with its parameter's path. A
+    slot with the parameter's shape takes the parameter's spec; anything else (step counts,
+    Adafactor's factored row/column statistics) is small and replicated.
+    """
+    by_path = {
+        _path_keys(path): (leaf.shape, spec)
+        for (path, leaf), spec in zip(
+            jax.tree_util.tree_flatten_with_path(params)[0],
+            jax.tree.leaves(param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec)),
+            strict=True,
+        )
+    }
+    longest = max((len(p) for p in by_path), default=0)
+
+    def spec_for(path, leaf) -> PartitionSpec:
+        keys = _path_keys(path)
+        for n in range(min(len(keys), longest), 0, -1):
+            match = by_path.get(keys[-n:])
+            if match is not None:
+                shape, spec = match
+                return spec if tuple(shape) == tuple(leaf.shape) else PartitionSpec()
+        return PartitionSpec()
+
+    return jax.tree_util.tree_map_with_path(spec_for, opt_state)
 
 
 @dataclasses.dataclass
@@ -109,24 +213,37 @@ class Trainer:
         self.rules = mesh_lib.logical_rules(cfg)
         self.batch_sharding = mesh_lib.batch_sharding(self.mesh, cfg)
 
-        abstract_boxed = jax.eval_shape(self._init_boxed, jax.random.key(0))
-        self.logical_specs = nn.get_partition_spec(abstract_boxed)
+        key = jax.random.key(0)
+        boxed_params = jax.eval_shape(self._init_params_boxed, key)
+        param_specs = nn.get_partition_spec(boxed_params)
+        abstract = jax.eval_shape(self._init_state, key)
+        self.logical_specs = TrainState(
+            step=PartitionSpec(),
+            params=param_specs,
+            opt_state=optimizer_state_specs(abstract.opt_state, abstract.params, param_specs),
+            skipped=PartitionSpec(),
+        )
         self.state_shardings: TrainState = mesh_lib.logical_to_sharding(
             self.logical_specs, self.mesh, cfg
         )
         self.abstract_state: TrainState = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            nn.meta.unbox(abstract_boxed),
+            abstract,
             self.state_shardings,
         )
         replicated = mesh_lib.replicated(self.mesh)
-        self._init = jax.jit(
-            lambda key: nn.meta.unbox(self._init_boxed(key)), out_shardings=self.state_shardings
+        self._init = jax.jit(self._init_state, out_shardings=self.state_shardings)
+        step_fn = functools.partial(
+            train_step,
+            model=self.model,
+            tx=self.tx,
+            schedule=self.schedule,
+            z_loss=cfg.optimizer.z_loss,
+            accum_steps=cfg.optimizer.grad_accum_steps,
+            skip_nonfinite=cfg.train.nan_policy == NanPolicy.skip,
         )
         self._train_step = jax.jit(
-            lambda state, batch: train_step(
-                state, batch, model=self.model, tx=self.tx, schedule=self.schedule
-            ),
+            step_fn,
             in_shardings=(self.state_shardings, self.batch_sharding),
             out_shardings=(self.state_shardings, replicated),
             donate_argnums=0,
@@ -137,13 +254,15 @@ class Trainer:
             out_shardings=replicated,
         )
 
-    def _init_boxed(self, key: jax.Array) -> TrainState:
-        seq = self.cfg.data.seq_len
-        tokens = jnp.zeros((1, seq), jnp.int32)
-        params = self.model.init(key, tokens)["params"]
-        return TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params)
-        )
+    def _init_params_boxed(self, key: jax.Array):
+        """Parameters with their logical axis names (nn.Partitioned boxes)."""
+        tokens = jnp.zeros((1, self.cfg.data.seq_len), jnp.int32)
+        return self.model.init(key, tokens)["params"]
+
+    def _init_state(self, key: jax.Array) -> TrainState:
+        params = nn.meta.unbox(self._init_params_boxed(key))
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(step=zero, params=params, opt_state=self.tx.init(params), skipped=zero)
 
     @contextlib.contextmanager
     def context(self) -> Iterator[None]:
