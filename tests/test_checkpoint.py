@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
 import pytest
-from helpers import train_losses, train_tiny
+from conftest import CONFIGS
+from helpers import flaxlm, train_losses, train_tiny
 
 pytestmark = pytest.mark.slow
 
@@ -62,9 +64,6 @@ def test_resume_onto_another_mesh_and_device_count(tmp_path, corpus_cache):
 def test_resuming_with_another_model_is_refused(tmp_path, corpus_cache):
     run = tmp_path / "run"
     train_tiny(run, corpus_cache, *COMMON)
-    from conftest import CONFIGS
-    from helpers import flaxlm
-
     proc = flaxlm(
         "train",
         "--config",
@@ -76,3 +75,22 @@ def test_resuming_with_another_model_is_refused(tmp_path, corpus_cache):
     )
     assert proc.returncode == 2
     assert "model.d_model: 64 -> 128" in proc.stderr
+
+
+def test_keep_policy_keeps_the_last_n_and_every_mth(tmp_path, corpus_cache):
+    from flaxlm import config, loop
+    from flaxlm.checkpoint import Checkpointer
+
+    cfg = config.load(
+        CONFIGS / "tiny.yaml",
+        [f"train.run_dir={tmp_path / 'run'}", f"data.cache_dir={corpus_cache}", *COMMON[2:],
+         "train.progress_bar=false", "train.steps=12", "checkpoint.every_steps=2",
+         "checkpoint.max_to_keep=2", "checkpoint.keep_every=4"],
+    )  # fmt: skip
+    loop.run(cfg)
+    ckpt = Checkpointer(cfg.train.run_dir, cfg.checkpoint)
+    assert ckpt.all_steps() == [4, 8, 10, 12]  # multiples of 4, and the last 2
+    ckpt.close()
+    # The resolved config travels inside each checkpoint too.
+    saved = json.loads((tmp_path / "run" / "checkpoints" / "8" / "config" / "metadata").read_text())
+    assert saved["model"]["d_model"] == 64 and saved["checkpoint"]["keep_every"] == 4

@@ -33,3 +33,22 @@ def test_weight_decay_skips_biases_and_norm_scales():
     # With zero gradients only decay moves a parameter: -lr * wd * p = -0.05 on matrices.
     np.testing.assert_allclose(updates["kernel"], -0.05 * np.ones((2, 2)), rtol=1e-6)
     np.testing.assert_allclose(updates["bias"], np.zeros(2))
+
+
+def test_linear_and_warmup_stable_decay_schedules():
+    linear = learning_rate_schedule(
+        OptimizerConfig(learning_rate=1.0, warmup_steps=10, decay="linear", min_lr_ratio=0.0), 110
+    )
+    assert float(linear(60)) == pytest.approx(0.5)
+    assert float(linear(110)) == pytest.approx(0.0, abs=1e-7)
+    wsd = learning_rate_schedule(
+        OptimizerConfig(
+            learning_rate=1.0, warmup_steps=10, decay="wsd", decay_fraction=0.2, min_lr_ratio=0.1
+        ),
+        100,
+    )
+    # Warmup to step 10, the peak until step 80, then a straight line to 0.1 at step 100.
+    assert float(wsd(5)) == pytest.approx(0.5)
+    assert float(wsd(10)) == float(wsd(50)) == float(wsd(80)) == pytest.approx(1.0)
+    assert float(wsd(90)) == pytest.approx(0.55)
+    assert float(wsd(100)) == pytest.approx(0.1)
