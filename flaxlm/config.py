@@ -48,6 +48,21 @@ class AttentionKernel(enum.StrEnum):
     reference = "reference"  # explicit einsum softmax(QK^T/sqrt(d))V: the oracle
     xla = "xla"  # jax.nn.dot_product_attention, XLA implementation
     cudnn = "cudnn"  # jax.nn.dot_product_attention, cuDNN flash attention (NVIDIA GPUs)
+    splash = "splash"  # Pallas splash attention (TPUs; runs interpreted elsewhere, for tests)
+
+
+class RopeScaling(enum.StrEnum):
+    none = "none"
+    llama3 = "llama3"  # Llama 3.1+ long-context frequency scaling
+
+
+class Remat(enum.StrEnum):
+    """What the backward pass keeps from the forward pass; the rest is recomputed."""
+
+    none = "none"  # keep everything (fastest, most memory)
+    full = "full"  # keep only block inputs: recompute each block (least memory)
+    save_dots = "save_dots"  # keep matmul outputs, recompute elementwise ops and softmax
+    save_projections = "save_projections"  # keep q/k/v, attention and MLP outputs
 
 
 class OptimizerName(enum.StrEnum):
@@ -85,9 +100,18 @@ class ModelConfig:
     mlp: Mlp = Mlp.gelu
     position: Position = Position.learned
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = RopeScaling.none
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
     tie_embeddings: bool = True
     use_bias: bool = True
     attention: AttentionKernel = AttentionKernel.xla
+    # nn.scan over layers: one compiled block whatever the depth (compile time flat in depth);
+    # parameters then carry a leading `layers` axis.
+    scan_layers: bool = False
+    remat: Remat = Remat.none
     # Compute dtype of activations and matmuls; parameters stay in param_dtype.
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -115,6 +139,7 @@ def _default_rules() -> dict[str, list[str]]:
         "kv_heads": ["tensor"],
         "head_dim": [],
         "mlp": ["tensor"],
+        "layers": [],
         "act_embed": [],
         "act_heads": ["tensor"],
         "act_kv_heads": ["tensor"],

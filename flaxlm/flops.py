@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxlm.config import ModelConfig
+from flaxlm.config import Mlp, ModelConfig, Norm, Position
 
 # Dense bf16 peak FLOP/s per device (per chip, or per TensorCore where JAX shows two per chip).
 _PEAK_FLOPS = {
@@ -34,7 +34,26 @@ _PEAK_FLOPS = {
 
 
 def param_count(params) -> int:
+    """Parameters in a tree of arrays (or of ShapeDtypeStructs, from jax.eval_shape)."""
     return int(sum(math.prod(p.shape) for p in jax.tree.leaves(params)))
+
+
+def analytic_param_count(cfg: ModelConfig) -> int:
+    """Parameters of the model described by cfg, counted from the architecture alone."""
+    d, heads, kv, hd, ff = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head, cfg.d_ff
+    bias = cfg.use_bias
+    norm = 2 * d if cfg.norm == Norm.layernorm else d
+    attention = d * heads * hd + 2 * d * kv * hd + heads * hd * d
+    attention += (heads * hd + 2 * kv * hd + d) if bias else 0
+    mlp_in = 2 if cfg.mlp == Mlp.swiglu else 1
+    mlp = mlp_in * d * ff + ff * d + ((mlp_in * ff + d) if bias else 0)
+    per_layer = attention + mlp + 2 * norm
+    total = cfg.vocab_size * d + cfg.n_layers * per_layer + norm
+    if cfg.position == Position.learned:
+        total += cfg.max_seq_len * d
+    if not cfg.tie_embeddings:
+        total += d * cfg.vocab_size
+    return total
 
 
 def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:

@@ -18,9 +18,10 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from flaxlm.attention import dot_product_attention
-from flaxlm.config import Mlp, ModelConfig, Norm, Position
+from flaxlm.config import Mlp, ModelConfig, Norm, Position, Remat, RopeScaling
 
 Array = jax.Array
 
@@ -86,10 +87,29 @@ def sinusoidal_encoding(positions: Array, d_model: int) -> Array:
     return pe.reshape(*positions.shape, d_model)
 
 
-def apply_rope(x: Array, positions: Array, theta: float) -> Array:
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+    """Inverse frequencies of the rotary embedding, with Llama 3 long-context scaling if set.
+
+    Llama 3.1+ keeps the high frequencies, divides the low ones by `rope_scaling_factor`, and
+    interpolates smoothly in between (wavelengths measured against the original context).
+    """
+    h = cfg.dim_per_head
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    if cfg.rope_scaling != RopeScaling.llama3:
+        return inv_freq
+    factor, low, high = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    old_len = cfg.rope_original_max_len
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
     """Rotary embeddings, rotate-half convention (Llama / Hugging Face), on (B, T, N, H)."""
     h = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
     angles = positions[..., None].astype(jnp.float32) * inv_freq  # (B, T, H/2)
     cos = jnp.cos(angles)[:, :, None, :]
     sin = jnp.sin(angles)[:, :, None, :]
@@ -127,13 +147,15 @@ class Attention(nn.Module):
         k = proj("key", cfg.kv_heads, "kv_heads")
         v = proj("value", cfg.kv_heads, "kv_heads")
         if cfg.position == Position.rope:
-            q = apply_rope(q, positions, cfg.rope_theta)
-            k = apply_rope(k, positions, cfg.rope_theta)
+            inv_freq = rope_frequencies(cfg)
+            q = apply_rope(q, positions, inv_freq)
+            k = apply_rope(k, positions, inv_freq)
+        q, k, v = (checkpoint_name(a, "qkv") for a in (q, k, v))
         q = _constrain(q, ("batch", "length", "act_heads", None))
         k = _constrain(k, ("batch", "length", "act_kv_heads", None))
         v = _constrain(v, ("batch", "length", "act_kv_heads", None))
         out = dot_product_attention(q, k, v, segment_ids, segment_ids, cfg.attention)
-        out = _constrain(out, ("batch", "length", "act_heads", None))
+        out = checkpoint_name(_constrain(out, ("batch", "length", "act_heads", None)), "attn_out")
         # GPT-2 scales the init of projections into the residual stream by 1/sqrt(2 * layers).
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         return nn.DenseGeneral(
@@ -178,7 +200,7 @@ class FeedForward(nn.Module):
         else:
             # GPT-2 uses the tanh approximation of GELU.
             hidden = nn.gelu(up, approximate=True)
-        hidden = _constrain(hidden, ("batch", "length", "act_mlp"))
+        hidden = checkpoint_name(_constrain(hidden, ("batch", "length", "act_mlp")), "mlp_hidden")
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         return dense("down", cfg.d_model, ("mlp", "embed"), out_std)(hidden)
 
@@ -195,6 +217,47 @@ class Block(nn.Module):
         )
         x = x + FeedForward(self.cfg, name="mlp")(make_norm(self.cfg, "mlp_norm")(x))
         return _constrain(x, ("batch", "length", "act_embed"))
+
+
+class ScannedBlock(Block):
+    """A Block with the (carry, output) signature of nn.scan."""
+
+    def __call__(self, x: Array, positions: Array, segment_ids: Array) -> tuple[Array, None]:
+        return super().__call__(x, positions, segment_ids), None
+
+
+_REMAT_POLICIES = {
+    Remat.full: jax.checkpoint_policies.nothing_saveable,
+    Remat.save_dots: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    Remat.save_projections: jax.checkpoint_policies.save_only_these_names(
+        "qkv", "attn_out", "mlp_hidden"
+    ),
+}
+
+
+def decoder_stack(cfg: ModelConfig, x: Array, positions: Array, segment_ids: Array) -> Array:
+    """The n_layers blocks: a Python loop, or one nn.scan'd block with stacked parameters."""
+    block_cls = ScannedBlock if cfg.scan_layers else Block
+    if cfg.remat != Remat.none:
+        # prevent_cse keeps XLA from merging recomputation back into the forward pass; inside
+        # scan it is unnecessary and only slows things down.
+        block_cls = nn.remat(
+            block_cls, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers
+        )
+    if not cfg.scan_layers:
+        for i in range(cfg.n_layers):
+            x = block_cls(cfg, name=f"block_{i}")(x, positions, segment_ids)
+        return x
+    stack = nn.scan(
+        block_cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast),
+        length=cfg.n_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    x, _ = stack(cfg, name="blocks")(x, positions, segment_ids)
+    return x
 
 
 class Transformer(nn.Module):
@@ -248,8 +311,7 @@ class Transformer(nn.Module):
             x = x + sinusoidal_encoding(positions, cfg.d_model).astype(dtype)
         x = _constrain(x, ("batch", "length", "act_embed"))
 
-        for i in range(cfg.n_layers):
-            x = Block(cfg, name=f"block_{i}")(x, positions, segment_ids)
+        x = decoder_stack(cfg, x, positions, segment_ids)
         x = make_norm(cfg, "final_norm")(x)
 
         if cfg.tie_embeddings:

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxlm.model import Transformer, apply_rope, sinusoidal_encoding
+from flaxlm.config import ModelConfig
+from flaxlm.model import Transformer, apply_rope, rope_frequencies, sinusoidal_encoding
 
 FAMILIES = ["gpt2", "llama"]
 
@@ -97,14 +98,15 @@ def test_rope_scores_depend_only_on_relative_position():
     rng = np.random.default_rng(3)
     q = jnp.asarray(rng.standard_normal((1, 1, 1, 8)), jnp.float32)
     k = jnp.asarray(rng.standard_normal((1, 1, 1, 8)), jnp.float32)
+    inv_freq = rope_frequencies(ModelConfig(d_model=8, n_heads=1, position="rope"))
 
     def score(pq, pk):
-        rq = apply_rope(q, jnp.asarray([[pq]]), 10000.0)
-        rk = apply_rope(k, jnp.asarray([[pk]]), 10000.0)
+        rq = apply_rope(q, jnp.asarray([[pq]]), inv_freq)
+        rk = apply_rope(k, jnp.asarray([[pk]]), inv_freq)
         return float(jnp.sum(rq * rk))
 
     assert score(5, 2) == pytest.approx(score(13, 10), abs=1e-4)
     assert score(5, 2) != pytest.approx(score(5, 4), abs=1e-4)
     # Rotation preserves the norm.
-    rotated = apply_rope(q, jnp.asarray([[7]]), 10000.0)
+    rotated = apply_rope(q, jnp.asarray([[7]]), inv_freq)
     assert float(jnp.linalg.norm(rotated)) == pytest.approx(float(jnp.linalg.norm(q)), rel=1e-5)
