@@ -122,7 +122,8 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: Any, data: DataIterator | None = None) -> Any:
         """Restores the state into the shardings of abstract_state (and the data position)."""
         items = {"state": _pytree_restore(abstract_state)}
-        if data is not None:
+        # An imported model (flaxlm convert) has no data position: its data starts afresh.
+        if data is not None and (self.directory / str(step) / "data").exists():
             items["data"] = DataIteratorRestore(data)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"]

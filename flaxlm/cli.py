@@ -1,9 +1,10 @@
-"""The `flaxlm` command line: train, eval, generate.
+"""The `flaxlm` command line: train, eval, generate, convert.
 
     flaxlm train    --config configs/X.yaml [key.sub=value ...]
     flaxlm eval     --checkpoint RUN_DIR [--step N] [key.sub=value ...]
     flaxlm generate --checkpoint RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T]
                     [--seed S]
+    flaxlm convert  {from-hf|to-hf} SRC DST
 
 Results go to stdout (`eval` prints one JSON object per line, `generate` the text); progress and
 errors go to stderr. Exit status: 0 on success; 2 on a bad input and 1 on a failed run (NaN loss,
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,34 +38,24 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=100)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     gen.add_argument("--seed", type=int, default=0)
+    conv = sub.add_parser("convert", help="import or export Hugging Face GPT-2 / Llama models")
+    conv.add_argument("direction", choices=["from-hf", "to-hf"])
+    conv.add_argument("src", help="from-hf: a Hugging Face model directory; to-hf: a run directory")
+    conv.add_argument("dst", help="from-hf: a new run directory; to-hf: a new model directory")
+    conv.add_argument("--step", type=int, default=None, help="to-hf: checkpoint step")
+    conv.add_argument("overrides", nargs="*", help="from-hf: key.sub=value for the run config")
     return parser
 
 
-def _load_run(run_dir: str, step: int | None, overrides: list[str]):
-    """The config saved in a run directory, a trainer on the local devices, and its params."""
-    from flaxlm import config as config_lib
-    from flaxlm.checkpoint import Checkpointer
-    from flaxlm.config import ConfigError
-    from flaxlm.mesh import make_mesh
-    from flaxlm.train import Trainer
+def _convert(args: argparse.Namespace) -> None:
+    from flaxlm import convert
 
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{run_dir} is not a flaxlm run directory: it has no config.yaml")
-    # The mesh of the devices at hand, whatever mesh trained the checkpoint.
-    cfg = config_lib.load(path, ["mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1", *overrides])
-    checkpointer = Checkpointer(run_dir, cfg.checkpoint)
-    steps = checkpointer.all_steps()
-    if not steps:
-        raise ConfigError(f"{run_dir} has no checkpoints under {checkpointer.directory}")
-    if step is None:
-        step = max(steps)
-    elif step not in steps:
-        raise ConfigError(f"{run_dir} has no checkpoint at step {step}; it has steps {steps}")
-    trainer = Trainer(cfg, make_mesh(cfg))
-    params = checkpointer.restore_params(step, trainer.abstract_state.params)
-    checkpointer.close()
-    return cfg, trainer, params, step
+    if args.direction == "from-hf":
+        cfg = convert.from_hf(args.src, args.dst, args.overrides)
+        print(f"wrote {args.dst}: {convert.family(cfg.model)} model, checkpoint at step 0")
+    else:
+        convert.to_hf(args.src, args.dst, args.step)
+        print(f"wrote {args.dst}: config.json and model.safetensors")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -87,19 +77,17 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from flaxlm.data import pipeline
-    from flaxlm.train import evaluate
+    from flaxlm.evaluate import evaluate_run
 
-    cfg, trainer, params, step = _load_run(args.checkpoint, args.step, args.overrides)
-    batches = pipeline.eval_batches(cfg.data)
-    result = evaluate(trainer, params, batches)
-    print(json.dumps({"step": step, **result}), flush=True)
+    result = evaluate_run(args.checkpoint, args.step, args.overrides)
+    print(json.dumps(result), flush=True)
 
 
 def _generate(args: argparse.Namespace) -> None:
+    from flaxlm.evaluate import load_run
     from flaxlm.loop import generate_text
 
-    _, trainer, params, _ = _load_run(args.checkpoint, args.step, [])
+    _, trainer, params, _ = load_run(args.checkpoint, args.step, [])
     text = generate_text(
         trainer, params, args.prompt, args.max_new_tokens, args.temperature, args.seed
     )
@@ -114,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     from flaxlm.preemption import Preempted
 
     try:
-        {"train": _train, "eval": _eval, "generate": _generate}[args.command](args)
+        commands = {"train": _train, "eval": _eval, "generate": _generate, "convert": _convert}
+        commands[args.command](args)
     except (ConfigError, FileNotFoundError) as e:
         print(f"flaxlm {args.command}: error: {e}", file=sys.stderr)
         return 2

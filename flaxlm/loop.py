@@ -28,12 +28,13 @@ from flaxlm.checkpoint import Checkpointer
 from flaxlm.config import Config, ConfigError, NanPolicy
 from flaxlm.data import pipeline
 from flaxlm.data.tokenizer import ByteTokenizer
+from flaxlm.evaluate import evaluate
 from flaxlm.flops import flops_per_token, param_count, total_peak_flops
 from flaxlm.generate import sample
 from flaxlm.mesh import make_mesh
 from flaxlm.metrics import MetricsWriter, SpikeDetector, memory_in_use
 from flaxlm.preemption import Preempted, PreemptionWatcher
-from flaxlm.train import Trainer, evaluate
+from flaxlm.train import Trainer
 
 
 def log(message: str) -> None:

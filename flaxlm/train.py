@@ -290,20 +290,3 @@ class Trainer:
             k: jax.make_array_from_process_local_data(self.batch_sharding, v)
             for k, v in local_batch.items()
         }
-
-
-def evaluate(trainer: Trainer, params, batches) -> dict[str, float]:
-    """Mean loss, perplexity and bits per byte over an iterable of process-local batches."""
-    nats = tokens = nbytes = 0.0
-    for local in batches:
-        sums = jax.device_get(trainer.eval_step(params, trainer.global_batch(local)))
-        nats += float(sums["nats"])
-        tokens += float(sums["tokens"])
-        nbytes += float(sums["bytes"])
-    loss = nats / max(tokens, 1.0)
-    return {
-        "loss": loss,
-        "perplexity": float(np.exp(min(loss, 700.0))),
-        "bits_per_byte": nats / np.log(2.0) / max(nbytes, 1.0),
-        "tokens": int(tokens),
-    }

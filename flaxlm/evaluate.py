@@ -1,0 +1,72 @@
+"""Evaluating parameters: mean loss, perplexity and bits per byte, during training and after.
+
+Bits per byte (total nats / ln 2 / bytes of text predicted) does not depend on the tokenizer,
+so runs with different vocabularies compare on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from flaxlm import config as config_lib
+from flaxlm.checkpoint import Checkpointer
+from flaxlm.config import Config, ConfigError
+from flaxlm.data import pipeline
+from flaxlm.mesh import make_mesh
+from flaxlm.train import Trainer
+
+
+def evaluate(
+    trainer: Trainer, params, batches: Iterable[dict[str, np.ndarray]]
+) -> dict[str, float]:
+    """Mean loss, perplexity and bits per byte over an iterable of process-local batches."""
+    nats = tokens = nbytes = 0.0
+    for local in batches:
+        sums = jax.device_get(trainer.eval_step(params, trainer.global_batch(local)))
+        nats += float(sums["nats"])
+        tokens += float(sums["tokens"])
+        nbytes += float(sums["bytes"])
+    loss = nats / max(tokens, 1.0)
+    return {
+        "loss": loss,
+        "perplexity": float(np.exp(min(loss, 700.0))),
+        "bits_per_byte": nats / np.log(2.0) / max(nbytes, 1.0),
+        "tokens": int(tokens),
+    }
+
+
+def load_run(
+    run_dir: str | Path, step: int | None = None, overrides: Sequence[str] = ()
+) -> tuple[Config, Trainer, Any, int]:
+    """The config saved in a run directory, a trainer on the local devices, and its params."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a flaxlm run directory: it has no config.yaml")
+    # The mesh of the devices at hand, whatever mesh trained the checkpoint.
+    cfg = config_lib.load(path, ["mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1", *overrides])
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint)
+    steps = checkpointer.all_steps()
+    if not steps:
+        raise ConfigError(f"{run_dir} has no checkpoints under {checkpointer.directory}")
+    if step is None:
+        step = max(steps)
+    elif step not in steps:
+        raise ConfigError(f"{run_dir} has no checkpoint at step {step}; it has steps {steps}")
+    trainer = Trainer(cfg, make_mesh(cfg))
+    params = checkpointer.restore_params(step, trainer.abstract_state.params)
+    checkpointer.close()
+    return cfg, trainer, params, step
+
+
+def evaluate_run(
+    run_dir: str | Path, step: int | None = None, overrides: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Evaluates a checkpoint of a run on its configured eval split."""
+    cfg, trainer, params, step = load_run(run_dir, step, overrides)
+    batches = pipeline.eval_batches(cfg.data, jax.process_index(), jax.process_count())
+    return {"step": step, **evaluate(trainer, params, batches)}
