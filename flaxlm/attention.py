@@ -46,6 +46,97 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arra
     return out.reshape(b, t, n, h)
 
 
+def _splash_block_sizes(t: int, s: int):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+
+    bq, bkv = min(512, t), min(512, s)
+    return sk.BlockSizes(
+        block_q=bq, block_kv=bkv, block_kv_compute=bkv,
+        block_q_dkv=bq, block_kv_dkv=bkv, block_kv_dkv_compute=bkv,
+        block_q_dq=bq, block_kv_dq=bkv,
+    )  # fmt: skip
+
+
+def splash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_segment_ids: jax.Array,
+    kv_segment_ids: jax.Array,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """The Pallas splash attention kernel (TPU), on (B, T, N, H) with segment ids.
+
+    Splash takes one example at a time in (heads, length, head_dim) layout and does not scale
+    by 1/sqrt(d), so q is pre-scaled and the batch vmapped. Off TPU it runs interpreted (slow;
+    for tests). Under a device mesh it runs per shard through shard_map: batch over the batch
+    axes, heads over the head axes, as the logical rules say.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    if interpret is None:
+        interpret = jax.devices()[0].platform != "tpu"
+
+    def per_shard(q, k, v, q_seg, kv_seg):
+        _, t, n, h = q.shape
+        s = k.shape[1]
+        mask = sm.MultiHeadMask(tuple(sm.CausalMask((t, s)) for _ in range(n)))
+        kernel = sk.make_splash_mha(
+            mask,
+            head_shards=1,
+            q_seq_shards=1,
+            block_sizes=_splash_block_sizes(t, s),
+            interpret=interpret,
+        )
+        scaled = (q / jnp.sqrt(jnp.float32(h)).astype(q.dtype)).transpose(0, 2, 1, 3)
+        k_, v_ = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        segments = sk.SegmentIds(q=q_seg, kv=kv_seg)
+        out = jax.vmap(kernel)(scaled, k_, v_, segment_ids=segments)
+        return out.transpose(0, 2, 1, 3)
+
+    mesh = _current_mesh()
+    if mesh is None or mesh.size == 1:
+        return per_shard(q, k, v, q_segment_ids, kv_segment_ids)
+    import flax.linen as nn
+    from jax.sharding import PartitionSpec
+
+    qkv_spec = nn.logical_to_mesh_axes(("batch", None, "act_heads", None))
+    kv_spec = nn.logical_to_mesh_axes(("batch", None, "act_kv_heads", None))
+    seg_spec = PartitionSpec(qkv_spec[0], None)
+    if not all(
+        _divides(mesh, spec, x.shape) for spec, x in ((qkv_spec, q), (kv_spec, k), (seg_spec, q))
+    ):
+        # Shapes the mesh does not divide (model.init traces a batch of one): run unsharded.
+        return per_shard(q, k, v, q_segment_ids, kv_segment_ids)
+    return jax.shard_map(
+        per_shard,
+        mesh=mesh,
+        in_specs=(qkv_spec, kv_spec, kv_spec, seg_spec, seg_spec),
+        out_specs=qkv_spec,
+        check_vma=False,
+    )(q, k, v, q_segment_ids, kv_segment_ids)
+
+
+def _divides(mesh, spec, shape) -> bool:
+    for dim, axes in zip(shape, spec, strict=False):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = 1
+        for name in names:
+            size *= mesh.shape[name]
+        if dim % size:
+            return False
+    return True
+
+
+def _current_mesh():
+    """The mesh of the enclosing `with mesh:` block, if any."""
+    from jax._src import mesh as mesh_lib
+
+    mesh = mesh_lib.thread_resources.env.physical_mesh
+    return None if mesh.empty else mesh
+
+
 def dot_product_attention(
     q: jax.Array,
     k: jax.Array,
@@ -55,6 +146,8 @@ def dot_product_attention(
     kernel: AttentionKernel = AttentionKernel.xla,
 ) -> jax.Array:
     """Masked multi-head attention with the selected kernel."""
+    if kernel == AttentionKernel.splash:
+        return splash_attention(q, k, v, q_segment_ids, kv_segment_ids)
     mask = attention_mask(q_segment_ids, kv_segment_ids)
     if kernel == AttentionKernel.reference:
         return reference_attention(q, k, v, mask)

@@ -363,6 +363,12 @@ def validate(cfg: Config) -> None:
         _require(
             m.d_model % 2 == 0, f"sinusoidal positions need an even model.d_model, got {m.d_model}"
         )
+    if m.attention == AttentionKernel.splash:
+        _require(
+            cfg.data.seq_len % 128 == 0,
+            f"model.attention=splash needs data.seq_len divisible by 128 (its block size), "
+            f"got {cfg.data.seq_len}",
+        )
     for key in ("dtype", "param_dtype"):
         value = getattr(m, key)
         _require(
