@@ -52,7 +52,9 @@ def main() -> None:
     for layers in args.layers:
         for scan in (False, True):
             seconds = compile_seconds(layers, scan)
-            print(json.dumps({"layers": layers, "scan": scan, "compile_seconds": round(seconds, 2)}))
+            print(
+                json.dumps({"layers": layers, "scan": scan, "compile_seconds": round(seconds, 2)})
+            )
 
 
 if __name__ == "__main__":

@@ -151,6 +151,11 @@ def dot_product_attention(
     mask = attention_mask(q_segment_ids, kv_segment_ids)
     if kernel == AttentionKernel.reference:
         return reference_attention(q, k, v, mask)
-    if kernel in (AttentionKernel.xla, AttentionKernel.cudnn):
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=kernel.value)
+    if kernel == AttentionKernel.xla:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    if kernel == AttentionKernel.cudnn:
+        # is_causal selects cuDNN's fused causal path; the mask adds the segment boundaries.
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=True, implementation="cudnn"
+        )
     raise ValueError(f"unknown attention kernel {kernel!r}")

@@ -4,6 +4,7 @@
     flaxlm eval     --checkpoint RUN_DIR [--step N] [key.sub=value ...]
     flaxlm generate --checkpoint RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T]
                     [--seed S]
+    flaxlm export   --checkpoint RUN_DIR [--step N] DST
     flaxlm convert  {from-hf|to-hf} SRC DST
 
 Results go to stdout (`eval` prints one JSON object per line, `generate` the text); progress and
@@ -38,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=100)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     gen.add_argument("--seed", type=int, default=0)
+    exp = sub.add_parser("export", help="write a checkpoint's parameters alone, for evaluation")
+    exp.add_argument("--checkpoint", required=True, help="run directory")
+    exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    exp.add_argument("dst", help="a new directory")
+
     conv = sub.add_parser("convert", help="import or export Hugging Face GPT-2 / Llama models")
     conv.add_argument("direction", choices=["from-hf", "to-hf"])
     conv.add_argument("src", help="from-hf: a Hugging Face model directory; to-hf: a run directory")
@@ -45,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--step", type=int, default=None, help="to-hf: checkpoint step")
     conv.add_argument("overrides", nargs="*", help="from-hf: key.sub=value for the run config")
     return parser
+
+
+def _export(args: argparse.Namespace) -> None:
+    from flaxlm.evaluate import export_params
+
+    step = export_params(args.checkpoint, args.dst, args.step)
+    print(f"wrote {args.dst}: parameters of step {step}")
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -102,7 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     from flaxlm.preemption import Preempted
 
     try:
-        commands = {"train": _train, "eval": _eval, "generate": _generate, "convert": _convert}
+        commands = {
+            "train": _train,
+            "eval": _eval,
+            "generate": _generate,
+            "export": _export,
+            "convert": _convert,
+        }
         commands[args.command](args)
     except (ConfigError, FileNotFoundError) as e:
         print(f"flaxlm {args.command}: error: {e}", file=sys.stderr)

@@ -363,6 +363,12 @@ def validate(cfg: Config) -> None:
         _require(
             m.d_model % 2 == 0, f"sinusoidal positions need an even model.d_model, got {m.d_model}"
         )
+    if m.attention == AttentionKernel.cudnn:
+        _require(
+            m.dtype in ("bfloat16", "float16"),
+            f"model.attention=cudnn needs model.dtype bfloat16 or float16 (cuDNN flash attention "
+            f"has no float32 kernel), got {m.dtype}",
+        )
     if m.attention == AttentionKernel.splash:
         _require(
             cfg.data.seq_len % 128 == 0,

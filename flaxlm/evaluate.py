@@ -70,3 +70,28 @@ def evaluate_run(
     cfg, trainer, params, step = load_run(run_dir, step, overrides)
     batches = pipeline.eval_batches(cfg.data, jax.process_index(), jax.process_count())
     return {"step": step, **evaluate(trainer, params, batches)}
+
+
+PARAMS_ONLY_MARKER = "PARAMS_ONLY"
+
+
+def export_params(run_dir: str | Path, dst: str | Path, step: int | None = None) -> int:
+    """Writes a run's parameters alone (no optimizer state, no data position) for evaluation.
+
+    DST becomes a directory that `eval` and `generate` take like a run directory, at about a
+    third of the size of a full AdamW checkpoint. Returns the exported step.
+    """
+    dst = Path(dst)
+    if dst.exists() and any(dst.iterdir()):
+        raise ConfigError(f"{dst} exists and is not empty; choose a new directory")
+    cfg, _, params, step = load_run(run_dir, step)
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "config.yaml").write_text((Path(run_dir) / "config.yaml").read_text())
+    (dst / PARAMS_ONLY_MARKER).write_text(
+        f"parameters of {Path(run_dir).absolute()} at step {step}\n"
+    )
+    checkpointer = Checkpointer(dst, cfg.checkpoint)
+    checkpointer.save(step, {"params": params}, None, cfg)
+    checkpointer.wait()
+    checkpointer.close()
+    return step

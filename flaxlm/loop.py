@@ -127,6 +127,11 @@ def run(cfg: Config) -> RunSummary:
     started = time.perf_counter()
     t = cfg.train
     run_dir = Path(t.run_dir)
+    if (run_dir / "PARAMS_ONLY").exists():
+        raise ConfigError(
+            f"{run_dir} is a parameters-only export (flaxlm export): it has no optimizer state "
+            "to resume; train in the original run directory or a new one"
+        )
     _check_same_model(run_dir, cfg)
     mesh = make_mesh(cfg)
     if jax.process_index() == 0:
