@@ -159,3 +159,28 @@ def dot_product_attention(
             q, k, v, mask=mask, is_causal=True, implementation="cudnn"
         )
     raise ValueError(f"unknown attention kernel {kernel!r}")
+
+
+def cached_attention(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    q_segment_ids: jax.Array,
+    kv_segment_ids: jax.Array,
+    start: jax.Array,
+    kernel: AttentionKernel = AttentionKernel.xla,
+) -> jax.Array:
+    """Attention of T new queries at cache positions start.. over a (B, S, K, H) cache.
+
+    Query j (at absolute position start + j) sees cached position s <= start + j of its own
+    non-padding segment; cache slots not yet written have segment 0 and are never seen.
+    """
+    t, s = q.shape[1], k_cache.shape[1]
+    q_pos = start + jnp.arange(t)
+    causal = jnp.arange(s)[None, :] <= q_pos[:, None]
+    same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    mask = (causal[None] & same & (kv_segment_ids != 0)[:, None, :])[:, None]
+    if kernel == AttentionKernel.reference:
+        return reference_attention(q, k_cache, v_cache, mask)
+    # Decoding is memory-bound and its mask is not causal-from-zero: XLA serves every platform.
+    return jax.nn.dot_product_attention(q, k_cache, v_cache, mask=mask, implementation="xla")

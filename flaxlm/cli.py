@@ -35,9 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="continue a prompt with a trained model")
     gen.add_argument("--checkpoint", required=True, help="run directory")
     gen.add_argument("--step", type=int, default=None)
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt", required=True, action="append", help="repeat for a batch")
     gen.add_argument("--max-new-tokens", type=int, default=100)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0: all)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
+    gen.add_argument("--stop", action="append", default=[], help="stop after this string")
     gen.add_argument("--seed", type=int, default=0)
     exp = sub.add_parser("export", help="write a checkpoint's parameters alone, for evaluation")
     exp.add_argument("--checkpoint", required=True, help="run directory")
@@ -97,14 +100,19 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
+    from flaxlm.config import ConfigError
     from flaxlm.evaluate import load_run
+    from flaxlm.generate import SamplingConfig
     from flaxlm.loop import generate_text
 
+    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+        raise ConfigError("--temperature and --top-k must be >= 0 and --top-p in (0, 1]")
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
     _, trainer, params, _ = load_run(args.checkpoint, args.step, [])
-    text = generate_text(
-        trainer, params, args.prompt, args.max_new_tokens, args.temperature, args.seed
+    texts = generate_text(
+        trainer, params, args.prompt, args.max_new_tokens, sampling, tuple(args.stop)
     )
-    print(text, flush=True)
+    print("\n\n".join(texts), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

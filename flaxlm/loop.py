@@ -30,7 +30,7 @@ from flaxlm.data import pipeline
 from flaxlm.data.tokenizer import ByteTokenizer
 from flaxlm.evaluate import evaluate
 from flaxlm.flops import flops_per_token, param_count, total_peak_flops
-from flaxlm.generate import sample
+from flaxlm.generate import SamplingConfig, generate
 from flaxlm.mesh import make_mesh
 from flaxlm.metrics import MetricsWriter, SpikeDetector, memory_in_use
 from flaxlm.preemption import Preempted, PreemptionWatcher
@@ -263,14 +263,9 @@ def _train(cfg, trainer, data, eval_set, checkpointer, writer, watcher, started)
 
     text = None
     if t.sample_prompt:
-        text = generate_text(
-            trainer,
-            state.params,
-            t.sample_prompt,
-            t.sample_new_tokens,
-            t.sample_temperature,
-            t.seed,
-        )
+        sampling = SamplingConfig(temperature=t.sample_temperature, seed=t.seed)
+        prompts = [t.sample_prompt]
+        text = generate_text(trainer, state.params, prompts, t.sample_new_tokens, sampling)[0]
     trained = t.steps - start
     summary = RunSummary(
         start_step=start,
@@ -299,17 +294,23 @@ def _evaluate(trainer: Trainer, params, eval_set, writer: MetricsWriter, step: i
 
 
 def generate_text(
-    trainer: Trainer, params, prompt: str, new_tokens: int, temperature: float, seed: int
-) -> str:
+    trainer: Trainer,
+    params,
+    prompts: list[str],
+    new_tokens: int,
+    sampling: SamplingConfig,
+    stop_strings: tuple[str, ...] = (),
+) -> list[str]:
+    """Continues each prompt; a text ends at EOS or just after the first stop string."""
     tok = ByteTokenizer()
+    ids = [tok.encode(p, add_bos=trainer.cfg.data.add_bos) for p in prompts]
     with trainer.context():
-        ids = sample(
-            trainer.model,
-            params,
-            tok.encode(prompt, add_bos=trainer.cfg.data.add_bos),
-            new_tokens,
-            temperature=temperature,
-            seed=seed,
-            stop_id=tok.eos_id,
+        out = generate(
+            trainer.model, params, ids, new_tokens, sampling, stop_id=tok.eos_id, pad_id=tok.pad_id
         )
-    return tok.decode(ids)
+    texts = []
+    for prompt, row in zip(prompts, out, strict=True):
+        text = tok.decode(row)
+        cut = [text.find(s, len(prompt)) + len(s) for s in stop_strings if s in text[len(prompt) :]]
+        texts.append(text[: min(cut)] if cut else text)
+    return texts

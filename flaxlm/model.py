@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from flaxlm.attention import dot_product_attention
+from flaxlm.attention import cached_attention, dot_product_attention
 from flaxlm.config import Mlp, ModelConfig, Norm, Position, Remat, RopeScaling
 
 Array = jax.Array
@@ -120,9 +120,15 @@ def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
 
 
 class Attention(nn.Module):
-    """Multi-head (or grouped-query) causal self-attention over packed segments."""
+    """Multi-head (or grouped-query) causal self-attention over packed segments.
+
+    With `decode=True` keys and values go into a cache (the "cache" collection, sized by the
+    input at `init`), so that each call attends to everything cached so far: a prompt is
+    prefilled in one call and each new token then costs one position, not the whole prefix.
+    """
 
     cfg: ModelConfig
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, segment_ids: Array) -> Array:
@@ -154,7 +160,10 @@ class Attention(nn.Module):
         q = _constrain(q, ("batch", "length", "act_heads", None))
         k = _constrain(k, ("batch", "length", "act_kv_heads", None))
         v = _constrain(v, ("batch", "length", "act_kv_heads", None))
-        out = dot_product_attention(q, k, v, segment_ids, segment_ids, cfg.attention)
+        if self.decode:
+            out = self._cached_attention(q, k, v, segment_ids)
+        else:
+            out = dot_product_attention(q, k, v, segment_ids, segment_ids, cfg.attention)
         out = checkpoint_name(_constrain(out, ("batch", "length", "act_heads", None)), "attn_out")
         # GPT-2 scales the init of projections into the residual stream by 1/sqrt(2 * layers).
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
@@ -170,6 +179,32 @@ class Attention(nn.Module):
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
             name="out",
         )(out)
+
+    def _cached_attention(self, q: Array, k: Array, v: Array, segment_ids: Array) -> Array:
+        # Names differ from the "key"/"value" projection submodules, which share the namespace.
+        initialized = self.has_variable("cache", "cached_key")
+        key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        segments = self.variable(
+            "cache", "cached_segment_ids", jnp.zeros, segment_ids.shape, jnp.int32
+        )
+        index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        if not initialized:  # init only sizes the cache
+            return dot_product_attention(q, k, v, segment_ids, segment_ids, self.cfg.attention)
+        start = index.value
+        key.value = jax.lax.dynamic_update_slice(
+            key.value, k.astype(key.value.dtype), (0, start, 0, 0)
+        )
+        value.value = jax.lax.dynamic_update_slice(
+            value.value, v.astype(value.value.dtype), (0, start, 0, 0)
+        )
+        segments.value = jax.lax.dynamic_update_slice(
+            segments.value, segment_ids.astype(jnp.int32), (0, start)
+        )
+        index.value = start + q.shape[1]
+        return cached_attention(
+            q, key.value, value.value, segment_ids, segments.value, start, self.cfg.attention
+        )
 
 
 class FeedForward(nn.Module):
@@ -209,10 +244,11 @@ class Block(nn.Module):
     """Pre-norm residual block: attention then MLP."""
 
     cfg: ModelConfig
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, segment_ids: Array) -> Array:
-        x = x + Attention(self.cfg, name="attn")(
+        x = x + Attention(self.cfg, self.decode, name="attn")(
             make_norm(self.cfg, "attn_norm")(x), positions, segment_ids
         )
         x = x + FeedForward(self.cfg, name="mlp")(make_norm(self.cfg, "mlp_norm")(x))
@@ -235,10 +271,12 @@ _REMAT_POLICIES = {
 }
 
 
-def decoder_stack(cfg: ModelConfig, x: Array, positions: Array, segment_ids: Array) -> Array:
+def decoder_stack(
+    cfg: ModelConfig, x: Array, positions: Array, segment_ids: Array, decode: bool = False
+) -> Array:
     """The n_layers blocks: a Python loop, or one nn.scan'd block with stacked parameters."""
     block_cls = ScannedBlock if cfg.scan_layers else Block
-    if cfg.remat != Remat.none:
+    if cfg.remat != Remat.none and not decode:
         # prevent_cse keeps XLA from merging recomputation back into the forward pass; inside
         # scan it is unnecessary and only slows things down.
         block_cls = nn.remat(
@@ -246,17 +284,17 @@ def decoder_stack(cfg: ModelConfig, x: Array, positions: Array, segment_ids: Arr
         )
     if not cfg.scan_layers:
         for i in range(cfg.n_layers):
-            x = block_cls(cfg, name=f"block_{i}")(x, positions, segment_ids)
+            x = block_cls(cfg, decode, name=f"block_{i}")(x, positions, segment_ids)
         return x
     stack = nn.scan(
         block_cls,
-        variable_axes={"params": 0},
+        variable_axes={"params": 0, "cache": 0},
         split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast),
         length=cfg.n_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
-    x, _ = stack(cfg, name="blocks")(x, positions, segment_ids)
+    x, _ = stack(cfg, decode, name="blocks")(x, positions, segment_ids)
     return x
 
 
@@ -269,10 +307,12 @@ class Transformer(nn.Module):
         defaults to 0..T-1.
       segment_ids: int (B, T) document id of each token within its row, 0 for padding;
         defaults to all ones (one document).
-    Returns float32 logits (B, T, vocab_size).
+    Returns float32 logits (B, T, vocab_size). With `decode=True` the attention layers keep a
+    key/value cache (see `Attention`); `flaxlm.generate` drives it.
     """
 
     cfg: ModelConfig
+    decode: bool = False
 
     @nn.compact
     def __call__(
@@ -311,7 +351,7 @@ class Transformer(nn.Module):
             x = x + sinusoidal_encoding(positions, cfg.d_model).astype(dtype)
         x = _constrain(x, ("batch", "length", "act_embed"))
 
-        x = decoder_stack(cfg, x, positions, segment_ids)
+        x = decoder_stack(cfg, x, positions, segment_ids, self.decode)
         x = make_norm(cfg, "final_norm")(x)
 
         if cfg.tie_embeddings:

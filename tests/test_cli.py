@@ -94,3 +94,26 @@ def test_params_only_export_evaluates_the_same_and_is_smaller(trained_run, corpu
     refused = flaxlm("train", "--config", str(export / "config.yaml"), f"train.run_dir={export}",
                      check=False)  # fmt: skip
     assert refused.returncode == 2 and "parameters-only export" in refused.stderr
+
+
+def test_generate_batches_prompts_and_cuts_at_a_stop_string(trained_run):
+    run, _ = trained_run
+    single = flaxlm(
+        "generate", "--checkpoint", str(run), "--prompt", "The", "--max-new-tokens", "12"
+    )
+    both = flaxlm(
+        "generate", "--checkpoint", str(run), "--prompt", "The", "--prompt", "A longer prompt",
+        "--max-new-tokens", "12",
+    )  # fmt: skip
+    first, second = both.stdout.rstrip("\n").split("\n\n", 1)
+    assert first == single.stdout.rstrip("\n")  # batching with a longer prompt changes nothing
+    assert second.startswith("A longer prompt")
+    continuation = single.stdout.rstrip("\n")[len("The") :]
+    stop = continuation[3:5]
+    cut = flaxlm(
+        "generate", "--checkpoint", str(run), "--prompt", "The", "--max-new-tokens", "12",
+        "--stop", stop,
+    )  # fmt: skip
+    text = cut.stdout.rstrip("\n")
+    assert text.endswith(stop) and len(text) <= len(single.stdout.rstrip("\n"))
+    assert stop not in text[len("The") : -len(stop)]
