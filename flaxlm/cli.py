@@ -101,6 +101,7 @@ def _eval(args: argparse.Namespace) -> None:
 
 def _generate(args: argparse.Namespace) -> None:
     from flaxlm.config import ConfigError
+    from flaxlm.data.tokenizer import load_tokenizer
     from flaxlm.evaluate import load_run
     from flaxlm.generate import SamplingConfig
     from flaxlm.loop import generate_text
@@ -109,8 +110,9 @@ def _generate(args: argparse.Namespace) -> None:
         raise ConfigError("--temperature and --top-k must be >= 0 and --top-p in (0, 1]")
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
     _, trainer, params, _ = load_run(args.checkpoint, args.step, [])
+    tokenizer = load_tokenizer(args.checkpoint)
     texts = generate_text(
-        trainer, params, args.prompt, args.max_new_tokens, sampling, tuple(args.stop)
+        trainer, params, args.prompt, args.max_new_tokens, sampling, tuple(args.stop), tokenizer
     )
     print("\n\n".join(texts), flush=True)
 

@@ -27,7 +27,7 @@ from flaxlm import config as config_lib
 from flaxlm.checkpoint import Checkpointer
 from flaxlm.config import Config, ConfigError, NanPolicy
 from flaxlm.data import pipeline
-from flaxlm.data.tokenizer import ByteTokenizer
+from flaxlm.data.tokenizer import ByteTokenizer, HFTokenizer
 from flaxlm.evaluate import evaluate
 from flaxlm.flops import flops_per_token, param_count, total_peak_flops
 from flaxlm.generate import SamplingConfig, generate
@@ -300,9 +300,10 @@ def generate_text(
     new_tokens: int,
     sampling: SamplingConfig,
     stop_strings: tuple[str, ...] = (),
+    tokenizer: ByteTokenizer | HFTokenizer | None = None,
 ) -> list[str]:
     """Continues each prompt; a text ends at EOS or just after the first stop string."""
-    tok = ByteTokenizer()
+    tok = tokenizer or ByteTokenizer()
     ids = [tok.encode(p, add_bos=trainer.cfg.data.add_bos) for p in prompts]
     with trainer.context():
         out = generate(
@@ -311,6 +312,8 @@ def generate_text(
     texts = []
     for prompt, row in zip(prompts, out, strict=True):
         text = tok.decode(row)
-        cut = [text.find(s, len(prompt)) + len(s) for s in stop_strings if s in text[len(prompt) :]]
+        # Stop strings count only in the continuation, after the prompt as the tokenizer decodes it.
+        start = len(tok.decode(tok.encode(prompt, add_bos=trainer.cfg.data.add_bos)))
+        cut = [text.find(s, start) + len(s) for s in stop_strings if s in text[start:]]
         texts.append(text[: min(cut)] if cut else text)
     return texts

@@ -134,3 +134,44 @@ def test_imported_model_continues_training(tmp_path, corpus_cache):
     )  # fmt: skip
     summary = loop.run(cfg)
     assert summary.start_step == 0 and summary.end_step == 2
+
+
+def _bpe_tokenizer(corpus_cache, vocab_size=300):
+    """A byte-level BPE tokenizer (GPT-2's kind) trained here on the local corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from flaxlm.data.corpus import build_python_docs
+
+    texts = [
+        p.read_text() for p in sorted((build_python_docs(corpus_cache) / "train").glob("*.txt"))
+    ]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>"],
+    )  # fmt: skip
+    tok.train_from_iterator(texts[:100], trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
+def test_gpt2_generate_prints_what_transformers_generates(tmp_path, corpus_cache):
+    """The classic example, with a small random GPT-2 and a locally trained BPE tokenizer."""
+    from helpers import flaxlm
+
+    model, src = _gpt2(tmp_path)
+    hf_tok = _bpe_tokenizer(corpus_cache)
+    hf_tok.save_pretrained(src)
+    ids = hf_tok("Once upon a time", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=50, do_sample=False, pad_token_id=0)
+    expected = hf_tok.decode(out[0])
+    assert out.shape[1] == ids.shape[1] + 50  # the reference did not stop early
+
+    flaxlm("convert", "from-hf", str(src), str(tmp_path / "run"), devices=1)
+    got = flaxlm(
+        "generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "Once upon a time",
+        "--max-new-tokens", "50", devices=1,
+    ).stdout  # fmt: skip
+    assert got == expected + "\n"

@@ -1,13 +1,16 @@
-"""The byte-level tokenizer: one id per UTF-8 byte, plus BOS, EOS and PAD.
+"""Tokenizers: bytes (the training pipeline's), and Hugging Face `tokenizer.json` files.
 
 Byte ids are the byte values themselves (0..255), so tokenization is a reinterpretation of the
 UTF-8 bytes and runs inside the tf.data graph (`tf.io.decode_raw`). Every model vocabulary is at
-least `vocab_size` wide; models usually pad it to a multiple of 64 for fast matmuls.
+least `vocab_size` wide; models usually pad it to a multiple of 64 for fast matmuls. Imported
+models (`flaxlm convert from-hf`) bring their own tokenizer, used for prompts and outputs.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -33,3 +36,56 @@ class ByteTokenizer:
     def is_byte(ids: np.ndarray) -> np.ndarray:
         """True where an id stands for one byte of text (for bits-per-byte accounting)."""
         return ids < 256
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizer.json` (GPT-2 BPE, Llama 3 tiktoken-style BPE, ...).
+
+    Encoding applies the tokenizer's own post-processor, so BOS is added exactly when the
+    model family expects it (Llama: yes, GPT-2: no).
+    """
+
+    def __init__(self, directory: str | Path):
+        from tokenizers import Tokenizer
+
+        directory = Path(directory)
+        self._tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        self.vocab_size = self._tok.get_vocab_size()
+        self.eos_id = self._special_id(directory, "eos")
+        self.bos_id = self._special_id(directory, "bos")
+        self.pad_id = 0  # padding is never attended to; any id will do
+
+    def _special_id(self, directory: Path, which: str) -> int | None:
+        # The generation config says which id ends generation; the tokenizer config names it.
+        path = directory / "generation_config.json"
+        if path.is_file():
+            value = json.loads(path.read_text()).get(f"{which}_token_id")
+            if isinstance(value, list):
+                value = value[0] if value else None
+            if value is not None:
+                return int(value)
+        path = directory / "tokenizer_config.json"
+        if path.is_file():
+            token = json.loads(path.read_text()).get(f"{which}_token")
+            if isinstance(token, dict):
+                token = token.get("content")
+            if token is not None:
+                return self._tok.token_to_id(token)
+        return None
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        ids = self._tok.encode(text).ids
+        if add_eos and self.eos_id is not None:
+            ids.append(self.eos_id)
+        return ids
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def load_tokenizer(run_dir: str | Path) -> ByteTokenizer | HFTokenizer:
+    """The run's tokenizer: its `tokenizer/tokenizer.json` if it has one, else bytes."""
+    directory = Path(run_dir) / "tokenizer"
+    if (directory / "tokenizer.json").is_file():
+        return HFTokenizer(directory)
+    return ByteTokenizer()
