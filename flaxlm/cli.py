@@ -1,7 +1,7 @@
 """The `flaxlm` command line: train, eval, generate, convert.
 
     flaxlm train    --config configs/X.yaml [key.sub=value ...]
-    flaxlm eval     --checkpoint RUN_DIR [--step N] [key.sub=value ...]
+    flaxlm eval     --checkpoint RUN_DIR [--step N | --all-steps] [key.sub=value ...]
     flaxlm generate --checkpoint RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T]
                     [--seed S]
     flaxlm export   --checkpoint RUN_DIR [--step N] DST
@@ -30,6 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a checkpoint: loss, perplexity, bits per byte")
     ev.add_argument("--checkpoint", required=True, help="run directory")
     ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    ev.add_argument(
+        "--all-steps",
+        action="store_true",
+        help="evaluate every checkpoint; also write RUN_DIR/eval/table.csv and eval_loss.png",
+    )
     ev.add_argument("overrides", nargs="*", help="key.sub=value overrides (data.*, mesh.*)")
 
     gen = sub.add_parser("generate", help="continue a prompt with a trained model")
@@ -93,10 +98,13 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from flaxlm.evaluate import evaluate_run
+    from flaxlm.evaluate import evaluate_all_steps, evaluate_run
 
-    result = evaluate_run(args.checkpoint, args.step, args.overrides)
-    print(json.dumps(result), flush=True)
+    if args.all_steps:
+        for result in evaluate_all_steps(args.checkpoint, args.overrides):
+            print(json.dumps(result), flush=True)
+    else:
+        print(json.dumps(evaluate_run(args.checkpoint, args.step, args.overrides)), flush=True)
 
 
 def _generate(args: argparse.Namespace) -> None:

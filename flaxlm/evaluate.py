@@ -63,6 +63,45 @@ def load_run(
     return cfg, trainer, params, step
 
 
+def evaluate_all_steps(run_dir: str | Path, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Evaluates every checkpoint of a run; writes `eval/table.csv` and `eval/eval_loss.png`."""
+    cfg, trainer, _, _ = load_run(run_dir, None, overrides)
+    batches = pipeline.eval_batches(cfg.data, jax.process_index(), jax.process_count())
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint)
+    results = []
+    for step in checkpointer.all_steps():
+        params = checkpointer.restore_params(step, trainer.abstract_state.params)
+        results.append({"step": step, **evaluate(trainer, params, batches)})
+    checkpointer.close()
+    if jax.process_index() == 0:
+        _write_table_and_plot(Path(run_dir) / "eval", results)
+    return results
+
+
+def _write_table_and_plot(directory: Path, results: list[dict[str, Any]]) -> None:
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "table.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(results[0]))
+        writer.writeheader()
+        writer.writerows(results)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["step"] for r in results], [r["loss"] for r in results], marker="o")
+    ax.set_xlabel("step")
+    ax.set_ylabel("eval loss (nats per token)")
+    ax.set_title(f"eval loss of {directory.parent.name}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(directory / "eval_loss.png", dpi=100)
+    plt.close(fig)
+
+
 def evaluate_run(
     run_dir: str | Path, step: int | None = None, overrides: Sequence[str] = ()
 ) -> dict[str, Any]:

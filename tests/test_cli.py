@@ -117,3 +117,21 @@ def test_generate_batches_prompts_and_cuts_at_a_stop_string(trained_run):
     text = cut.stdout.rstrip("\n")
     assert text.endswith(stop) and len(text) <= len(single.stdout.rstrip("\n"))
     assert stop not in text[len("The") : -len(stop)]
+
+
+def test_eval_of_every_checkpoint_writes_a_table_and_a_plot(trained_run, corpus_cache):
+    import csv
+
+    run, _ = trained_run
+    proc = flaxlm("eval", "--checkpoint", str(run), "--all-steps", f"data.cache_dir={corpus_cache}")
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["step"] for r in lines] == [10, 20]
+    with open(run / "eval" / "table.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [10, 20]
+    assert float(rows[1]["loss"]) == pytest.approx(lines[1]["loss"])
+    # The same numbers as the training run's own evaluations at those steps.
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    during = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
+    assert [r["loss"] for r in lines] == pytest.approx([during[10], during[20]], rel=1e-5)
+    assert (run / "eval" / "eval_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
