@@ -1,0 +1,161 @@
+"""lm-evaluation-harness adapter: `lm_eval` evaluates a flaxlm checkpoint.
+
+    import lm_eval, flaxlm.harness  # registers the model type "flaxlm"
+    lm_eval.simple_evaluate(model="flaxlm", model_args="checkpoint=runs/quickstart", tasks=[...])
+
+or from the shell: `lm_eval --model flaxlm --model_args checkpoint=RUN_DIR --tasks ...` with
+`--include_path` for local tasks (the module must be imported first; `python -m flaxlm.harness`
+runs lm_eval's command line with it registered).
+
+Scoring pads requests to a few fixed lengths (multiples of 64) so that the jitted forward pass
+compiles a handful of times, not once per request.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+
+from flaxlm.data.tokenizer import ByteTokenizer, load_tokenizer
+from flaxlm.evaluate import load_run
+from flaxlm.generate import SamplingConfig
+from flaxlm.loop import generate_text
+
+_BUCKET = 64
+
+
+@register_model("flaxlm")
+class FlaxLM(LM):
+    def __init__(self, checkpoint: str, step: int | None = None, batch_size: int | str = 8, **_):
+        super().__init__()
+        self.cfg, self.trainer, self.params, self.step = load_run(
+            checkpoint, None if step is None else int(step)
+        )
+        self.tokenizer = load_tokenizer(checkpoint)
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
+        self.max_length = self.cfg.model.max_seq_len
+        byte = isinstance(self.tokenizer, ByteTokenizer)
+        # The token every sequence starts from: BOS where the model was trained with one.
+        self.prefix_id = self.tokenizer.bos_id if (not byte or self.cfg.data.add_bos) else None
+        if self.prefix_id is None:
+            self.prefix_id = self.tokenizer.eos_id
+
+    # -- scoring ----------------------------------------------------------------------------
+
+    @functools.cached_property
+    def _score_fn(self):
+        model = self.trainer.model
+
+        @jax.jit
+        def score(params, tokens, segments):
+            logits = model.apply({"params": params}, tokens, None, segments)
+            logprobs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+            targets = tokens[:, 1:]
+            picked = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+            greedy = jnp.argmax(logits[:, :-1], axis=-1) == targets
+            return picked, greedy
+
+        return score
+
+    def _score(self, sequences: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Log-probability and greedy-match of every token after the first, per sequence."""
+        out: list[tuple[np.ndarray, np.ndarray]] = []
+        for i in range(0, len(sequences), self.batch_size):
+            chunk = sequences[i : i + self.batch_size]
+            width = min(self.max_length, _BUCKET * math.ceil(max(map(len, chunk)) / _BUCKET))
+            tokens = np.zeros((self.batch_size, width), np.int32)
+            segments = np.zeros((self.batch_size, width), np.int32)
+            for row, seq in enumerate(chunk):
+                tokens[row, : len(seq)] = seq
+                segments[row, : len(seq)] = 1
+            with self.trainer.context():
+                picked, greedy = jax.device_get(self._score_fn(self.params, tokens, segments))
+            for row, seq in enumerate(chunk):
+                out.append((picked[row, : len(seq) - 1], greedy[row, : len(seq) - 1]))
+        return out
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_bos=False)
+
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        sequences, spans = [], []
+        for request in requests:
+            context, continuation = request.args
+            ctx = [self.prefix_id, *self._encode(context)]
+            cont = self._encode(continuation)
+            whole = (ctx + cont)[
+                -(self.max_length) :
+            ]  # keep the continuation, cut the oldest context
+            sequences.append(whole)
+            spans.append(len(cont))
+        results = []
+        for (picked, greedy), n in zip(self._score(sequences), spans, strict=True):
+            results.append((float(picked[-n:].sum()) if n else 0.0, bool(greedy[-n:].all())))
+        return results
+
+    def loglikelihood_rolling(self, requests) -> list[float]:
+        """Log-likelihood of whole texts, in windows of the model's context when longer."""
+        results = []
+        for request in requests:
+            (text,) = request.args
+            ids = self._encode(text)
+            total = 0.0
+            # Disjoint windows, each scored after a prefix token (lm-eval's convention).
+            step = self.max_length - 1
+            windows = [[self.prefix_id, *ids[s : s + step]] for s in range(0, len(ids), step)]
+            for picked, _ in self._score(windows):
+                total += float(picked.sum())
+            results.append(total)
+        return results
+
+    def generate_until(self, requests) -> list[str]:
+        results = []
+        for request in requests:
+            context, kwargs = request.args
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            sampling = SamplingConfig(
+                temperature=float(kwargs.get("temperature", 0.0))
+                if kwargs.get("do_sample")
+                else 0.0,
+                top_k=int(kwargs.get("top_k") or 0),
+                top_p=float(kwargs.get("top_p") or 1.0),
+            )
+            max_new = int(kwargs.get("max_gen_toks", 256))
+            (text,) = generate_text(
+                self.trainer,
+                self.params,
+                [context],
+                max_new,
+                sampling,
+                tuple(until),
+                self.tokenizer,
+            )
+            start = len(
+                self.tokenizer.decode(self.tokenizer.encode(context, self.cfg.data.add_bos))
+            )
+            continuation = text[start:]
+            for stop in until:  # lm-eval expects the text before the stop sequence
+                if stop and stop in continuation:
+                    continuation = continuation[: continuation.index(stop)]
+            results.append(continuation)
+        return results
+
+
+def main(argv: Iterable[str] | None = None) -> Any:
+    """`python -m flaxlm.harness ARGS`: lm_eval's command line with the flaxlm model registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    return cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
