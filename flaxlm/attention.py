@@ -9,6 +9,8 @@ never see each other; segment 0 is padding).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -49,7 +51,8 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arra
 def _splash_block_sizes(t: int, s: int):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
-    bq, bkv = min(512, t), min(512, s)
+    # The largest block up to 512 that divides the length (a multiple of 128, as validated).
+    bq, bkv = math.gcd(t, 512), math.gcd(s, 512)
     return sk.BlockSizes(
         block_q=bq, block_kv=bkv, block_kv_compute=bkv,
         block_q_dkv=bq, block_kv_dkv=bkv, block_kv_dkv_compute=bkv,

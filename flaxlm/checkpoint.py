@@ -22,8 +22,9 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
-from flaxlm.config import CheckpointConfig, Config, to_dict
+from flaxlm.config import CheckpointConfig, Config, ConfigError, to_dict
 from flaxlm.data.pipeline import DataIterator
 
 
@@ -131,22 +132,37 @@ class Checkpointer:
     def restore_latest_good(
         self, abstract_state: Any, data: DataIterator | None, log=print
     ) -> tuple[int, Any] | None:
-        """Restores the newest checkpoint that reads back whole, moving unreadable ones aside.
+        """Restores the newest checkpoint that reads back whole; moves broken newer ones aside.
 
-        A checkpoint that fails to restore (truncated or corrupt files) is renamed to
-        `corrupt-<step>` (kept for inspection, never deleted) and the previous one is tried.
+        A checkpoint counts as broken (truncated or corrupt files) only when an older one
+        restores into the same state: it is then renamed to `corrupt-<step>` (kept for
+        inspection, never deleted). When no checkpoint restores, nothing is moved: the config
+        no longer matches them (another optimizer, more processes, ...) and the error says so.
         Returns (step, state), or None when there is no checkpoint at all.
         """
+        failures: list[tuple[int, Exception]] = []
         for step in reversed(self.all_steps()):
             try:
-                return step, self.restore(step, abstract_state, data)
-            except Exception as e:  # any failure to read back means: not a usable checkpoint
-                target = self._quarantine(step)
+                state = self.restore(step, abstract_state, data)
+            except Exception as e:  # judged below, once an older checkpoint has been tried
+                failures.append((step, e))
+                continue
+            for bad, error in failures:
+                target = self._quarantine(bad)
                 log(
-                    f"checkpoint {step} cannot be restored ({type(e).__name__}: "
-                    f"{str(e).splitlines()[0][:300]}); moved it to {target} and trying the "
-                    "previous one"
+                    f"checkpoint {bad} cannot be restored ({type(error).__name__}: "
+                    f"{str(error).splitlines()[0][:300]}); moved it to {target}"
                 )
+            return step, state
+        if failures:
+            step, error = failures[0]
+            raise ConfigError(
+                f"no checkpoint in {self.directory} can be restored into this run's config; "
+                f"the newest (step {step}) failed with {type(error).__name__}: "
+                f"{str(error).splitlines()[0][:500]}. Either the files are damaged, or the "
+                "optimizer, data or process count changed since they were written (restore "
+                "those settings or use a new train.run_dir). Nothing was moved or deleted."
+            ) from error
         return None
 
     def _quarantine(self, step: int) -> Path:
@@ -158,6 +174,8 @@ class Checkpointer:
             target = self.directory / f"corrupt-{step}-{n}"
         if jax.process_index() == 0:
             source.rename(target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"flaxlm quarantine {step}")
         # The manager caches its step list; rebuild it so the step is gone from it.
         self._manager.reload()
         return target

@@ -84,16 +84,17 @@ def _train(args: argparse.Namespace) -> None:
     from flaxlm.loop import run
 
     cfg = config_lib.load(args.config, args.overrides)
-    summary = run(cfg)
-    first, final = summary.first_eval, summary.final_eval
-    lines = [
-        f"trained steps {summary.start_step}..{summary.end_step} in {summary.wall_seconds:.0f} s"
-    ]
-    if first is not None:
-        lines.append(f"bits per byte: {first['bits_per_byte']:.3f} at the start")
-    lines.append(f"bits per byte: {final['bits_per_byte']:.3f} at the end")
-    if summary.sample is not None:
-        lines.append("sample:\n" + summary.sample)
+    s = run(cfg)
+    lines = [f"trained steps {s.start_step}..{s.end_step} in {s.wall_seconds:.0f} s"]
+    if s.tokens_per_second:
+        lines.append(f"throughput: {s.tokens_per_second:,.0f} tokens/s (median step)")
+    if s.skipped_steps or s.loss_spikes:
+        lines.append(f"skipped steps: {s.skipped_steps}; loss spikes: {s.loss_spikes}")
+    if s.first_eval is not None:
+        lines.append(f"bits per byte: {s.first_eval['bits_per_byte']:.3f} at the start")
+    lines.append(f"bits per byte: {s.final_eval['bits_per_byte']:.3f} at the end")
+    if s.sample is not None:
+        lines.append("sample:\n" + s.sample)
     print("\n".join(lines), flush=True)
 
 

@@ -40,6 +40,25 @@ def evaluate(
     }
 
 
+def _local_mesh_config(path: Path, overrides: Sequence[str]) -> tuple[Config, list]:
+    """The run's config on an FSDP mesh over as many local devices as its shapes allow.
+
+    Whatever mesh trained the checkpoint, evaluation shards the parameters over the devices at
+    hand: the largest device count that divides the batch and the model's dimensions.
+    """
+    devices = jax.devices()
+    counts = [n for n in range(len(devices), 0, -1) if len(devices) % n == 0]
+    for n in counts:
+        try:
+            return config_lib.load(
+                path, ["mesh.data=1", f"mesh.fsdp={n}", "mesh.tensor=1", *overrides]
+            ), devices[:n]
+        except ConfigError:
+            if n == 1:
+                raise
+    raise ConfigError("no devices")  # unreachable: n == 1 returns or raises above
+
+
 def load_run(
     run_dir: str | Path, step: int | None = None, overrides: Sequence[str] = ()
 ) -> tuple[Config, Trainer, Any, int]:
@@ -47,8 +66,7 @@ def load_run(
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a flaxlm run directory: it has no config.yaml")
-    # The mesh of the devices at hand, whatever mesh trained the checkpoint.
-    cfg = config_lib.load(path, ["mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1", *overrides])
+    cfg, devices = _local_mesh_config(path, overrides)
     checkpointer = Checkpointer(run_dir, cfg.checkpoint)
     steps = checkpointer.all_steps()
     if not steps:
@@ -57,14 +75,25 @@ def load_run(
         step = max(steps)
     elif step not in steps:
         raise ConfigError(f"{run_dir} has no checkpoint at step {step}; it has steps {steps}")
-    trainer = Trainer(cfg, make_mesh(cfg))
+    trainer = Trainer(cfg, make_mesh(cfg, devices))
     params = checkpointer.restore_params(step, trainer.abstract_state.params)
     checkpointer.close()
     return cfg, trainer, params, step
 
 
+def require_byte_data(run_dir: str | Path) -> None:
+    """The data pipeline is byte-level; a model with its own tokenizer cannot be fed by it."""
+    if (Path(run_dir) / "tokenizer" / "tokenizer.json").is_file():
+        raise ConfigError(
+            f"{run_dir} holds a model with its own tokenizer (tokenizer/tokenizer.json), but the "
+            "data pipeline only produces byte ids so far; training or evaluating it on them "
+            "would be meaningless. `flaxlm generate` and the lm-eval adapter use its tokenizer."
+        )
+
+
 def evaluate_all_steps(run_dir: str | Path, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Evaluates every checkpoint of a run; writes `eval/table.csv` and `eval/eval_loss.png`."""
+    require_byte_data(run_dir)
     cfg, trainer, _, _ = load_run(run_dir, None, overrides)
     batches = pipeline.eval_batches(cfg.data, jax.process_index(), jax.process_count())
     checkpointer = Checkpointer(run_dir, cfg.checkpoint)
@@ -106,6 +135,7 @@ def evaluate_run(
     run_dir: str | Path, step: int | None = None, overrides: Sequence[str] = ()
 ) -> dict[str, Any]:
     """Evaluates a checkpoint of a run on its configured eval split."""
+    require_byte_data(run_dir)
     cfg, trainer, params, step = load_run(run_dir, step, overrides)
     batches = pipeline.eval_batches(cfg.data, jax.process_index(), jax.process_count())
     return {"step": step, **evaluate(trainer, params, batches)}

@@ -19,7 +19,7 @@ from flaxlm.config import Mlp, ModelConfig, Norm, Position
 
 # Dense bf16 peak FLOP/s per device (per chip, or per TensorCore where JAX shows two per chip).
 _PEAK_FLOPS = {
-    "TPU v4": 275e12 / 2,
+    "TPU v4": 275e12,  # megacore: JAX shows one device per v4 chip
     "TPU v5 lite": 197e12,
     "TPU v5e": 197e12,
     "TPU v5p": 459e12,

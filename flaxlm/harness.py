@@ -26,8 +26,7 @@ from lm_eval.api.registry import register_model
 
 from flaxlm.data.tokenizer import ByteTokenizer, load_tokenizer
 from flaxlm.evaluate import load_run
-from flaxlm.generate import SamplingConfig
-from flaxlm.loop import generate_text
+from flaxlm.generate import SamplingConfig, generate
 
 _BUCKET = 64
 
@@ -129,20 +128,15 @@ class FlaxLM(LM):
                 top_k=int(kwargs.get("top_k") or 0),
                 top_p=float(kwargs.get("top_p") or 1.0),
             )
-            max_new = int(kwargs.get("max_gen_toks", 256))
-            (text,) = generate_text(
-                self.trainer,
-                self.params,
-                [context],
-                max_new,
-                sampling,
-                tuple(until),
-                self.tokenizer,
-            )
-            start = len(
-                self.tokenizer.decode(self.tokenizer.encode(context, self.cfg.data.add_bos))
-            )
-            continuation = text[start:]
+            max_new = max(1, min(int(kwargs.get("max_gen_toks", 256)), self.max_length // 2))
+            ids = self.tokenizer.encode(context, add_bos=self.cfg.data.add_bos)
+            ids = ids[-(self.max_length - max_new) :]  # the most recent context that fits
+            with self.trainer.context():
+                (row,) = generate(
+                    self.trainer.model, self.params, [ids], max_new, sampling,
+                    stop_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
+                )  # fmt: skip
+            continuation = self.tokenizer.decode(row[len(ids) :])
             for stop in until:  # lm-eval expects the text before the stop sequence
                 if stop and stop in continuation:
                     continuation = continuation[: continuation.index(stop)]

@@ -28,7 +28,7 @@ from flaxlm.checkpoint import Checkpointer
 from flaxlm.config import Config, ConfigError, NanPolicy
 from flaxlm.data import pipeline
 from flaxlm.data.tokenizer import ByteTokenizer, HFTokenizer
-from flaxlm.evaluate import evaluate
+from flaxlm.evaluate import evaluate, require_byte_data
 from flaxlm.flops import flops_per_token, param_count, total_peak_flops
 from flaxlm.generate import SamplingConfig, generate
 from flaxlm.mesh import make_mesh
@@ -51,7 +51,7 @@ class RunSummary:
     final_eval: dict[str, float]
     wall_seconds: float
     tokens_per_second: float | None
-    mean_step_seconds: float | None
+    median_step_seconds: float | None
     mean_checkpoint_blocking_seconds: float | None
     skipped_steps: int
     loss_spikes: int
@@ -132,6 +132,7 @@ def run(cfg: Config) -> RunSummary:
             f"{run_dir} is a parameters-only export (flaxlm export): it has no optimizer state "
             "to resume; train in the original run directory or a new one"
         )
+    require_byte_data(run_dir)
     _check_same_model(run_dir, cfg)
     mesh = make_mesh(cfg)
     if jax.process_index() == 0:
@@ -274,7 +275,7 @@ def _train(cfg, trainer, data, eval_set, checkpointer, writer, watcher, started)
         final_eval=final_eval,
         wall_seconds=time.perf_counter() - started,
         tokens_per_second=tokens_per_step / float(np.median(step_times)) if step_times else None,
-        mean_step_seconds=float(np.median(step_times)) if step_times else None,
+        median_step_seconds=float(np.median(step_times)) if step_times else None,
         mean_checkpoint_blocking_seconds=float(np.mean(save_blocking)) if save_blocking else None,
         skipped_steps=skipped,
         loss_spikes=spikes.count,

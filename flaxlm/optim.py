@@ -35,7 +35,14 @@ def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Sche
 
 
 def _decay_mask(params):
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """True for weight matrices and embedding tables, by name: not for biases or norm scales,
+    whatever their rank (per-head biases are 2-D, scanned layers add an axis to everything)."""
+
+    def is_matrix(path, _) -> bool:
+        last = path[-1]
+        return str(getattr(last, "key", getattr(last, "name", last))) in ("kernel", "embedding")
+
+    return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:

@@ -139,7 +139,8 @@ def train_step(
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,
-        "learning_rate": schedule(state.step),
+        # Skipped updates do not advance the optimizer's own step count, hence its schedule.
+        "learning_rate": schedule(state.step - state.skipped),
         "tokens": aux["tokens"],
         "finite": finite,
         "skipped_steps": skipped,

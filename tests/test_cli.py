@@ -135,3 +135,13 @@ def test_eval_of_every_checkpoint_writes_a_table_and_a_plot(trained_run, corpus_
     during = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
     assert [r["loss"] for r in lines] == pytest.approx([during[10], during[20]], rel=1e-5)
     assert (run / "eval" / "eval_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_picks_a_mesh_that_fits_the_devices_at_hand(trained_run, corpus_cache):
+    run, _ = trained_run
+    # 6 devices do not divide the batch of 8: eval shards over 2 of them instead of failing.
+    six = flaxlm("eval", "--checkpoint", str(run), f"data.cache_dir={corpus_cache}", devices=6)
+    eight = flaxlm("eval", "--checkpoint", str(run), f"data.cache_dir={corpus_cache}", devices=8)
+    assert json.loads(six.stdout)["loss"] == pytest.approx(
+        json.loads(eight.stdout)["loss"], rel=1e-6
+    )

@@ -152,3 +152,33 @@ def test_eval_set_is_fixed_and_split_between_processes(corpus_cache):
         np.testing.assert_array_equal(whole[i]["tokens"], again[i]["tokens"])
         joined = np.concatenate([halves[0][i]["tokens"], halves[1][i]["tokens"]])
         np.testing.assert_array_equal(joined, whole[i]["tokens"])
+
+
+def test_jsonl_without_a_text_field_fails_early_naming_the_line(tmp_path):
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"content": "misnamed field"}) + "\n")
+    cfg = config.load(None, ["data.corpus=files", f"data.train_files={tmp_path}/*.jsonl"])
+    with pytest.raises(
+        ConfigError, match=r"line 1 has no string field 'text' \(it has \['content'\]\)"
+    ):
+        pipeline.train_dataset(cfg.data, seed=0)
+
+
+def test_hf_tokenizer_adds_bos_only_when_asked(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from flaxlm.data.tokenizer import HFTokenizer, load_tokenizer
+
+    vocab = {"<s>": 0, "</s>": 1, "a": 2, "b": 3}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="a"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    (tmp_path / "tokenizer").mkdir()
+    tok.save(str(tmp_path / "tokenizer" / "tokenizer.json"))
+    (tmp_path / "tokenizer" / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>"})
+    )
+    loaded = load_tokenizer(tmp_path)
+    assert isinstance(loaded, HFTokenizer)
+    assert loaded.encode("a b", add_bos=True) == [0, 2, 3]  # Llama-style: BOS from the template
+    assert loaded.encode("a b", add_bos=False) == [2, 3]
+    assert (loaded.bos_id, loaded.eos_id) == (0, 1)

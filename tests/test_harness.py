@@ -65,6 +65,14 @@ def test_rolling_loglikelihood_covers_every_token_even_past_the_context(adapter)
     assert got_long == pytest.approx(float(expected), rel=1e-5)
 
 
+def test_generate_until_takes_a_context_longer_than_the_model(adapter):
+    long_context = "word " * 40  # 200 bytes over a 64-token context
+    (text,) = adapter.generate_until(
+        [_request("generate_until", (long_context, {"max_gen_toks": 8}))]
+    )
+    assert isinstance(text, str) and len(text.encode()) <= 8
+
+
 def test_generate_until_stops_before_the_stop_sequence(adapter):
     (free,) = adapter.generate_until([_request("generate_until", ("The ", {"max_gen_toks": 16}))])
     assert len(free) > 4

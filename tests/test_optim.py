@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -27,12 +28,19 @@ def test_warmup_then_cosine_to_the_floor():
 def test_weight_decay_skips_biases_and_norm_scales():
     cfg = OptimizerConfig(learning_rate=0.1, warmup_steps=0, weight_decay=0.5, decay="constant")
     tx = make_optimizer(cfg, total_steps=10)
-    params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}
-    zero_grads = {"kernel": jnp.zeros((2, 2)), "bias": jnp.zeros((2,))}
+    # Per-head biases are 2-D and scanned layers stack everything: rank decides nothing.
+    params = {
+        "query": {"kernel": jnp.ones((2, 2, 2)), "bias": jnp.ones((2, 2))},
+        "norm": {"scale": jnp.ones((3, 2))},
+        "embed": {"embedding": jnp.ones((4, 2))},
+    }
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zero_grads, tx.init(params), params)
     # With zero gradients only decay moves a parameter: -lr * wd * p = -0.05 on matrices.
-    np.testing.assert_allclose(updates["kernel"], -0.05 * np.ones((2, 2)), rtol=1e-6)
-    np.testing.assert_allclose(updates["bias"], np.zeros(2))
+    np.testing.assert_allclose(updates["query"]["kernel"], -0.05 * np.ones((2, 2, 2)), rtol=1e-6)
+    np.testing.assert_allclose(updates["embed"]["embedding"], -0.05 * np.ones((4, 2)), rtol=1e-6)
+    np.testing.assert_allclose(updates["query"]["bias"], np.zeros((2, 2)))
+    np.testing.assert_allclose(updates["norm"]["scale"], np.zeros((3, 2)))
 
 
 def test_linear_and_warmup_stable_decay_schedules():

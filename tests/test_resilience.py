@@ -217,3 +217,19 @@ def test_same_config_and_seed_give_identical_losses(tmp_path, corpus_cache):
     other_seed = tmp_path / "c"
     train_tiny(other_seed, corpus_cache, *BASE, "train.steps=8", "train.seed=1", devices=4)
     assert train_losses(other_seed) != train_losses(runs[0])
+
+
+def test_a_config_that_no_longer_fits_the_checkpoints_moves_nothing(tmp_path, corpus_cache):
+    from flaxlm import config, loop
+    from flaxlm.config import ConfigError
+
+    overrides = [
+        f"train.run_dir={tmp_path / 'run'}", f"data.cache_dir={corpus_cache}", *BASE,
+        "train.progress_bar=false", "train.steps=3", "checkpoint.every_steps=3",
+    ]  # fmt: skip
+    loop.run(config.load(CONFIGS / "tiny.yaml", overrides))
+    other_optimizer = config.load(CONFIGS / "tiny.yaml", [*overrides, "optimizer.name=lion"])
+    with pytest.raises(ConfigError, match=r"no checkpoint .* can be restored .* Nothing was moved"):
+        loop.run(other_optimizer)
+    assert (tmp_path / "run" / "checkpoints" / "3").is_dir()
+    assert not list((tmp_path / "run" / "checkpoints").glob("corrupt-*"))

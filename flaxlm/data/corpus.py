@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import glob
 import hashlib
+import json
 import os
 import shutil
 import sysconfig
@@ -109,7 +110,28 @@ def resolve_files(cfg: DataConfig, split: str) -> list[str]:
             f"{key}: {unsupported[0]!r} is neither .txt (one document per file) nor .jsonl "
             "(one JSON object with a 'text' field per line)"
         )
+    for path in (f for f in files if f.endswith(".jsonl")):
+        _check_jsonl(path, key)
     empty = [f for f in files if os.path.getsize(f) == 0]
     if len(empty) == len(files):
         raise ConfigError(f"{key}: every matching file is empty ({len(files)} files)")
     return files
+
+
+def _check_jsonl(path: str, key: str) -> None:
+    """The first record of a JSON-lines file must carry its text in a string "text" field."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise ConfigError(f"{key}: {path} line {number} is not JSON") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                fields = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise ConfigError(
+                    f"{key}: {path} line {number} has no string field 'text' (it has {fields}); "
+                    'each line must be an object like {"text": "..."}'
+                )
+            return

@@ -3,8 +3,9 @@
 Each process reads a disjoint share of the files (file-level sharding), shuffles them with the
 seed, tokenizes inside the tf.data graph, and packs documents end to end into rows of `seq_len`
 tokens. Every row carries `segment_ids` (1, 2, ... per document within the row) and `positions`
-(restarting at 0 where a document starts), so that the model never attends across documents. A
-document longer than a row continues in the next row. Rows are shuffled in a buffer and batched
+(restarting at 0 where a document starts, and at the start of each row), so that the model
+never attends across documents. A document longer than a row continues in the next row, its
+positions counting again from 0 there. Rows are shuffled in a buffer and batched
 to this process's share of the global batch.
 
 The iterator's position is saved with each checkpoint (`DataIterator.save` / `restore`, through

@@ -41,8 +41,9 @@ class ByteTokenizer:
 class HFTokenizer:
     """A Hugging Face `tokenizer.json` (GPT-2 BPE, Llama 3 tiktoken-style BPE, ...).
 
-    Encoding applies the tokenizer's own post-processor, so BOS is added exactly when the
-    model family expects it (Llama: yes, GPT-2: no).
+    `encode(text, add_bos=True)` applies the tokenizer's own post-processor, so BOS is added
+    exactly when the model family expects it (Llama: yes, GPT-2: no); add_bos=False gives the
+    bare tokens of the text.
     """
 
     def __init__(self, directory: str | Path):
@@ -74,7 +75,8 @@ class HFTokenizer:
         return None
 
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        ids = self._tok.encode(text).ids
+        # add_bos applies the tokenizer's own special tokens (Llama's BOS; nothing for GPT-2).
+        ids = self._tok.encode(text, add_special_tokens=add_bos).ids
         if add_eos and self.eos_id is not None:
             ids.append(self.eos_id)
         return ids
