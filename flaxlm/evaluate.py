@@ -59,23 +59,33 @@ def _local_mesh_config(path: Path, overrides: Sequence[str]) -> tuple[Config, li
     raise ConfigError("no devices")  # unreachable: n == 1 returns or raises above
 
 
-def load_run(
-    run_dir: str | Path, step: int | None = None, overrides: Sequence[str] = ()
-) -> tuple[Config, Trainer, Any, int]:
-    """The config saved in a run directory, a trainer on the local devices, and its params."""
+def open_run(
+    run_dir: str | Path, overrides: Sequence[str] = ()
+) -> tuple[Config, Trainer, Checkpointer]:
+    """The config saved in a run directory, a trainer on the local devices, and its (open)
+    checkpointer, which has at least one checkpoint; the caller closes it."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a flaxlm run directory: it has no config.yaml")
     cfg, devices = _local_mesh_config(path, overrides)
     checkpointer = Checkpointer(run_dir, cfg.checkpoint)
-    steps = checkpointer.all_steps()
-    if not steps:
+    if not checkpointer.all_steps():
+        checkpointer.close()
         raise ConfigError(f"{run_dir} has no checkpoints under {checkpointer.directory}")
+    return cfg, Trainer(cfg, make_mesh(cfg, devices)), checkpointer
+
+
+def load_run(
+    run_dir: str | Path, step: int | None = None, overrides: Sequence[str] = ()
+) -> tuple[Config, Trainer, Any, int]:
+    """The config saved in a run directory, a trainer on the local devices, and its params."""
+    cfg, trainer, checkpointer = open_run(run_dir, overrides)
+    steps = checkpointer.all_steps()
     if step is None:
         step = max(steps)
     elif step not in steps:
+        checkpointer.close()
         raise ConfigError(f"{run_dir} has no checkpoint at step {step}; it has steps {steps}")
-    trainer = Trainer(cfg, make_mesh(cfg, devices))
     params = checkpointer.restore_params(step, trainer.abstract_state.params)
     checkpointer.close()
     return cfg, trainer, params, step
@@ -94,9 +104,8 @@ def require_byte_data(run_dir: str | Path) -> None:
 def evaluate_all_steps(run_dir: str | Path, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Evaluates every checkpoint of a run; writes `eval/table.csv` and `eval/eval_loss.png`."""
     require_byte_data(run_dir)
-    cfg, trainer, _, _ = load_run(run_dir, None, overrides)
+    cfg, trainer, checkpointer = open_run(run_dir, overrides)
     batches = pipeline.eval_batches(cfg.data, jax.process_index(), jax.process_count())
-    checkpointer = Checkpointer(run_dir, cfg.checkpoint)
     results = []
     for step in checkpointer.all_steps():
         params = checkpointer.restore_params(step, trainer.abstract_state.params)

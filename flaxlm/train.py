@@ -54,6 +54,16 @@ def token_losses(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]
     return losses, weights.astype(jnp.float32)
 
 
+def forward_losses(
+    params, model: Transformer, batch: Batch
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The model's logits on a batch, with its per-token losses and their weights."""
+    logits = model.apply(
+        {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"]
+    )
+    return logits, *token_losses(logits, batch)
+
+
 def loss_sums(
     params, model: Transformer, batch: Batch, z_loss: float
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -62,10 +72,7 @@ def loss_sums(
     Sums make micro-batches add up exactly to the whole batch; the caller divides by the total
     token count once.
     """
-    logits = model.apply(
-        {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"]
-    )
-    losses, weights = token_losses(logits, batch)
+    logits, losses, weights = forward_losses(params, model, batch)
     nats = (losses * weights).sum()
     aux = {"nats": nats, "tokens": weights.sum()}
     objective = nats
@@ -153,10 +160,7 @@ def train_step(
 
 def eval_step(params, batch: Batch, *, model: Transformer) -> dict[str, jax.Array]:
     """Sums over the batch: nats of every predicted token, their count, and the bytes among them."""
-    logits = model.apply(
-        {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"]
-    )
-    losses, weights = token_losses(logits, batch)
+    _, losses, weights = forward_losses(params, model, batch)
     is_byte = (batch["tokens"][:, 1:] < BYTE_IDS).astype(jnp.float32) * weights
     return {
         "nats": (losses * weights).sum(),
