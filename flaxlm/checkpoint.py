@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from flaxlm.config import CheckpointConfig, Config, ConfigError, to_dict
+from flaxlm.config import CheckpointConfig, Config, ConfigError, portable, to_dict
 from flaxlm.data.pipeline import DataIterator
 
 
@@ -105,7 +105,7 @@ class Checkpointer:
         """Starts saving (asynchronously); returns once the arrays are safe to overwrite."""
         items = {
             "state": ocp.args.PyTreeSave(state),
-            "config": ocp.args.JsonSave(to_dict(cfg)),
+            "config": ocp.args.JsonSave(to_dict(portable(cfg))),
         }
         if data is not None:
             items["data"] = DataIteratorSave(data)

@@ -81,9 +81,11 @@ def _convert(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from flaxlm import config as config_lib
+    from flaxlm import distributed
     from flaxlm.loop import run
 
     cfg = config_lib.load(args.config, args.overrides)
+    distributed.initialize(cfg.distributed)
     s = run(cfg)
     lines = [f"trained steps {s.start_step}..{s.end_step} in {s.wall_seconds:.0f} s"]
     if s.tokens_per_second:

@@ -83,6 +83,12 @@ class NanPolicy(enum.StrEnum):
     skip = "skip"  # drop that update (params and optimizer state unchanged) and count it
 
 
+class DistributedInit(enum.StrEnum):
+    auto = "auto"  # join when the environment or coordinator_address describes a multi-process job
+    always = "always"  # always call jax.distributed.initialize (it reads the environment)
+    never = "never"
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 320
@@ -153,14 +159,50 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    # Devices along each mesh axis; exactly one may be -1 (fill with the remaining devices).
+    # Devices along each mesh axis within a slice (ICI: the fast interconnect of one TPU slice,
+    # or the NVLink domain of one GPU host); at most one may be -1 (fill with the remaining
+    # devices of the slice).
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    # Slices along each mesh axis (DCN: the data-center network between TPU slices, or between
+    # hosts when each process is its own slice). The product is the number of slices; a mesh
+    # axis spans ici x dcn devices, with the DCN part outermost. Put only `data` (or `fsdp`)
+    # across DCN: it carries one gradient all-reduce per step, not per-layer traffic.
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
     rules: dict[str, list[str]] = dataclasses.field(default_factory=_default_rules)
 
     def shape(self) -> dict[str, int]:
+        """The ICI (per-slice) sizes; -1 marks the axis that fills the slice."""
         return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+
+    def dcn_shape(self) -> dict[str, int]:
+        return {"data": self.dcn_data, "fsdp": self.dcn_fsdp, "tensor": self.dcn_tensor}
+
+    def total_shape(self) -> dict[str, int]:
+        """Devices along each axis over all slices (-1 stays -1 until devices are known)."""
+        dcn = self.dcn_shape()
+        return {a: s if s == -1 else s * dcn[a] for a, s in self.shape().items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """How the processes of a multi-host run find each other (`jax.distributed`).
+
+    `auto` joins when the environment describes a multi-process job (a TPU pod slice, SLURM
+    with several tasks, Open MPI, or `JAX_COORDINATOR_ADDRESS`) or when coordinator_address is
+    set; jax then reads the missing values from that environment. Local multi-process runs set
+    all three values explicitly (see launch/local.sh).
+    """
+
+    initialize: DistributedInit = DistributedInit.auto
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    # Seconds to wait for every process to join.
+    timeout_seconds: int = 300
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,6 +286,7 @@ class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
@@ -311,6 +354,12 @@ def from_dict(tree: dict[str, Any], overrides: Sequence[str] = ()) -> Config:
 def to_dict(cfg: Config) -> dict[str, Any]:
     """The config as plain YAML/JSON-able values (enums as their names)."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)  # type: ignore[return-value]
+
+
+def portable(cfg: Config) -> Config:
+    """cfg without this launch's process layout (`distributed`), as saved in run directories
+    and checkpoints: a saved config must not make a later command wait for a coordinator."""
+    return dataclasses.replace(cfg, distributed=DistributedConfig())
 
 
 def to_yaml(cfg: Config) -> str:
@@ -454,6 +503,8 @@ def _validate_mesh(cfg: Config) -> None:
     sizes = mesh.shape()
     for axis, size in sizes.items():
         _require(size == -1 or size > 0, f"mesh.{axis}={size} must be positive or -1 (fill)")
+    for axis, size in mesh.dcn_shape().items():
+        _require(size > 0, f"mesh.dcn_{axis}={size} must be positive (slices along {axis})")
     _require(
         sum(size == -1 for size in sizes.values()) <= 1,
         "only one of mesh.data, mesh.fsdp, mesh.tensor may be -1 (fill with remaining devices)",
@@ -465,7 +516,23 @@ def _validate_mesh(cfg: Config) -> None:
                 f"mesh.rules.{logical} names mesh axis {axis!r}; the mesh axes are {MESH_AXES}",
             )
     # Divisibility of explicit sizes; -1 axes are checked once the device count is known.
-    check_divisibility(cfg, sizes)
+    check_divisibility(cfg, mesh.total_shape())
+    d = cfg.distributed
+    explicit = (d.coordinator_address, d.num_processes, d.process_id)
+    _require(
+        d.num_processes is None or d.num_processes > 0,
+        f"distributed.num_processes={d.num_processes} must be positive",
+    )
+    _require(
+        d.process_id is None
+        or (d.num_processes is not None and 0 <= d.process_id < d.num_processes),
+        f"distributed.process_id={d.process_id} must be in [0, distributed.num_processes)",
+    )
+    _require(
+        d.coordinator_address is None or all(v is not None for v in explicit),
+        "distributed.coordinator_address is set: also set distributed.num_processes and "
+        "distributed.process_id (or leave all three unset to read them from the environment)",
+    )
 
 
 def check_divisibility(cfg: Config, sizes: dict[str, int]) -> None:

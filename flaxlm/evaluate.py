@@ -40,6 +40,16 @@ def evaluate(
     }
 
 
+# Evaluation runs in one process: one slice, FSDP only.
+_SINGLE_SLICE = (
+    "mesh.data=1",
+    "mesh.tensor=1",
+    "mesh.dcn_data=1",
+    "mesh.dcn_fsdp=1",
+    "mesh.dcn_tensor=1",
+)
+
+
 def _local_mesh_config(path: Path, overrides: Sequence[str]) -> tuple[Config, list]:
     """The run's config on an FSDP mesh over as many local devices as its shapes allow.
 
@@ -50,9 +60,9 @@ def _local_mesh_config(path: Path, overrides: Sequence[str]) -> tuple[Config, li
     counts = [n for n in range(len(devices), 0, -1) if len(devices) % n == 0]
     for n in counts:
         try:
-            return config_lib.load(
-                path, ["mesh.data=1", f"mesh.fsdp={n}", "mesh.tensor=1", *overrides]
-            ), devices[:n]
+            return config_lib.load(path, [*_SINGLE_SLICE, f"mesh.fsdp={n}", *overrides]), devices[
+                :n
+            ]
         except ConfigError:
             if n == 1:
                 raise

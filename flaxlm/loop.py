@@ -137,7 +137,7 @@ def run(cfg: Config) -> RunSummary:
     mesh = make_mesh(cfg)
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
+        (run_dir / "config.yaml").write_text(config_lib.to_yaml(config_lib.portable(cfg)))
 
     trainer = Trainer(cfg, mesh)
     data = pipeline.DataIterator(

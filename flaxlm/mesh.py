@@ -1,9 +1,10 @@
 """Device meshes and logical-axis sharding.
 
-The mesh has three axes, `data`, `fsdp` and `tensor`, sized by `MeshConfig` (one may be -1 to
-take the remaining devices). `MeshConfig.rules` maps logical axis names (as carried by parameters
-and activations) to mesh axes; this module turns those names into `NamedSharding`s. Going from
-data parallel to FSDP to tensor parallel is therefore a config change only.
+The mesh has three axes, `data`, `fsdp` and `tensor`, each sized by `MeshConfig` for ICI
+(within a slice; one axis may be -1 to take the slice's remaining devices) times DCN (across
+slices, outermost). `MeshConfig.rules` maps logical axis names (as carried by parameters and
+activations) to mesh axes; this module turns those names into `NamedSharding`s. Going from data
+parallel to FSDP to tensor parallel, or to several slices, is therefore a config change only.
 """
 
 from __future__ import annotations
@@ -20,42 +21,82 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from flaxlm.config import MESH_AXES, Config, ConfigError, MeshConfig, check_divisibility
 
 
-def resolve_shape(mesh_cfg: MeshConfig, num_devices: int) -> dict[str, int]:
-    """Mesh axis sizes with the -1 axis filled; errors name the axes and the device count."""
+def resolve_shape(mesh_cfg: MeshConfig, num_devices: int, num_slices: int = 1) -> dict[str, int]:
+    """Devices along each mesh axis (ICI x DCN), with the -1 axis filled.
+
+    `num_devices` counts every device of the job; the DCN sizes must multiply to `num_slices`,
+    and the ICI sizes to the devices of one slice. Errors name the axes and the counts.
+    """
+    dcn = mesh_cfg.dcn_shape()
+    if math.prod(dcn.values()) != num_slices:
+        raise ConfigError(
+            f"mesh {_describe(dcn, 'dcn_')} multiplies to {math.prod(dcn.values())} but the job "
+            f"has {num_slices} slice(s) (TPU slices, or processes where devices carry no slice "
+            "index); make the mesh.dcn_* product equal the number of slices"
+        )
+    per_slice = num_devices // num_slices
     sizes = mesh_cfg.shape()
     fixed = math.prod(s for s in sizes.values() if s != -1)
     fill = [a for a, s in sizes.items() if s == -1]
+    where = "per slice" if num_slices > 1 else "available"
     if fill:
-        if num_devices % fixed:
+        if per_slice % fixed:
             raise ConfigError(
-                f"mesh {_describe(sizes)} cannot use {num_devices} devices: the fixed axes "
-                f"multiply to {fixed}, which does not divide {num_devices}"
+                f"mesh {_describe(sizes)} cannot use {per_slice} devices {where}: the fixed axes "
+                f"multiply to {fixed}, which does not divide {per_slice}"
             )
-        sizes[fill[0]] = num_devices // fixed
-    if math.prod(sizes.values()) != num_devices:
+        sizes[fill[0]] = per_slice // fixed
+    if math.prod(sizes.values()) != per_slice:
         raise ConfigError(
-            f"mesh {_describe(sizes)} has {math.prod(sizes.values())} devices but "
-            f"{num_devices} are available; make the product equal {num_devices} or set one "
-            "axis to -1"
+            f"mesh {_describe(sizes)} has {math.prod(sizes.values())} devices but {per_slice} are "
+            f"{where}; make the product equal {per_slice} or set one axis to -1"
         )
-    return sizes
+    return {a: sizes[a] * dcn[a] for a in MESH_AXES}
 
 
-def _describe(sizes: dict[str, int]) -> str:
-    return " x ".join(f"{a}={s}" for a, s in sizes.items())
+def _describe(sizes: dict[str, int], prefix: str = "") -> str:
+    return " x ".join(f"{prefix}{a}={s}" for a, s in sizes.items())
+
+
+def _slices(devices: Sequence[jax.Device]) -> tuple[int, bool]:
+    """(number of slices, whether they are processes): TPU slices where devices carry a
+    slice index, otherwise each process is a slice (GPU hosts, CPU processes)."""
+    slice_ids = {getattr(d, "slice_index", None) for d in devices}
+    if None not in slice_ids:
+        return len(slice_ids), False
+    return len({d.process_index for d in devices}), True
 
 
 def make_mesh(cfg: Config, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Builds the device mesh for cfg and checks that it divides every sharded dimension."""
+    """Builds the device mesh for cfg and checks that it divides every sharded dimension.
+
+    With DCN axes > 1 the mesh is hybrid: `mesh_utils.create_hybrid_device_mesh` keeps the ICI
+    part of each axis inside a slice, so only the DCN part of an axis crosses slices.
+    """
     devices = list(devices) if devices is not None else jax.devices()
-    sizes = resolve_shape(cfg.mesh, len(devices))
+    dcn = cfg.mesh.dcn_shape()
+    num_slices = math.prod(dcn.values())
+    found_slices, process_is_granule = _slices(devices) if num_slices > 1 else (1, False)
+    sizes = resolve_shape(cfg.mesh, len(devices), found_slices)
     check_divisibility(cfg, sizes)
-    shape = tuple(sizes[a] for a in MESH_AXES)
-    try:
-        # Lays the axes out along the physical interconnect on TPUs; a plain reshape elsewhere.
-        device_array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-    except (ValueError, NotImplementedError, AssertionError):
-        device_array = np.asarray(devices).reshape(shape)
+    ici_shape = tuple(sizes[a] // dcn[a] for a in MESH_AXES)
+    dcn_shape = tuple(dcn[a] for a in MESH_AXES)
+    if num_slices > 1:
+        device_array = mesh_utils.create_hybrid_device_mesh(
+            ici_shape,
+            dcn_shape,
+            devices,
+            process_is_granule=process_is_granule,
+            allow_split_physical_axes=True,
+        )
+    else:
+        try:
+            # Lays the axes out along the physical interconnect on TPUs; a reshape elsewhere.
+            device_array = mesh_utils.create_device_mesh(
+                ici_shape, devices, allow_split_physical_axes=True
+            )
+        except (ValueError, NotImplementedError, AssertionError):
+            device_array = np.asarray(devices).reshape(ici_shape)
     # Auto axes: sharding follows the constraints we place (GSPMD); jax's default here is Explicit.
     return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
