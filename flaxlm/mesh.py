@@ -59,11 +59,10 @@ def _describe(sizes: dict[str, int], prefix: str = "") -> str:
 
 
 def _slices(devices: Sequence[jax.Device]) -> tuple[int, bool]:
-    """(number of slices, whether they are processes): TPU slices where devices carry a
-    slice index, otherwise each process is a slice (GPU hosts, CPU processes)."""
-    slice_ids = {getattr(d, "slice_index", None) for d in devices}
-    if None not in slice_ids:
-        return len(slice_ids), False
+    """(number of slices, whether they are processes): TPU slices by their slice index,
+    otherwise each process is a slice (GPU hosts, CPU processes)."""
+    if devices[0].platform == "tpu":
+        return len({getattr(d, "slice_index", 0) for d in devices}), False
     return len({d.process_index for d in devices}), True
 
 

@@ -46,3 +46,52 @@ def train_tiny(run_dir: Path, corpus_cache: str, *overrides: str, devices: int =
 def train_losses(run_dir: Path) -> dict[int, float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flaxlm_processes(
+    num_processes: int, devices_per_process: int, *args: str, timeout: int = 600
+) -> list[subprocess.CompletedProcess]:
+    """Runs `flaxlm ARGS` as one multi-process job on this machine (gloo between processes)."""
+    port = free_port()
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_process}"
+    env["JAX_PLATFORMS"] = "cpu"
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "flaxlm.cli",
+                *args,
+                f"distributed.coordinator_address=127.0.0.1:{port}",
+                f"distributed.num_processes={num_processes}",
+                f"distributed.process_id={i}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=REPO,
+        )
+        for i in range(num_processes)
+    ]
+    results = []
+    try:
+        for i, p in enumerate(procs):
+            out, err = p.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+            if p.returncode != 0:
+                raise AssertionError(f"process {i} of flaxlm {args[0]} failed:\n{err[-4000:]}")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return results
