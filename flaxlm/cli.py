@@ -4,6 +4,7 @@
     flaxlm eval     --checkpoint RUN_DIR [--step N | --all-steps] [key.sub=value ...]
     flaxlm generate --checkpoint RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T]
                     [--seed S]
+    flaxlm compile  --config configs/X.yaml --topology v5p:4x4x4 [--slices N] [key.sub=value ...]
     flaxlm export   --checkpoint RUN_DIR [--step N] DST
     flaxlm convert  {from-hf|to-hf} SRC DST
 
@@ -47,6 +48,14 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
     gen.add_argument("--stop", action="append", default=[], help="stop after this string")
     gen.add_argument("--seed", type=int, default=0)
+    comp = sub.add_parser(
+        "compile", help="compile the train step for a TPU topology ahead of time: memory, FLOPs"
+    )
+    comp.add_argument("--config", required=True, help="YAML config file")
+    comp.add_argument("--topology", required=True, help="TPU slice, e.g. v5p:4x4x4 or v5e:16x16")
+    comp.add_argument("--slices", type=int, default=1, help="slices joined over DCN (multislice)")
+    comp.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+
     exp = sub.add_parser("export", help="write a checkpoint's parameters alone, for evaluation")
     exp.add_argument("--checkpoint", required=True, help="run directory")
     exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
@@ -100,6 +109,15 @@ def _train(args: argparse.Namespace) -> None:
     print("\n".join(lines), flush=True)
 
 
+def _compile(args: argparse.Namespace) -> None:
+    from flaxlm import aot
+    from flaxlm import config as config_lib
+
+    cfg = config_lib.load(args.config, args.overrides)
+    print(f"compiling for {args.slices} x {args.topology} ...", file=sys.stderr, flush=True)
+    print(json.dumps(aot.compile_report(cfg, args.topology, args.slices)), flush=True)
+
+
 def _eval(args: argparse.Namespace) -> None:
     from flaxlm.evaluate import evaluate_all_steps, evaluate_run
 
@@ -141,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             "eval": _eval,
             "generate": _generate,
             "export": _export,
+            "compile": _compile,
             "convert": _convert,
         }
         commands[args.command](args)

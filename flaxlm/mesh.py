@@ -62,7 +62,7 @@ def _slices(devices: Sequence[jax.Device]) -> tuple[int, bool]:
     """(number of slices, whether they are processes): TPU slices by their slice index,
     otherwise each process is a slice (GPU hosts, CPU processes)."""
     if devices[0].platform == "tpu":
-        return len({getattr(d, "slice_index", 0) for d in devices}), False
+        return len({getattr(d, "slice_index", None) or 0 for d in devices}), False
     return len({d.process_index for d in devices}), True
 
 

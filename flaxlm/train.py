@@ -289,6 +289,19 @@ class Trainer:
         with self.context():
             return self._eval_step(params, batch)
 
+    def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """Shapes, dtypes and shardings of one global batch (for ahead-of-time lowering)."""
+        shape = (self.cfg.data.global_batch_size, self.cfg.data.seq_len)
+        return {
+            k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding)
+            for k in ("tokens", "segment_ids", "positions")
+        }
+
+    def lower_train_step(self) -> jax.stages.Lowered:
+        """The train step lowered for the abstract state and batch, without any device work."""
+        with self.context():
+            return self._train_step.lower(self.abstract_state, self.abstract_batch())
+
     def global_batch(self, local_batch: dict[str, np.ndarray]) -> Batch:
         """Assembles this process's slice of the batch into global arrays on the mesh."""
         return {

@@ -1,0 +1,116 @@
+"""Ahead-of-time compilation of the train step for TPU topologies that are not here.
+
+With libtpu installed (extra `tpu`), `jax.experimental.topologies` describes the devices of a
+TPU slice by name (`v5p:4x4x4`, `v5e:16x16`, ...), on any machine. The train step lowers and
+compiles against them exactly as it would on the pod, so XLA's memory analysis says whether a
+config and mesh fit in HBM, and its cost analysis gives the FLOPs per step, before a single
+chip is reserved.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from typing import Any
+
+from flaxlm import memory
+from flaxlm.config import Config, ConfigError
+from flaxlm.flops import analytic_param_count, flops_per_token
+from flaxlm.mesh import make_mesh
+from flaxlm.train import Trainer
+
+# Per chip: HBM (GiB) and dense bf16 peak (FLOP/s), from the published TPU system specs.
+TPU_CHIPS = {
+    "v4": (32, 275e12),
+    "v5e": (16, 197e12),
+    "v5p": (95, 459e12),
+    "v6e": (32, 918e12),
+}
+_TOPOLOGY = re.compile(r"^(v4|v5e|v5p|v6e):(\d+)x(\d+)(?:x(\d+))?$")
+
+
+def parse_topology(name: str) -> tuple[str, int]:
+    """(generation, chips) of a topology name such as v5p:4x4x4; a clear error otherwise."""
+    match = _TOPOLOGY.match(name)
+    if not match:
+        raise ConfigError(
+            f"--topology {name!r} is not a TPU topology name; use GENERATION:AxB[xC] with "
+            f"GENERATION one of {sorted(TPU_CHIPS)}, for example v5p:4x4x4, v5e:16x16, v6e:8x8"
+        )
+    dims = [int(x) for x in match.groups()[1:] if x is not None]
+    return match.group(1), math.prod(dims)
+
+
+def topology_devices(name: str, num_slices: int = 1) -> list[Any]:
+    """The devices of num_slices TPU slices of topology `name`, described by libtpu."""
+    parse_topology(name)
+    if num_slices < 1:
+        raise ConfigError(f"--slices {num_slices} must be at least 1")
+    # libtpu would otherwise look for the metadata server and workers of a TPU VM that this
+    # machine is not (and say so at length); the topology name alone describes the devices.
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
+    # No TPU is opened, so several compiling processes may load libtpu at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "compiling for TPU topologies needs libtpu: pip install -e '.[tpu]' (it works on "
+            "machines without TPUs; set JAX_PLATFORMS=cpu there)"
+        ) from None
+    from jax.experimental import topologies
+
+    kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
+    try:
+        topo = topologies.get_topology_desc(topology_name=name, platform="tpu", **kwargs)
+    except Exception as e:  # libtpu raises its own error types
+        raise ConfigError(f"libtpu cannot describe topology {name!r}: {e}") from e
+    return list(topo.devices)
+
+
+def compile_report(cfg: Config, topology: str, num_slices: int = 1) -> dict[str, Any]:
+    """Compiles cfg's train step for the topology; returns memory, fit and FLOPs per device."""
+    generation, chips_per_slice = parse_topology(topology)
+    devices = topology_devices(topology, num_slices)
+    chips = chips_per_slice * num_slices
+    hbm_chip_gib, peak_chip = TPU_CHIPS[generation]
+    # v4 shows two devices (TensorCores) per chip here: memory and peak are shared by them.
+    per_device = chips / len(devices)
+    mesh = make_mesh(cfg, devices)
+    trainer = Trainer(cfg, mesh)
+    started = time.perf_counter()
+    compiled = trainer.lower_train_step().compile()
+    compile_seconds = time.perf_counter() - started
+
+    compiled_mem = memory.compiled_memory(compiled)
+    estimate = memory.estimate(cfg, trainer.abstract_state, dict(mesh.shape))
+    hbm = hbm_chip_gib * per_device
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    n_params = analytic_param_count(cfg.model)
+    tokens = cfg.data.global_batch_size * cfg.data.seq_len
+    analytic_flops = flops_per_token(cfg.model, n_params, cfg.data.seq_len) * tokens
+    peak = peak_chip * chips
+    return {
+        "topology": topology,
+        "slices": num_slices,
+        "chips": chips,
+        "devices": len(devices),
+        "mesh": dict(mesh.shape),
+        "remat": str(cfg.model.remat),
+        "params": n_params,
+        "tokens_per_step": tokens,
+        "memory_per_device": compiled_mem,
+        "estimate_per_device": estimate.to_json(),
+        "hbm_per_device_gib": hbm,
+        "fits": compiled_mem["total_gib"] <= hbm,
+        "xla_flops_per_device": float(cost.get("flops", 0.0)),
+        "analytic_flops_per_step": analytic_flops,
+        # The step time if every chip ran at its bf16 peak: a floor, for planning.
+        "step_seconds_at_peak": analytic_flops / peak,
+        "compile_seconds": compile_seconds,
+    }

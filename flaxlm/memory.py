@@ -1,0 +1,115 @@
+"""Per-device memory of a training step: an analytic model and what XLA compiled.
+
+The analytic model counts, per device,
+- the train state (parameters and optimizer state), exactly, from each array's shard shape;
+- the gradients, one more copy of the parameters' shards (float32, as the optimizer sees them);
+- the activations the backward pass keeps, from the remat policy: per layer and per local
+  token, a number of d_model-wide (and d_ff-wide, and attention-score) tensors, plus the logits.
+Activation counts are estimates (XLA fuses, aliases and schedules buffers its own way); the
+state is exact. `compiled_memory` reads `compiled.memory_analysis()` for the same step so the
+two can be printed side by side (benchmarks/memory_model.py, `flaxlm compile`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+from flaxlm.config import AttentionKernel, Config, Mlp, Remat
+
+GiB = 1024**3
+
+
+def _shard_bytes(abstract: Any) -> int:
+    """Bytes of one device's shards of a tree of sharded ShapeDtypeStructs."""
+    total = 0
+    for leaf in jax.tree.leaves(abstract):
+        shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+        total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    """Analytic bytes per device of one training step."""
+
+    params: int
+    optimizer: int
+    gradients: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.optimizer + self.gradients + self.activations
+
+    def to_json(self) -> dict[str, float]:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {f"{k}_gib": v / GiB for k, v in {**fields, "total": self.total}.items()}
+
+
+def _activation_widths(cfg: Config) -> tuple[float, float]:
+    """(values kept per token per layer, attention-score values kept per token per layer)."""
+    m = cfg.model
+    d, ff, hd = m.d_model, m.d_ff, m.dim_per_head
+    qkv = (m.n_heads + 2 * m.kv_heads) * hd
+    mlp_in = 2 if m.mlp == Mlp.swiglu else 1
+    # A kernel that materialises the score matrix keeps scores and probabilities (B, H, T, T);
+    # the fused ones keep only the output and the log-sum-exp.
+    scores = 2 * m.n_heads if m.attention == AttentionKernel.reference else 0
+    if m.remat == Remat.full:
+        return d, 0  # the block input; everything else is recomputed
+    if m.remat == Remat.save_projections:
+        return d + qkv + m.n_heads * hd + mlp_in * ff, 0
+    if m.remat == Remat.save_dots:
+        return d + qkv + m.n_heads * hd + d + mlp_in * ff + d, 0
+    # No remat: norms, projections, attention output, MLP pre/post activation, residuals.
+    return 4 * d + qkv + m.n_heads * hd + 2 * mlp_in * ff + ff, scores
+
+
+def estimate(cfg: Config, abstract_state: Any, mesh_shape: dict[str, int]) -> MemoryEstimate:
+    """The analytic per-device memory of cfg's train step on a mesh of mesh_shape."""
+    params = _shard_bytes(abstract_state.params)
+    optimizer = _shard_bytes(abstract_state.opt_state)
+    # Gradients take the parameters' shards in float32 (the dtype the optimizer updates in).
+    grad_scale = 4 / np.dtype(cfg.model.param_dtype).itemsize
+    gradients = int(params * grad_scale)
+
+    batch_shards = math.prod(
+        mesh_shape.get(a, 1) for a in cfg.mesh.rules.get("batch", []) if a in mesh_shape
+    )
+    micro_batch = cfg.data.global_batch_size // cfg.optimizer.grad_accum_steps
+    local_tokens = micro_batch * cfg.data.seq_len / batch_shards
+    act_bytes = np.dtype(cfg.model.dtype).itemsize
+    width, scores = _activation_widths(cfg)
+    per_layer = local_tokens * (width + scores * cfg.data.seq_len) * act_bytes
+    # Logits and their gradient in float32, over the vocabulary shards.
+    vocab_shards = math.prod(mesh_shape.get(a, 1) for a in cfg.mesh.rules.get("vocab", []))
+    logits = 2 * local_tokens * cfg.model.vocab_size / vocab_shards * 4
+    activations = int(cfg.model.n_layers * per_layer + logits)
+    return MemoryEstimate(params, optimizer, gradients, activations)
+
+
+def compiled_memory(compiled: Any) -> dict[str, float]:
+    """Per-device GiB from XLA's memory analysis of a compiled step.
+
+    `total` is what must be live at the peak: arguments plus outputs not aliased to (donated)
+    arguments, plus temporaries, plus the generated code.
+    """
+    ma = compiled.memory_analysis()
+    args = ma.argument_size_in_bytes
+    out = ma.output_size_in_bytes
+    alias = ma.alias_size_in_bytes
+    temp = ma.temp_size_in_bytes
+    code = getattr(ma, "generated_code_size_in_bytes", 0)
+    total = args + out - alias + temp + code
+    return {
+        "arguments_gib": args / GiB,
+        "outputs_gib": out / GiB,
+        "aliased_gib": alias / GiB,
+        "temporaries_gib": temp / GiB,
+        "total_gib": total / GiB,
+    }

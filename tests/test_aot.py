@@ -1,0 +1,63 @@
+"""`flaxlm compile`: the train step compiled for TPU topologies that are not here (libtpu)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import flaxlm
+
+from flaxlm import aot
+from flaxlm.config import ConfigError
+
+
+# TPU layouts pad small dimensions to tiles of 128: keep the model's dimensions multiples of it.
+TILED = ("data.global_batch_size=16", "model.d_model=256", "model.d_ff=1024", "model.n_heads=2")
+
+
+def test_compile_report_for_a_small_topology(tiny_cfg):
+    cfg = tiny_cfg(*TILED)
+    fsdp = aot.compile_report(cfg, "v5e:2x2")
+    assert fsdp["devices"] == 4 and fsdp["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert fsdp["hbm_per_device_gib"] == 16 and fsdp["fits"]
+    mem = fsdp["memory_per_device"]
+    assert mem["total_gib"] >= mem["arguments_gib"] > 0
+    # The train state is donated: its outputs reuse the argument buffers.
+    assert mem["aliased_gib"] > 0
+    # The device-local train state (exact in the estimate) must be among the arguments.
+    est = fsdp["estimate_per_device"]
+    assert mem["arguments_gib"] >= est["params_gib"] + est["optimizer_gib"]
+    # XLA's count of the step's FLOPs over all devices agrees with 6N + 12LTd.
+    xla_total = fsdp["xla_flops_per_device"] * fsdp["devices"]
+    assert xla_total == pytest.approx(fsdp["analytic_flops_per_step"], rel=0.1)
+
+    # Replicating the state (pure data parallel) must cost about 4x the state memory per device.
+    dp = aot.compile_report(tiny_cfg(*TILED, "mesh.data=4"), "v5e:2x2")
+    dp_state = dp["estimate_per_device"]["params_gib"] + dp["estimate_per_device"]["optimizer_gib"]
+    assert dp_state == pytest.approx(4 * (est["params_gib"] + est["optimizer_gib"]), rel=0.05)
+    assert dp["memory_per_device"]["arguments_gib"] > 3 * mem["arguments_gib"]
+
+
+def test_bad_topologies_and_meshes_are_named(tiny_cfg):
+    with pytest.raises(ConfigError, match="v5p:4x4x4"):
+        aot.parse_topology("v5p-128")
+    with pytest.raises(ConfigError, match="has 8 devices but 4 are available"):
+        aot.compile_report(tiny_cfg("mesh.fsdp=8"), "v5e:2x2")
+
+
+@pytest.mark.slow
+def test_compile_command_for_two_slices(tmp_path, corpus_cache):
+    proc = flaxlm(
+        "compile",
+        "--config",
+        "configs/tiny.yaml",
+        "--topology",
+        "v5e:2x2",
+        "--slices",
+        "2",
+        "mesh.dcn_data=2",
+        f"data.cache_dir={corpus_cache}",
+    )
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["chips"] == 8 and report["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert report["fits"] is True
