@@ -15,6 +15,8 @@ import re
 import time
 from typing import Any
 
+import jax
+
 from flaxlm import memory
 from flaxlm.config import Config, ConfigError
 from flaxlm.flops import analytic_param_count, flops_per_token
@@ -82,15 +84,20 @@ def compile_report(cfg: Config, topology: str, num_slices: int = 1) -> dict[str,
     per_device = chips / len(devices)
     mesh = make_mesh(cfg, devices)
     trainer = Trainer(cfg, mesh)
-    started = time.perf_counter()
-    compiled = trainer.lower_train_step().compile()
-    compile_seconds = time.perf_counter() - started
-
-    compiled_mem = memory.compiled_memory(compiled)
     estimate = memory.estimate(cfg, trainer.abstract_state, dict(mesh.shape))
     hbm = hbm_chip_gib * per_device
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    started = time.perf_counter()
+    try:
+        compiled = trainer.lower_train_step().compile()
+        compiled_mem, error = memory.compiled_memory(compiled), None
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list | tuple) else cost
+    except jax.errors.JaxRuntimeError as e:
+        # The TPU compiler refuses a program that cannot fit in HBM, saying by how much.
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        compiled_mem, error, cost = None, str(e).splitlines()[0], {}
+    compile_seconds = time.perf_counter() - started
     n_params = analytic_param_count(cfg.model)
     tokens = cfg.data.global_batch_size * cfg.data.seq_len
     analytic_flops = flops_per_token(cfg.model, n_params, cfg.data.seq_len) * tokens
@@ -107,7 +114,8 @@ def compile_report(cfg: Config, topology: str, num_slices: int = 1) -> dict[str,
         "memory_per_device": compiled_mem,
         "estimate_per_device": estimate.to_json(),
         "hbm_per_device_gib": hbm,
-        "fits": compiled_mem["total_gib"] <= hbm,
+        "fits": compiled_mem is not None and compiled_mem["total_gib"] <= hbm,
+        "error": error,
         "xla_flops_per_device": float(cost.get("flops", 0.0)),
         "analytic_flops_per_step": analytic_flops,
         # The step time if every chip ran at its bf16 peak: a floor, for planning.

@@ -1,37 +1,56 @@
 #!/usr/bin/env bash
-# Train on this machine: `launch/local.sh CONFIG [key.sub=value ...]`.
+# Train on this machine: `launch/local.sh CONFIG [options] [key.sub=value ...]`.
 #
-#   --cpu-devices N   split the host CPU into N JAX devices (to try meshes without accelerators)
-#   --dry-run         print the command instead of running it
+#   --cpu-devices N   split the host CPU into N JAX devices per process (meshes without accelerators)
+#   --processes P     run P processes joined by jax.distributed on 127.0.0.1 (a multi-host job
+#                     on one machine; each process reads its share of the data)
+#   --port PORT       the coordinator's port for --processes (default 12355)
+#   --dry-run         print the commands instead of running them
 #
-# Example: launch/local.sh configs/tiny.yaml --cpu-devices 8 mesh.data=2 mesh.fsdp=4
+# Example: launch/local.sh configs/tiny.yaml --processes 2 --cpu-devices 4 mesh.dcn_data=2
 set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
-usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
-
-config=""
-devices=""
-dry_run=0
-overrides=()
+config=""; devices=""; processes=1; port=12355; DRY_RUN=0; overrides=()
 while (($#)); do
   case "$1" in
     --cpu-devices) devices="${2:?--cpu-devices needs a number}"; shift 2 ;;
-    --dry-run) dry_run=1; shift ;;
+    --processes) processes="${2:?--processes needs a number}"; shift 2 ;;
+    --port) port="${2:?--port needs a number}"; shift 2 ;;
+    --dry-run) DRY_RUN=1; shift ;;
     -h|--help) usage 0 ;;
     *=*) overrides+=("$1"); shift ;;
+    -*) echo "launch/local.sh: unknown option $1" >&2; usage 2 ;;
     *) [[ -z "$config" ]] || { echo "launch/local.sh: two configs given: $config $1" >&2; usage 2; }
        config="$1"; shift ;;
   esac
 done
 [[ -n "$config" ]] || { echo "launch/local.sh: no config file given" >&2; usage 2; }
+[[ "$processes" =~ ^[1-9][0-9]*$ ]] || die "--processes must be a positive integer, got $processes"
 
-cmd=(flaxlm train --config "$config" "${overrides[@]}")
 env_prefix=()
 if [[ -n "$devices" ]]; then
   env_prefix=(env "JAX_PLATFORMS=cpu" "XLA_FLAGS=--xla_force_host_platform_device_count=$devices")
 fi
-if ((dry_run)); then
-  printf '%q ' "${env_prefix[@]}" "${cmd[@]}"; echo
-else
-  exec "${env_prefix[@]}" "${cmd[@]}"
+cmd=(flaxlm train --config "$config" "${overrides[@]}")
+if ((processes == 1)); then
+  if ((DRY_RUN)); then run "${env_prefix[@]}" "${cmd[@]}"; else exec "${env_prefix[@]}" "${cmd[@]}"; fi
+  exit
 fi
+
+# Several processes: the same command, each with its id; wait for all, fail if any fails.
+pids=()
+for ((i = 0; i < processes; i++)); do
+  joined=("${cmd[@]}" "distributed.coordinator_address=127.0.0.1:$port"
+          "distributed.num_processes=$processes" "distributed.process_id=$i")
+  if ((DRY_RUN)); then
+    run "${env_prefix[@]}" "${joined[@]}"
+  else
+    "${env_prefix[@]}" "${joined[@]}" &
+    pids+=($!)
+  fi
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit "$status"

@@ -10,7 +10,6 @@ from helpers import flaxlm
 from flaxlm import aot
 from flaxlm.config import ConfigError
 
-
 # TPU layouts pad small dimensions to tiles of 128: keep the model's dimensions multiples of it.
 TILED = ("data.global_batch_size=16", "model.d_model=256", "model.d_ff=1024", "model.n_heads=2")
 

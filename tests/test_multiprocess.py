@@ -9,11 +9,12 @@ the train state is resharded onto the new mesh and the data position carries ove
 from __future__ import annotations
 
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
-from conftest import CONFIGS
-from helpers import flaxlm, flaxlm_processes, train_losses
+from conftest import CONFIGS, REPO
+from helpers import flaxlm, flaxlm_processes, free_port, train_losses
 
 pytestmark = pytest.mark.slow
 
@@ -44,8 +45,16 @@ def _resume_copy(run, dst):
 def test_two_processes_train_save_and_restore_on_other_layouts(tmp_path, corpus_cache):
     run = tmp_path / "run"
     data = f"data.cache_dir={corpus_cache}"
-    # Across processes on DCN (each process is a slice), FSDP within each.
-    flaxlm_processes(2, 4, "train", *COMMON, data, f"train.run_dir={run}", "mesh.dcn_data=2")
+    # Launched as users do (launch/local.sh), data parallel across the processes (each is a
+    # slice on the DCN axis), FSDP within each.
+    launch = [
+        *("bash", str(REPO / "launch" / "local.sh"), str(CONFIGS / "tiny.yaml")),
+        *("--processes", "2", "--cpu-devices", "4", "--port", str(free_port())),
+        *COMMON[2:],
+        *(data, f"train.run_dir={run}", "mesh.dcn_data=2"),
+    ]
+    proc = subprocess.run(launch, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
     oracle = train_losses(run)
     assert sorted(oracle) == [1, 2, 3, 4]
     ckpt = run / "checkpoints" / "3"

@@ -1,0 +1,82 @@
+"""Which presets fit which TPU pods: the train step compiled ahead of time (needs libtpu).
+
+    JAX_PLATFORMS=cpu python benchmarks/aot_presets.py [--only llama3-8b]
+
+For each (preset, pod) below it compiles the train step in bfloat16 with FSDP over the pod
+(and tensor parallelism where given), first without rematerialization and then with full
+remat if the first does not fit, and prints a Markdown table row and a JSON line: per-device
+memory (XLA's analysis and the analytic estimate), the chip's HBM, and FLOPs per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from flaxlm import aot, config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+# (preset, topology, global batch, sequence length, extra overrides)
+CASES = [
+    ("gpt2-1.5b", "v5e:2x2", 16, 1024, []),
+    ("gpt2-1.5b", "v5p:2x2x1", 32, 1024, []),
+    ("llama3-8b", "v5p:2x2x2", 32, 8192, []),
+    ("llama3-8b", "v6e:4x4", 64, 8192, []),
+    ("llama3-70b", "v5p:4x4x4", 128, 8192, []),
+    ("llama3-70b", "v6e:8x8", 64, 8192, []),
+]
+REMATS = ("none", "full")
+
+
+def run_case(preset, topology, batch, seq, extra) -> dict:
+    report = {}
+    for remat in REMATS:
+        cfg = config.load(
+            CONFIGS / "models" / f"{preset}.yaml",
+            [
+                "model.dtype=bfloat16",
+                "model.param_dtype=float32",
+                f"model.remat={remat}",
+                f"data.global_batch_size={batch}",
+                f"data.seq_len={seq}",
+                f"model.max_seq_len={max(seq, 1024)}",
+                *extra,
+            ],
+        )
+        report = aot.compile_report(cfg, topology)
+        report["preset"] = preset
+        if report["fits"]:
+            break
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", help="run the cases of this preset only")
+    args = parser.parse_args()
+    print(
+        "| preset | pod | mesh | batch x seq | remat | XLA GiB/device | estimate GiB | HBM GiB "
+        "| fits | TFLOP/step |\n|---|---|---|---|---|---|---|---|---|---|"
+    )
+    for preset, topology, batch, seq, extra in CASES:
+        if args.only and preset != args.only:
+            continue
+        print(f"compiling {preset} on {topology} {extra} ...", file=sys.stderr, flush=True)
+        r = run_case(preset, topology, batch, seq, extra)
+        mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1)
+        xla = r["memory_per_device"]["total_gib"] if r["memory_per_device"] else float("nan")
+        print(
+            f"| {preset} | {topology} ({r['chips']} chips) | {mesh} | {batch} x {seq} "
+            f"| {r['remat']} | {xla:.1f} "
+            f"| {r['estimate_per_device']['total_gib']:.1f} | {r['hbm_per_device_gib']:.0f} "
+            f"| {'yes' if r['fits'] else 'no'} | {r['analytic_flops_per_step'] / 1e12:,.0f} |",
+            flush=True,
+        )
+        print(json.dumps(r), file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main()
