@@ -97,7 +97,8 @@ def tokenize_documents(
         encode = _library_encode(tok, add_bos, add_eos)
 
     def stage(texts: tf.Tensor):
-        seen = tf.numpy_function(_observe, [texts], tf.int64, stateful=False)
+        # Stateful: a side effect (the counts) that graph optimisations must not prune.
+        seen = tf.numpy_function(_observe, [texts], tf.int64, stateful=True)
         with tf.control_dependencies([seen]):
             texts = tf.boolean_mask(texts, tf.strings.length(texts) > 0)
         ids, nbytes = encode(texts)

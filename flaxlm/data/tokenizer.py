@@ -135,7 +135,7 @@ class SentencePieceTokenizer:
     def encode_with_bytes(self, texts: Sequence[bytes], add_bos: bool, add_eos: bool):
         """Batch-encodes UTF-8 texts; SentencePiece's batch encoder uses all cores."""
         strings = [t.decode("utf-8", errors="replace") for t in texts]
-        protos = self._sp.encode(strings, out_type="immutable_proto", num_threads=-1)
+        protos = self._sp.encode(strings, return_type="proto", num_threads=-1)
         ids, nbytes = [], []
         for text, proto in zip(strings, protos, strict=True):
             ids.append([p.id for p in proto.pieces])
