@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -94,3 +95,33 @@ def test_restoring_with_another_shard_count_is_refused(corpus_cache, tmp_path):
     other = pipeline.train_iterator(cfg.data, 0, num_shards=4)
     with pytest.raises(ConfigError, match="positions of 2 data shards"):
         other.restore(tmp_path)
+
+
+def test_checkpointer_saves_every_shard_with_the_train_state(corpus_cache, tmp_path):
+    import jax.numpy as jnp
+
+    from flaxlm.checkpoint import Checkpointer
+
+    cfg = _cfg(corpus_cache, "data.num_shards=2")
+    expected = [next(it) for it in [pipeline.train_iterator(cfg.data, 2)] for _ in range(5)]
+    data = pipeline.train_iterator(cfg.data, 2)
+    for _ in range(3):
+        next(data)
+    checkpointer = Checkpointer(tmp_path, cfg.checkpoint)
+    checkpointer.save(3, {"x": jnp.arange(4)}, data, cfg)
+    checkpointer.wait()
+    saved = tmp_path / "checkpoints" / "3" / "data"
+    assert {"shard_0", "shard_1", "num_shards.json"} <= {p.name for p in saved.iterdir()}
+    assert checkpointer.data_shards() == 2
+
+    resumed = pipeline.train_iterator(cfg.data, 2, num_shards=checkpointer.data_shards())
+    abstract = {"x": jax.ShapeDtypeStruct((4,), jnp.int32, sharding=_one_device())}
+    state = checkpointer.restore(3, abstract, resumed)
+    checkpointer.close()
+    assert state["x"].tolist() == [0, 1, 2, 3]
+    for i in (3, 4):
+        _assert_same(next(resumed), expected[i], f"batch {i + 1} after the restore")
+
+
+def _one_device():
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -72,7 +72,7 @@ def shard_dataset(
     """Endless, shuffled row-blocks (global_batch / V rows) of data shard k of V."""
     tok = tok or tokenizer(cfg)
     docs = _documents(cfg, seed, shard, num_shards)
-    ds = tokenize_documents(docs, tok, cfg.add_bos, cfg.add_eos)
+    ds = tokenize_documents(docs, tok, cfg.add_bos, cfg.add_eos, with_bytes=False)
     ds = pack_documents(ds, cfg.seq_len, cfg.packing)
     if cfg.shuffle_buffer > 1:
         ds = ds.shuffle(

@@ -64,9 +64,9 @@ def _byte_encode(texts: tf.Tensor, add_bos: bool, add_eos: bool):
     return tf.concat(parts, axis=1), tf.concat(byte_parts, axis=1)
 
 
-def _library_encode(tok: Tokenizer, add_bos: bool, add_eos: bool):
+def _library_encode(tok: Tokenizer, add_bos: bool, add_eos: bool, with_bytes: bool):
     def encode(texts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        ids, nbytes = tok.encode_with_bytes(list(texts), add_bos, add_eos)
+        ids, nbytes = tok.encode_with_bytes(list(texts), add_bos, add_eos, with_bytes)
         lengths = np.array([len(i) for i in ids], np.int64)
         flat = np.fromiter((i for doc in ids for i in doc), np.int32, int(lengths.sum()))
         flat_bytes = np.fromiter((b for doc in nbytes for b in doc), np.int32, int(lengths.sum()))
@@ -86,15 +86,19 @@ def _library_encode(tok: Tokenizer, add_bos: bool, add_eos: bool):
 
 
 def tokenize_documents(
-    docs: tf.data.Dataset, tok: Tokenizer, add_bos: bool, add_eos: bool
+    docs: tf.data.Dataset, tok: Tokenizer, add_bos: bool, add_eos: bool, with_bytes: bool = True
 ) -> tf.data.Dataset:
-    """Texts -> {"ids", "bytes"} per non-empty document, in order."""
+    """Texts -> {"ids", "bytes"} per non-empty document, in order.
+
+    with_bytes=False (training) skips the bytes-per-token accounting of library tokenizers
+    (their "bytes" are then 0): only evaluation needs it.
+    """
     if isinstance(tok, ByteTokenizer):
 
         def encode(texts):
             return _byte_encode(texts, add_bos, add_eos)
     else:
-        encode = _library_encode(tok, add_bos, add_eos)
+        encode = _library_encode(tok, add_bos, add_eos, with_bytes)
 
     def stage(texts: tf.Tensor):
         # Stateful: a side effect (the counts) that graph optimisations must not prune.

@@ -37,7 +37,9 @@ class ByteTokenizer:
         data = bytes(int(i) for i in ids if 0 <= int(i) < 256)
         return data.decode("utf-8", errors="replace")
 
-    def encode_with_bytes(self, texts: Sequence[bytes], add_bos: bool, add_eos: bool):
+    def encode_with_bytes(
+        self, texts: Sequence[bytes], add_bos: bool, add_eos: bool, with_bytes: bool = True
+    ):
         return _with_specials(
             [list(t) for t in texts], [[1] * len(t) for t in texts], self, add_bos, add_eos
         )
@@ -95,9 +97,15 @@ class HFTokenizer:
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
-    def encode_with_bytes(self, texts: Sequence[bytes], add_bos: bool, add_eos: bool):
+    def encode_with_bytes(
+        self, texts: Sequence[bytes], add_bos: bool, add_eos: bool, with_bytes: bool = True
+    ):
         """Batch-encodes UTF-8 texts (the library encodes the batch on all cores)."""
         strings = [t.decode("utf-8", errors="replace") for t in texts]
+        if not with_bytes:  # training needs ids alone: the fast path, no offsets
+            ids = self._tok.encode_batch_fast(strings, add_special_tokens=False)
+            ids = [e.ids for e in ids]
+            return _with_specials(ids, [[0] * len(i) for i in ids], self, add_bos, add_eos)
         encodings = self._tok.encode_batch(strings, add_special_tokens=False)
         ids, nbytes = [], []
         for text, enc in zip(strings, encodings, strict=True):
@@ -132,9 +140,14 @@ class SentencePieceTokenizer:
         keep = [int(i) for i in ids if int(i) not in (self.bos_id, self.eos_id, self.pad_id)]
         return self._sp.decode(keep)
 
-    def encode_with_bytes(self, texts: Sequence[bytes], add_bos: bool, add_eos: bool):
+    def encode_with_bytes(
+        self, texts: Sequence[bytes], add_bos: bool, add_eos: bool, with_bytes: bool = True
+    ):
         """Batch-encodes UTF-8 texts; SentencePiece's batch encoder uses all cores."""
         strings = [t.decode("utf-8", errors="replace") for t in texts]
+        if not with_bytes:  # training needs ids alone: no per-piece offsets
+            ids = self._sp.encode(strings, num_threads=-1)
+            return _with_specials(ids, [[0] * len(i) for i in ids], self, add_bos, add_eos)
         protos = self._sp.encode(strings, return_type="proto", num_threads=-1)
         ids, nbytes = [], []
         for text, proto in zip(strings, protos, strict=True):
