@@ -61,8 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--step", type=int, default=None, help="to-hf: checkpoint step")
     conv.add_argument("overrides", nargs="*", help="from-hf: key.sub=value for the run config")
 
-    tok = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer on a config's data")
-    tok.add_argument("action", choices=["train"])
+    tokenizer = sub.add_parser("tokenizer", help="tokenizer tools")
+    tok_sub = tokenizer.add_subparsers(dest="action", required=True)
+    tok = tok_sub.add_parser("train", help="train a SentencePiece model on a config's data")
     tok.add_argument("--config", required=True, help="YAML config file (its data.* is read)")
     tok.add_argument("--vocab-size", type=int, required=True)
     tok.add_argument("--output", required=True, help="directory for sentencepiece.model")
@@ -70,8 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     tok.add_argument("--max-bytes", type=int, default=200_000_000, help="text to read at most")
     tok.add_argument("overrides", nargs="*", help="key.sub=value overrides")
 
-    data = sub.add_parser("data", help="prepare local text as a versioned TFDS dataset")
-    data.add_argument("action", choices=["build-tfds"])
+    data_cmd = sub.add_parser("data", help="data tools")
+    data_sub = data_cmd.add_subparsers(dest="action", required=True)
+    data = data_sub.add_parser("build-tfds", help="prepare local text as a versioned TFDS dataset")
     data.add_argument("--train-files", required=True, help="glob of .txt/.jsonl/.tfrecord")
     data.add_argument("--eval-files", default=None, help="glob for the validation split")
     data.add_argument("--data-dir", required=True, help="TFDS data directory")

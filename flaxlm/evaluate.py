@@ -104,6 +104,14 @@ def check_tokenizer(run_dir: str | Path, cfg: Config):
             f"{run_dir} holds a model with its own tokenizer ({saved / 'tokenizer.json'}), but "
             f"data.tokenizer=byte; set data.tokenizer=hf data.tokenizer_path={saved}"
         )
+    for key, which in (("add_bos", "bos_id"), ("add_eos", "eos_id")):
+        special = getattr(tok, which)
+        if getattr(cfg.data, key) and special is not None and special >= cfg.model.vocab_size:
+            raise ConfigError(
+                f"data.{key}=true but the tokenizer's {which}={special} is outside "
+                f"model.vocab_size={cfg.model.vocab_size}; set data.{key}=false or fix the "
+                "tokenizer's special tokens"
+            )
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"data.tokenizer={cfg.data.tokenizer} ({cfg.data.tokenizer_path}) has "

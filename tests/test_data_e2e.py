@@ -39,7 +39,7 @@ def test_train_and_eval_with_sentencepiece_on_a_local_tfds_dataset(tmp_path, cor
         "--config",
         "configs/tiny.yaml",
         "--vocab-size",
-        "300",
+        "512",
         "--output",
         str(tmp_path / "spm"),
         *source,
@@ -48,7 +48,9 @@ def test_train_and_eval_with_sentencepiece_on_a_local_tfds_dataset(tmp_path, cor
     assert model.is_file() and str(model) in out.stdout
     run = tmp_path / "run"
     overrides = [*source, "data.tokenizer=sentencepiece", f"data.tokenizer_path={model}"]
-    train = train_tiny(run, corpus_cache, *overrides, "train.steps=10", devices=2)
+    train = train_tiny(
+        run, corpus_cache, *overrides, "train.steps=10", "model.vocab_size=512", devices=2
+    )
     assert "bits per byte" in train.stdout
     assert (run / "tokenizer" / "sentencepiece.model").is_file()
     result = json.loads(flaxlm("eval", "--checkpoint", str(run), devices=2).stdout)
