@@ -223,3 +223,10 @@ def test_missing_tokenizer_file_fails_early_with_the_path(tmp_path):
     cfg = _load("data.tokenizer=sentencepiece", f"data.tokenizer_path={tmp_path}/none.model")
     with pytest.raises(ConfigError, match=r"none\.model"):
         pipeline.train_iterator(cfg.data, 0)
+
+
+def test_files_without_any_text_fail_early_instead_of_hanging(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": ""}) + "\n" + json.dumps({"text": ""}))
+    cfg = _load("data.corpus=files", f"data.train_files={tmp_path}/*.jsonl")
+    with pytest.raises(ConfigError, match=r"a\.jsonl.*hold no non-empty document"):
+        pipeline.train_iterator(cfg.data, 0)

@@ -223,10 +223,22 @@ def shard_documents(
             "corpus into more files or lower data.num_shards"
         )
     mine = files[shard::num_shards]
+    _require_a_document(mine, src.text_field, f"{where} (data shard {shard} of {num_shards})")
     ds = tf.data.Dataset.from_tensor_slices(mine)
     # File order reshuffled each epoch; a function of (seed, shard) alone.
     ds = ds.shuffle(len(mine), seed=seed, reshuffle_each_iteration=True).repeat()
     return file_documents(ds, src.text_field)
+
+
+def _require_a_document(files: list[str], field: str, where: str) -> None:
+    """An endless stream of files without one non-empty document would never yield a row."""
+    docs = file_documents(tf.data.Dataset.from_tensor_slices(files), field)
+    for _ in docs.filter(lambda t: tf.strings.length(t) > 0).take(1):
+        return
+    raise ConfigError(
+        f"{where}: the {len(files)} files {files[:3]}{'...' if len(files) > 3 else ''} hold no "
+        f"non-empty document (every text, or every {field!r} field, is empty)"
+    )
 
 
 def eval_documents(src: Source, cache_dir: str, where: str = "data") -> tf.data.Dataset:
