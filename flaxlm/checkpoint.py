@@ -3,7 +3,8 @@
 A checkpoint is one Orbax step directory `checkpoints/<step>/` with three items:
 
 - `state`: the TrainState (params, optimizer state, step), each process writing its shards;
-- `data`: the tf.data iterator position of every process (`process_<i>/`);
+- `data`: the tf.data iterator position of every data shard (`shard_<k>/`, each written by the
+  process that owns it) and the number of data shards (`num_shards.json`);
 - `config`: the resolved config as JSON, so that a checkpoint can be evaluated on its own.
 
 Saves are asynchronous (training goes on while arrays are written) and atomic (Orbax writes to a
@@ -25,24 +26,17 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from flaxlm.config import CheckpointConfig, Config, ConfigError, portable, to_dict
-from flaxlm.data.pipeline import DataIterator
+from flaxlm.data.pipeline import DataIterator, saved_num_shards
 
 
 class DataIteratorHandler(ocp.CheckpointHandler):
-    """Saves each process's DataIterator position into its own subdirectory."""
+    """Saves the positions of the data shards this process owns (`shard_<k>/` each)."""
 
     def save(self, directory: epath.Path, args: DataIteratorSave) -> None:
-        args.iterator.save(os.fspath(directory / f"process_{jax.process_index()}"))
+        args.iterator.save(os.fspath(directory))
 
     def restore(self, directory: epath.Path, args: DataIteratorRestore) -> DataIterator:
-        path = directory / f"process_{jax.process_index()}"
-        if not path.exists():
-            raise FileNotFoundError(
-                f"{directory} has no data position for process {jax.process_index()}; it was "
-                "saved by fewer processes. Resume with the same number of processes, or start "
-                "the data from the beginning."
-            )
-        args.iterator.restore(os.fspath(path))
+        args.iterator.restore(os.fspath(directory))
         return args.iterator
 
 
@@ -100,6 +94,14 @@ class Checkpointer:
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
+
+    def data_shards(self) -> int | None:
+        """The number of data shards of the newest checkpoint that saved a data position."""
+        for step in reversed(self.all_steps()):
+            v = saved_num_shards(self.directory / str(step) / "data")
+            if v is not None:
+                return v
+        return None
 
     def save(self, step: int, state: Any, data: DataIterator | None, cfg: Config) -> None:
         """Starts saving (asynchronously); returns once the arrays are safe to overwrite."""

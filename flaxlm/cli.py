@@ -7,6 +7,8 @@
     flaxlm compile  --config configs/X.yaml --topology v5p:4x4x4 [--slices N] [key.sub=value ...]
     flaxlm export   --checkpoint RUN_DIR [--step N] DST
     flaxlm convert  {from-hf|to-hf} SRC DST
+    flaxlm tokenizer train --config C --vocab-size N --output DIR [key.sub=value ...]
+    flaxlm data build-tfds --train-files GLOB [--eval-files GLOB] --data-dir DIR
 
 Results go to stdout (`eval` prints one JSON object per line, `generate` the text); progress and
 errors go to stderr. Exit status: 0 on success; 2 on a bad input and 1 on a failed run (NaN loss,
@@ -67,7 +69,46 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("dst", help="from-hf: a new run directory; to-hf: a new model directory")
     conv.add_argument("--step", type=int, default=None, help="to-hf: checkpoint step")
     conv.add_argument("overrides", nargs="*", help="from-hf: key.sub=value for the run config")
+
+    tokenizer = sub.add_parser("tokenizer", help="tokenizer tools")
+    tok_sub = tokenizer.add_subparsers(dest="action", required=True)
+    tok = tok_sub.add_parser("train", help="train a SentencePiece model on a config's data")
+    tok.add_argument("--config", required=True, help="YAML config file (its data.* is read)")
+    tok.add_argument("--vocab-size", type=int, required=True)
+    tok.add_argument("--output", required=True, help="directory for sentencepiece.model")
+    tok.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
+    tok.add_argument("--max-bytes", type=int, default=200_000_000, help="text to read at most")
+    tok.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+
+    data_cmd = sub.add_parser("data", help="data tools")
+    data_sub = data_cmd.add_subparsers(dest="action", required=True)
+    data = data_sub.add_parser("build-tfds", help="prepare local text as a versioned TFDS dataset")
+    data.add_argument("--train-files", required=True, help="glob of .txt/.jsonl/.tfrecord")
+    data.add_argument("--eval-files", default=None, help="glob for the validation split")
+    data.add_argument("--data-dir", required=True, help="TFDS data directory")
+    data.add_argument("--text-field", default="text")
     return parser
+
+
+def _tokenizer(args: argparse.Namespace) -> None:
+    from flaxlm import config as config_lib
+    from flaxlm.data.train_tokenizer import train_sentencepiece
+
+    cfg = config_lib.load(args.config, args.overrides)
+    path = train_sentencepiece(
+        cfg.data, args.vocab_size, args.output, args.model_type, args.max_bytes
+    )
+    print(f"wrote {path}; train with data.tokenizer=sentencepiece data.tokenizer_path={path}")
+
+
+def _data(args: argparse.Namespace) -> None:
+    from flaxlm.data.tfds_builder import build
+
+    path = build(args.train_files, args.data_dir, args.eval_files, args.text_field)
+    print(
+        f"wrote {path}; train with data.corpus=tfds data.tfds_name=flaxlm_text "
+        f"data.tfds_data_dir={args.data_dir}"
+    )
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -161,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             "export": _export,
             "compile": _compile,
             "convert": _convert,
+            "tokenizer": _tokenizer,
+            "data": _data,
         }
         commands[args.command](args)
     except (ConfigError, FileNotFoundError) as e:

@@ -206,20 +206,60 @@ class DistributedConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
-    # "python-docs" builds the default corpus from text shipped with the Python interpreter;
-    # "files" reads train_files / eval_files (globs of .txt files or .jsonl with a "text" field).
+class SourceConfig:
+    """One component of data.mixture: the same source keys as DataConfig, plus a weight."""
+
     corpus: str = "python-docs"
     train_files: str | None = None
     eval_files: str | None = None
+    tfds_name: str | None = None
+    tfds_data_dir: str | None = None
+    train_split: str = "train"
+    eval_split: str = "validation"
+    text_field: str = "text"
+    # Relative sampling weight of this component's documents (normalised over the mixture).
+    weight: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    # The source of documents (see flaxlm/data/sources.py):
+    # "python-docs" builds the default corpus from text shipped with the Python interpreter;
+    # "files" reads train_files / eval_files (globs of .txt, .jsonl with a `text_field`, or
+    # TFRecord files of tf.train.Example with a bytes feature `text_field`; local or gs://);
+    # "tfds" reads the TFDS dataset tfds_name (e.g. lm1b, c4/en, tiny_shakespeare) prepared under
+    # tfds_data_dir, splits train_split / eval_split; "mixture" samples the sources of `mixture`
+    # by weight.
+    corpus: str = "python-docs"
+    train_files: str | None = None
+    eval_files: str | None = None
+    tfds_name: str | None = None
+    tfds_data_dir: str | None = None
+    train_split: str = "train"
+    eval_split: str = "validation"
+    text_field: str = "text"
+    mixture: list[SourceConfig] = dataclasses.field(default_factory=list)
     # Where built-in corpora are written (once) before tf.data reads them.
     cache_dir: str = "~/.cache/flaxlm"
+    # "byte" (ids 0..255 + BOS/EOS/PAD), "sentencepiece" (a .model file at tokenizer_path; train
+    # one with `flaxlm tokenizer train`) or "hf" (a tokenizer.json or its directory).
     tokenizer: str = "byte"
+    tokenizer_path: str | None = None
     seq_len: int = 256
     global_batch_size: int = 8
     shuffle_buffer: int = 256
+    # BOS before / EOS after every document (the tokenizer's own ids; BOS marks a document
+    # start even when a document continues from the previous row).
     add_bos: bool = True
     add_eos: bool = True
+    # "documents": rows pack whole documents end to end with segment ids and positions that
+    # restart per document (no attention across documents); "concat": plain concatenate and
+    # chunk (one segment per row, positions 0..seq_len-1).
+    packing: str = "documents"
+    # Data shards V: independent, seeded, checkpointable streams whose row-blocks make up the
+    # global batch in shard order. 0: the process count of the run that first starts (the value
+    # used is saved with every checkpoint). Must be a multiple of the process count.
+    num_shards: int = 0
     # Evaluation uses this many global batches of the eval split, always the same ones.
     eval_batches: int = 4
 
@@ -439,23 +479,7 @@ def validate(cfg: Config) -> None:
     _require(
         d.global_batch_size > 0, f"data.global_batch_size={d.global_batch_size} must be positive"
     )
-    _require(
-        d.corpus in ("python-docs", "files"),
-        f"data.corpus={d.corpus!r} is not python-docs or files",
-    )
-    if d.corpus == "files":
-        _require(
-            bool(d.train_files),
-            "data.corpus=files needs data.train_files (a glob of .txt/.jsonl files)",
-        )
-    _require(d.tokenizer == "byte", f"data.tokenizer={d.tokenizer!r}: only 'byte' is available")
-    from flaxlm.data.tokenizer import ByteTokenizer
-
-    _require(
-        m.vocab_size >= ByteTokenizer.vocab_size,
-        f"model.vocab_size={m.vocab_size} is smaller than the byte tokenizer's "
-        f"{ByteTokenizer.vocab_size} ids",
-    )
+    _validate_data(d, m)
 
     _require(
         0 < o.decay_fraction <= 1, f"optimizer.decay_fraction={o.decay_fraction} must be in (0, 1]"
@@ -564,3 +588,59 @@ def check_divisibility(cfg: Config, sizes: dict[str, int]) -> None:
                 f"{named} does not divide {key}={value} (logical axis {logical!r} is sharded "
                 f"over {known}); change the mesh or mesh.rules.{logical}"
             )
+
+
+def _validate_source(src: Any, where: str) -> None:
+    _require(
+        src.corpus in ("python-docs", "files", "tfds"),
+        f"{where}.corpus={src.corpus!r} is not python-docs, files, tfds"
+        + (" or mixture" if where == "data" else ""),
+    )
+    if src.corpus == "files":
+        _require(
+            bool(src.train_files),
+            f"{where}.corpus=files needs {where}.train_files (a glob of .txt/.jsonl/.tfrecord)",
+        )
+    if src.corpus == "tfds":
+        _require(bool(src.tfds_name), f"{where}.corpus=tfds needs {where}.tfds_name (e.g. lm1b)")
+
+
+def _validate_data(d: DataConfig, m: ModelConfig) -> None:
+    """Data checks that need no files (files and tokenizers are checked by the pipeline)."""
+    if d.corpus == "mixture":
+        _require(bool(d.mixture), "data.corpus=mixture needs a non-empty data.mixture list")
+        for i, component in enumerate(d.mixture):
+            where = f"data.mixture[{i}]"
+            _validate_source(component, where)
+            _require(component.weight > 0, f"{where}.weight={component.weight} must be > 0")
+    else:
+        _validate_source(d, "data")
+    _require(
+        d.tokenizer in ("byte", "sentencepiece", "hf"),
+        f"data.tokenizer={d.tokenizer!r} is not one of byte, sentencepiece, hf",
+    )
+    if d.tokenizer != "byte":
+        _require(
+            bool(d.tokenizer_path),
+            f"data.tokenizer={d.tokenizer} needs data.tokenizer_path (the model file or "
+            "tokenizer.json)",
+        )
+    _require(
+        d.packing in ("documents", "concat"),
+        f"data.packing={d.packing!r} is not documents or concat",
+    )
+    _require(d.num_shards >= 0, f"data.num_shards={d.num_shards} must be >= 0 (0: automatic)")
+    if d.num_shards:
+        _require(
+            d.global_batch_size % d.num_shards == 0,
+            f"data.num_shards={d.num_shards} does not divide data.global_batch_size="
+            f"{d.global_batch_size}; every data shard gives an equal block of rows",
+        )
+    if d.tokenizer == "byte":
+        from flaxlm.data.tokenizer import ByteTokenizer
+
+        _require(
+            m.vocab_size >= ByteTokenizer.vocab_size,
+            f"model.vocab_size={m.vocab_size} is smaller than the byte tokenizer's "
+            f"{ByteTokenizer.vocab_size} ids",
+        )

@@ -362,8 +362,12 @@ def from_hf(
     hf = json.loads((src / "config.json").read_text())
     model = [f"model.{k}={v}" for k, v in model_overrides_from_hf(hf).items()]
     data_len = min(hf.get("n_positions") or hf.get("max_position_embeddings"), 1024)
+    # The run trains and evaluates with the model's own tokenizer (copied into dst/tokenizer).
+    data = []
+    if (src / "tokenizer.json").is_file():
+        data = ["data.tokenizer=hf", f"data.tokenizer_path={(dst / 'tokenizer').absolute()}"]
     cfg = config_lib.load(
-        None, [*model, f"data.seq_len={data_len}", f"train.run_dir={dst}", *overrides]
+        None, [*model, f"data.seq_len={data_len}", f"train.run_dir={dst}", *data, *overrides]
     )
 
     trainer = Trainer(cfg, make_mesh(cfg))

@@ -101,20 +101,40 @@ def load_run(
     return cfg, trainer, params, step
 
 
-def require_byte_data(run_dir: str | Path) -> None:
-    """The data pipeline is byte-level; a model with its own tokenizer cannot be fed by it."""
-    if (Path(run_dir) / "tokenizer" / "tokenizer.json").is_file():
+def check_tokenizer(run_dir: str | Path, cfg: Config):
+    """The data tokenizer of a run; refuses one that does not fit the model or the run.
+
+    A run directory with its own tokenizer (an imported model, or an earlier run) must be fed by
+    a pipeline with the same vocabulary: byte ids would be meaningless to it.
+    """
+    tok = pipeline.tokenizer(cfg.data)
+    saved = Path(run_dir) / "tokenizer"
+    if (saved / "tokenizer.json").is_file() and cfg.data.tokenizer == "byte":
         raise ConfigError(
-            f"{run_dir} holds a model with its own tokenizer (tokenizer/tokenizer.json), but the "
-            "data pipeline only produces byte ids so far; training or evaluating it on them "
-            "would be meaningless. `flaxlm generate` and the lm-eval adapter use its tokenizer."
+            f"{run_dir} holds a model with its own tokenizer ({saved / 'tokenizer.json'}), but "
+            f"data.tokenizer=byte; set data.tokenizer=hf data.tokenizer_path={saved}"
         )
+    for key, which in (("add_bos", "bos_id"), ("add_eos", "eos_id")):
+        special = getattr(tok, which)
+        if getattr(cfg.data, key) and special is not None and special >= cfg.model.vocab_size:
+            raise ConfigError(
+                f"data.{key}=true but the tokenizer's {which}={special} is outside "
+                f"model.vocab_size={cfg.model.vocab_size}; set data.{key}=false or fix the "
+                "tokenizer's special tokens"
+            )
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"data.tokenizer={cfg.data.tokenizer} ({cfg.data.tokenizer_path}) has "
+            f"{tok.vocab_size} ids but model.vocab_size={cfg.model.vocab_size}; raise "
+            "model.vocab_size (a multiple of 64 is fastest)"
+        )
+    return tok
 
 
 def evaluate_all_steps(run_dir: str | Path, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Evaluates every checkpoint of a run; writes `eval/table.csv` and `eval/eval_loss.png`."""
-    require_byte_data(run_dir)
     cfg, trainer, checkpointer = open_run(run_dir, overrides)
+    check_tokenizer(run_dir, cfg)
     batches = pipeline.eval_batches(cfg.data, jax.process_index(), jax.process_count())
     results = []
     for step in checkpointer.all_steps():
@@ -154,8 +174,8 @@ def evaluate_run(
     run_dir: str | Path, step: int | None = None, overrides: Sequence[str] = ()
 ) -> dict[str, Any]:
     """Evaluates a checkpoint of a run on its configured eval split."""
-    require_byte_data(run_dir)
     cfg, trainer, params, step = load_run(run_dir, step, overrides)
+    check_tokenizer(run_dir, cfg)
     batches = pipeline.eval_batches(cfg.data, jax.process_index(), jax.process_count())
     return {"step": step, **evaluate(trainer, params, batches)}
 

@@ -27,8 +27,9 @@ from flaxlm import config as config_lib
 from flaxlm.checkpoint import Checkpointer
 from flaxlm.config import Config, ConfigError, NanPolicy
 from flaxlm.data import pipeline
-from flaxlm.data.tokenizer import ByteTokenizer, HFTokenizer
-from flaxlm.evaluate import evaluate, require_byte_data
+from flaxlm.data.tokenize import STATS
+from flaxlm.data.tokenizer import ByteTokenizer, Tokenizer, save_to_run
+from flaxlm.evaluate import check_tokenizer, evaluate
 from flaxlm.flops import flops_per_token, param_count, total_peak_flops
 from flaxlm.generate import SamplingConfig, generate
 from flaxlm.mesh import make_mesh
@@ -132,19 +133,21 @@ def run(cfg: Config) -> RunSummary:
             f"{run_dir} is a parameters-only export (flaxlm export): it has no optimizer state "
             "to resume; train in the original run directory or a new one"
         )
-    require_byte_data(run_dir)
+    tokenizer = check_tokenizer(run_dir, cfg)
     _check_same_model(run_dir, cfg)
     mesh = make_mesh(cfg)
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_lib.to_yaml(config_lib.portable(cfg)))
+        save_to_run(tokenizer, run_dir)
 
     trainer = Trainer(cfg, mesh)
-    data = pipeline.DataIterator(
-        pipeline.train_dataset(cfg.data, t.seed, jax.process_index(), jax.process_count())
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint)
+    # A resumed run keeps the data shards of its checkpoints, whatever the process count now.
+    data = pipeline.train_iterator(
+        cfg.data, t.seed, jax.process_index(), jax.process_count(), checkpointer.data_shards()
     )
     eval_set = pipeline.eval_batches(cfg.data, jax.process_index(), jax.process_count())
-    checkpointer = Checkpointer(run_dir, cfg.checkpoint)
     writer = MetricsWriter(run_dir, t.tensorboard)
     watcher = PreemptionWatcher()
     try:
@@ -266,7 +269,10 @@ def _train(cfg, trainer, data, eval_set, checkpointer, writer, watcher, started)
     if t.sample_prompt:
         sampling = SamplingConfig(temperature=t.sample_temperature, seed=t.seed)
         prompts = [t.sample_prompt]
-        text = generate_text(trainer, state.params, prompts, t.sample_new_tokens, sampling)[0]
+        tok = pipeline.tokenizer(cfg.data)
+        text = generate_text(
+            trainer, state.params, prompts, t.sample_new_tokens, sampling, tokenizer=tok
+        )[0]
     trained = t.steps - start
     summary = RunSummary(
         start_step=start,
@@ -281,6 +287,11 @@ def _train(cfg, trainer, data, eval_set, checkpointer, writer, watcher, started)
         loss_spikes=spikes.count,
         sample=text,
     )
+    if STATS["empty_documents"] or STATS["invalid_utf8_documents"]:
+        log(
+            f"data: {STATS['documents']:,} documents read, {STATS['empty_documents']:,} empty "
+            f"(skipped), {STATS['invalid_utf8_documents']:,} with invalid UTF-8 (replaced)"
+        )
     if jax.process_index() == 0:
         (Path(t.run_dir) / "summary.json").write_text(json.dumps(summary.to_json(), indent=2))
     log(f"trained {trained} steps; summary in {Path(t.run_dir) / 'summary.json'}")
@@ -301,7 +312,7 @@ def generate_text(
     new_tokens: int,
     sampling: SamplingConfig,
     stop_strings: tuple[str, ...] = (),
-    tokenizer: ByteTokenizer | HFTokenizer | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> list[str]:
     """Continues each prompt; a text ends at EOS or just after the first stop string."""
     tok = tokenizer or ByteTokenizer()

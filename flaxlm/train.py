@@ -161,7 +161,10 @@ def train_step(
 def eval_step(params, batch: Batch, *, model: Transformer) -> dict[str, jax.Array]:
     """Sums over the batch: nats of every predicted token, their count, and the bytes among them."""
     _, losses, weights = forward_losses(params, model, batch)
-    is_byte = (batch["tokens"][:, 1:] < BYTE_IDS).astype(jnp.float32) * weights
+    if "bytes" in batch:  # the pipeline says how many bytes of text each token stands for
+        is_byte = batch["bytes"][:, 1:].astype(jnp.float32) * weights
+    else:  # byte ids: one byte each
+        is_byte = (batch["tokens"][:, 1:] < BYTE_IDS).astype(jnp.float32) * weights
     return {
         "nats": (losses * weights).sum(),
         "tokens": weights.sum(),

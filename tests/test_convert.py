@@ -175,3 +175,18 @@ def test_gpt2_generate_prints_what_transformers_generates(tmp_path, corpus_cache
         "--max-new-tokens", "50", devices=1,
     ).stdout  # fmt: skip
     assert got == expected + "\n"
+
+    # The imported run trains and evaluates on its own tokenizer's ids (data.tokenizer=hf): a
+    # random model scores about ln(300) nats per token, and bits per byte divide by the bytes of
+    # text, more than one per BPE token (counting tokens as bytes would give loss / ln 2).
+    # (This random model's generation config names BOS/EOS 50256, outside its 300 ids.)
+    refused = flaxlm("eval", "--checkpoint", str(tmp_path / "run"), check=False, devices=1)
+    assert refused.returncode == 2 and "bos_id=50256 is outside" in refused.stderr
+    ev = flaxlm(
+        "eval", "--checkpoint", str(tmp_path / "run"), f"data.cache_dir={corpus_cache}",
+        "data.seq_len=32", "data.eval_batches=1", "data.add_bos=false", "data.add_eos=false",
+        devices=1,
+    ).stdout  # fmt: skip
+    result = json.loads(ev)
+    assert abs(result["loss"] - np.log(300)) < 0.5
+    assert result["bits_per_byte"] < 0.8 * result["loss"] / np.log(2)

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from flaxlm import config
 from flaxlm.config import ConfigError
-from flaxlm.data import pipeline
+from flaxlm.data import pipeline, sources
 from flaxlm.data.corpus import build_python_docs, is_eval_document, resolve_files
 from flaxlm.data.tokenizer import ByteTokenizer
 
@@ -64,7 +64,7 @@ def test_long_documents_are_split_not_dropped(tmp_path, corpus_cache):
             "data.shuffle_buffer=1",
         ],
     )
-    it = pipeline.DataIterator(pipeline.train_dataset(cfg.data, seed=0))
+    it = pipeline.train_iterator(cfg.data, seed=0)
     tokens = np.concatenate([next(it)["tokens"][0] for _ in range(16)])  # one epoch = 1002 ids
     tok = ByteTokenizer()
     assert tokens[0] == tok.bos_id
@@ -84,8 +84,8 @@ def test_jsonl_and_bad_documents(tmp_path):
         None, ["data.corpus=files", f"data.train_files={tmp_path}/*.jsonl", "data.add_bos=false"]
     )
     files = tf.data.Dataset.from_tensor_slices(resolve_files(cfg.data, "train"))
-    texts = [t.decode() for t in pipeline._documents(files).as_numpy_iterator()]
-    assert texts == ["first document", "second déjà vu"]
+    texts = [t.decode() for t in sources.file_documents(files).as_numpy_iterator()]
+    assert texts == ["first document", "", "", "second déjà vu"]  # bad lines become empty
 
 
 def test_missing_and_empty_data_fail_early_with_the_path(tmp_path):
@@ -107,9 +107,7 @@ def _cfg(corpus_cache, *overrides):
 
 def test_order_is_a_function_of_the_seed(corpus_cache):
     cfg = _cfg(corpus_cache)
-    first = [
-        next(pipeline.DataIterator(pipeline.train_dataset(cfg.data, seed=s))) for s in (0, 0, 1)
-    ]
+    first = [next(pipeline.train_iterator(cfg.data, seed=s)) for s in (0, 0, 1)]
     np.testing.assert_array_equal(first[0]["tokens"], first[1]["tokens"])
     assert not np.array_equal(first[0]["tokens"], first[2]["tokens"])
 
@@ -118,7 +116,7 @@ def test_processes_read_disjoint_shares(corpus_cache):
     cfg = _cfg(corpus_cache, "data.global_batch_size=8", "data.shuffle_buffer=1")
     seen = []
     for process in (0, 1):
-        it = pipeline.DataIterator(pipeline.train_dataset(cfg.data, 0, process, 2))
+        it = pipeline.train_iterator(cfg.data, 0, process, 2)
         batch = next(it)
         assert batch["tokens"].shape == (4, 64)  # half the global batch each
         seen.append({bytes(row) for row in batch["tokens"].astype(np.int32)})
@@ -127,14 +125,14 @@ def test_processes_read_disjoint_shares(corpus_cache):
 
 def test_resume_gives_exactly_the_batches_of_an_uninterrupted_run(corpus_cache, tmp_path):
     cfg = _cfg(corpus_cache)
-    uninterrupted = pipeline.DataIterator(pipeline.train_dataset(cfg.data, seed=3))
+    uninterrupted = pipeline.train_iterator(cfg.data, seed=3)
     expected = [next(uninterrupted) for _ in range(27)]
 
-    interrupted = pipeline.DataIterator(pipeline.train_dataset(cfg.data, seed=3))
+    interrupted = pipeline.train_iterator(cfg.data, seed=3)
     for _ in range(7):
         next(interrupted)
     interrupted.save(tmp_path / "position")
-    resumed = pipeline.DataIterator(pipeline.train_dataset(cfg.data, seed=3))
+    resumed = pipeline.train_iterator(cfg.data, seed=3)
     resumed.restore(tmp_path / "position")
     for i in range(7, 27):
         got = next(resumed)

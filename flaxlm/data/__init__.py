@@ -1,1 +1,1 @@
-"""Input data: tokenizers, corpora and the tf.data pipeline that packs them into batches."""
+"""Input data: sources, tokenizers, tokenization, packing, and the sharded tf.data pipeline."""

@@ -10,16 +10,14 @@ changes) is held out as the eval split.
 from __future__ import annotations
 
 import ast
-import glob
 import hashlib
-import json
 import os
 import shutil
 import sysconfig
 import tempfile
 from pathlib import Path
 
-from flaxlm.config import ConfigError, DataConfig
+from flaxlm.config import DataConfig
 
 PYTHON_DOCS_VERSION = "python-docs-v1"
 # Parts of the standard library that are tests, demos or vendored code rather than documentation.
@@ -92,46 +90,7 @@ def build_python_docs(cache_dir: str | os.PathLike) -> Path:
 
 
 def resolve_files(cfg: DataConfig, split: str) -> list[str]:
-    """The sorted list of files of a split; fails early, naming the key and the pattern."""
-    if cfg.corpus == "python-docs":
-        root = build_python_docs(cfg.cache_dir)
-        pattern, key = str(root / split / "*.txt"), f"data.cache_dir={cfg.cache_dir}"
-    else:
-        pattern = cfg.train_files if split == "train" else cfg.eval_files
-        key = f"data.{split}_files={pattern}"
-        if not pattern:
-            raise ConfigError(f"data.{split}_files is not set; give a glob of .txt or .jsonl files")
-    files = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
-    if not files:
-        raise ConfigError(f"{key}: no files match {pattern!r}")
-    unsupported = [f for f in files if not f.endswith((".txt", ".jsonl"))]
-    if unsupported:
-        raise ConfigError(
-            f"{key}: {unsupported[0]!r} is neither .txt (one document per file) nor .jsonl "
-            "(one JSON object with a 'text' field per line)"
-        )
-    for path in (f for f in files if f.endswith(".jsonl")):
-        _check_jsonl(path, key)
-    empty = [f for f in files if os.path.getsize(f) == 0]
-    if len(empty) == len(files):
-        raise ConfigError(f"{key}: every matching file is empty ({len(files)} files)")
-    return files
+    """The sorted list of files of a split (see `flaxlm.data.sources.resolve_files`)."""
+    from flaxlm.data.sources import resolve_files as resolve
 
-
-def _check_jsonl(path: str, key: str) -> None:
-    """The first record of a JSON-lines file must carry its text in a string "text" field."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                raise ConfigError(f"{key}: {path} line {number} is not JSON") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                fields = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise ConfigError(
-                    f"{key}: {path} line {number} has no string field 'text' (it has {fields}); "
-                    'each line must be an object like {"text": "..."}'
-                )
-            return
+    return resolve(cfg, cfg.cache_dir, split)

@@ -1,15 +1,16 @@
-"""The tf.data input pipeline: documents -> byte tokens -> packed rows -> process-local batches.
+"""The tf.data input pipeline: data shards -> tokenized, packed rows -> the process's batch.
 
-Each process reads a disjoint share of the files (file-level sharding), shuffles them with the
-seed, tokenizes inside the tf.data graph, and packs documents end to end into rows of `seq_len`
-tokens. Every row carries `segment_ids` (1, 2, ... per document within the row) and `positions`
-(restarting at 0 where a document starts, and at the start of each row), so that the model
-never attends across documents. A document longer than a row continues in the next row, its
-positions counting again from 0 there. Rows are shuffled in a buffer and batched
-to this process's share of the global batch.
+The training data are V *data shards* (`data.num_shards`; by default the process count of the
+run that first starts, saved with every checkpoint). Shard k is an independent tf.data stream:
+its share of the documents (`flaxlm.data.sources`) in an order seeded by (seed, k), tokenized
+(`flaxlm.data.tokenize`), packed into rows (`flaxlm.data.packing`), shuffled in a buffer and
+batched to `global_batch / V` rows. The global batch of a step is the concatenation of the
+shards' row-blocks in shard order, so it is the same whatever the number of processes P:
+process p owns shards [p*V/P, (p+1)*V/P) and its local batch is its shards' blocks, in order.
 
-The iterator's position is saved with each checkpoint (`DataIterator.save` / `restore`, through
-`tf.train.Checkpoint`), so a resumed run sees exactly the batches it would have seen.
+Each shard's iterator position is saved with each checkpoint (`DataIterator.save` / `restore`,
+one `shard_<k>/` per shard through `tf.train.Checkpoint`); a process restores the shards it
+owns, so a checkpoint written by 2 processes restores onto 1 (or 4, if V allows) exactly.
 """
 
 from __future__ import annotations
@@ -22,148 +23,216 @@ import numpy as np
 import tensorflow as tf
 
 from flaxlm.config import ConfigError, DataConfig
-from flaxlm.data.corpus import resolve_files
-from flaxlm.data.tokenizer import ByteTokenizer
+from flaxlm.data import sources
+from flaxlm.data.packing import pack, pack_documents, padding_fraction  # noqa: F401 (API)
+from flaxlm.data.tokenize import STATS, tokenize_documents  # noqa: F401 (API)
+from flaxlm.data.tokenizer import Tokenizer, from_config
 
 # TensorFlow only feeds data here: keep it off any accelerator that JAX is going to use.
 tf.config.set_visible_devices([], "GPU")
 
 Batch = dict[str, np.ndarray]
+SHARDS_FILE = "num_shards.json"
 
 
-def _jsonl_text(line: tf.Tensor) -> tf.Tensor:
-    def parse(raw: bytes) -> bytes:
-        try:
-            text = json.loads(raw.decode("utf-8")).get("text", "")
-        except (ValueError, AttributeError):
-            text = ""  # a malformed line is skipped (as an empty document), not fatal
-        return str(text).encode("utf-8")
-
-    return tf.numpy_function(parse, [line], tf.string, stateful=False)
+def tokenizer(cfg: DataConfig) -> Tokenizer:
+    """The configured tokenizer, checked against nothing but its own files."""
+    return from_config(cfg.tokenizer, cfg.tokenizer_path)
 
 
-def _documents(file_ds: tf.data.Dataset) -> tf.data.Dataset:
-    """File names -> document texts (a .txt file is one document, a .jsonl line is one)."""
-
-    def read(path: tf.Tensor) -> tf.data.Dataset:
-        is_jsonl = tf.strings.regex_full_match(path, r".*\.jsonl")
-        return tf.cond(
-            is_jsonl,
-            lambda: tf.data.TextLineDataset(path).map(_jsonl_text).map(lambda t: tf.reshape(t, [])),
-            lambda: tf.data.Dataset.from_tensors(tf.io.read_file(path)),
-        )
-
-    return file_ds.flat_map(read).filter(lambda text: tf.strings.length(text) > 0)
+def _options() -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True
+    # The JSON parser and library tokenizers are pure numpy_functions; their absence of state is
+    # safe to ignore when the iterator is checkpointed.
+    options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
+    return options
 
 
-def _tokenize(cfg: DataConfig):
-    tok = ByteTokenizer
-
-    def fn(text: tf.Tensor) -> tf.Tensor:
-        ids = tf.cast(tf.io.decode_raw(text, tf.uint8), tf.int32)
-        parts = []
-        if cfg.add_bos:
-            parts.append(tf.constant([tok.bos_id], tf.int32))
-        parts.append(ids)
-        if cfg.add_eos:
-            parts.append(tf.constant([tok.eos_id], tf.int32))
-        return tf.concat(parts, axis=0)
-
-    return fn
-
-
-def _row_features(tokens: tf.Tensor, doc_ids: tf.Tensor) -> dict[str, tf.Tensor]:
-    """Segment ids 1..k and positions that restart at each document start within the row."""
-    segments = tf.cast(doc_ids - doc_ids[0], tf.int32)  # contiguous and sorted: 0..k-1
-    index = tf.range(tf.shape(tokens)[0], dtype=tf.int32)
-    starts = tf.math.segment_min(index, segments)
-    positions = index - tf.gather(starts, segments)
-    return {"tokens": tokens, "segment_ids": segments + 1, "positions": positions}
-
-
-def pack(token_ds: tf.data.Dataset, seq_len: int) -> tf.data.Dataset:
-    """Concatenates tokenized documents and cuts rows of exactly seq_len tokens."""
-    tagged = token_ds.enumerate().map(
-        lambda i, toks: (toks, tf.fill(tf.shape(toks), i)), num_parallel_calls=tf.data.AUTOTUNE
+def _documents(cfg: DataConfig, seed: int, shard: int, num_shards: int) -> tf.data.Dataset:
+    """Endless document texts of one data shard (a weighted mixture if so configured)."""
+    parts = sources.components(cfg)
+    # Each shard has its own seeds; shard 0 of 1 uses the seed itself.
+    file_seed = seed + 1_000_003 * shard
+    streams = [
+        sources.shard_documents(src, cfg.cache_dir, file_seed + 7919 * i, shard, num_shards, where)
+        for i, (src, _, where) in enumerate(parts)
+    ]
+    if len(streams) == 1:
+        return streams[0]
+    weights = [w / sum(w for _, w, _ in parts) for _, w, _ in parts]
+    return tf.data.Dataset.sample_from_datasets(
+        streams, weights=weights, seed=file_seed + 1, rerandomize_each_iteration=False
     )
-    rows = tagged.unbatch().batch(seq_len, drop_remainder=True)
-    return rows.map(_row_features, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def _local_batch_size(cfg: DataConfig, process_count: int) -> int:
-    if cfg.global_batch_size % process_count:
+def shard_dataset(
+    cfg: DataConfig, seed: int, shard: int, num_shards: int, tok: Tokenizer | None = None
+) -> tf.data.Dataset:
+    """Endless, shuffled row-blocks (global_batch / V rows) of data shard k of V."""
+    tok = tok or tokenizer(cfg)
+    docs = _documents(cfg, seed, shard, num_shards)
+    ds = tokenize_documents(docs, tok, cfg.add_bos, cfg.add_eos, with_bytes=False)
+    ds = pack_documents(ds, cfg.seq_len, cfg.packing)
+    if cfg.shuffle_buffer > 1:
+        ds = ds.shuffle(
+            cfg.shuffle_buffer, seed=seed + 1 + 1_000_003 * shard, reshuffle_each_iteration=True
+        )
+    ds = ds.batch(cfg.global_batch_size // num_shards, drop_remainder=True)
+    return ds.with_options(_options()).prefetch(tf.data.AUTOTUNE)
+
+
+def owned_shards(num_shards: int, process_index: int, process_count: int) -> range:
+    """The data shards process p of P reads: [p*V/P, (p+1)*V/P)."""
+    if num_shards % process_count:
+        raise ConfigError(
+            f"data.num_shards={num_shards} is not a multiple of the {process_count} processes; "
+            "each process reads an equal number of data shards (set data.num_shards to a "
+            "multiple of the process count; a resumed run keeps the value of its checkpoint)"
+        )
+    per = num_shards // process_count
+    return range(process_index * per, (process_index + 1) * per)
+
+
+def check_shards(cfg: DataConfig, num_shards: int) -> None:
+    if cfg.global_batch_size % num_shards:
         raise ConfigError(
             f"data.global_batch_size={cfg.global_batch_size} is not divisible by the "
-            f"{process_count} processes; each process feeds an equal share"
+            f"{num_shards} data shards (data.num_shards, or the process count when it is 0); "
+            "each data shard gives an equal block of rows"
         )
-    return cfg.global_batch_size // process_count
+
+
+def train_iterator(
+    cfg: DataConfig,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_shards: int | None = None,
+) -> DataIterator:
+    """The checkpointable iterator of this process's batches of the train split.
+
+    num_shards: the V of a checkpoint being resumed; else data.num_shards, else process_count.
+    """
+    v = num_shards or cfg.num_shards or process_count
+    check_shards(cfg, v)
+    shards = owned_shards(v, process_index, process_count)
+    tok = tokenizer(cfg)
+    return DataIterator({k: shard_dataset(cfg, seed, k, v, tok) for k in shards}, v)
 
 
 def train_dataset(
     cfg: DataConfig, seed: int, process_index: int = 0, process_count: int = 1
 ) -> tf.data.Dataset:
-    """Endless, shuffled, packed batches of this process's share of the train split."""
-    files = resolve_files(cfg, "train")
-    if len(files) < process_count:
-        raise ConfigError(
-            f"the train split has {len(files)} files but {process_count} processes read it, "
-            "each a disjoint share of the files; split the corpus into more files"
-        )
-    local_batch = _local_batch_size(cfg, process_count)
-    ds = tf.data.Dataset.from_tensor_slices(files).shard(process_count, process_index)
-    # Shuffle file order anew each epoch; the order is a function of the seed alone.
-    ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True).repeat()
-    ds = _documents(ds).map(_tokenize(cfg), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = pack(ds, cfg.seq_len)
-    if cfg.shuffle_buffer > 1:
-        ds = ds.shuffle(cfg.shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=True)
-    ds = ds.batch(local_batch, drop_remainder=True)
-    options = tf.data.Options()
-    options.deterministic = True
-    # The JSON parser is a pure numpy_function; its absence of state is safe to ignore when the
-    # iterator is checkpointed.
-    options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
-    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+    """This process's batches as one tf.data dataset (its shards zipped and concatenated).
+
+    For reading, benchmarks and tests; training uses `train_iterator`, whose position is saved
+    per data shard.
+    """
+    v = cfg.num_shards or process_count
+    check_shards(cfg, v)
+    tok = tokenizer(cfg)
+    parts = [
+        shard_dataset(cfg, seed, k, v, tok) for k in owned_shards(v, process_index, process_count)
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    return tf.data.Dataset.zip(tuple(parts)).map(
+        lambda *bs: {key: tf.concat([b[key] for b in bs], axis=0) for key in bs[0]}
+    )
 
 
 def eval_batches(cfg: DataConfig, process_index: int = 0, process_count: int = 1) -> list[Batch]:
     """The fixed eval set: the first `eval_batches` global batches of the eval split, in order.
 
     Every process packs the whole (small) eval split and keeps its rows of each global batch.
+    Rows carry `bytes` (bytes of text per token) for bits per byte.
     """
-    files = resolve_files(cfg, "eval")
-    local_batch = _local_batch_size(cfg, process_count)
-    ds = _documents(tf.data.Dataset.from_tensor_slices(files)).map(_tokenize(cfg))
-    ds = pack(ds, cfg.seq_len).batch(cfg.global_batch_size, drop_remainder=True)
+    if cfg.global_batch_size % process_count:
+        raise ConfigError(
+            f"data.global_batch_size={cfg.global_batch_size} is not divisible by the "
+            f"{process_count} processes; each process feeds an equal share"
+        )
+    local_batch = cfg.global_batch_size // process_count
+    parts = sources.components(cfg)
+    streams = [sources.eval_documents(src, cfg.cache_dir, where) for src, _, where in parts]
+    if len(streams) == 1:
+        docs = streams[0]
+    else:
+        weights = [w / sum(w for _, w, _ in parts) for _, w, _ in parts]
+        docs = tf.data.Dataset.sample_from_datasets(streams, weights=weights, seed=0)
+    ds = tokenize_documents(docs, tokenizer(cfg), cfg.add_bos, cfg.add_eos)
+    ds = pack_documents(ds, cfg.seq_len, cfg.packing, with_bytes=True)
+    ds = ds.batch(cfg.global_batch_size, drop_remainder=True).with_options(_options())
     batches = []
     lo, hi = process_index * local_batch, (process_index + 1) * local_batch
     for batch in ds.take(cfg.eval_batches).as_numpy_iterator():
         batches.append({k: v[lo:hi] for k, v in batch.items()})
     if not batches:
         raise ConfigError(
-            f"the eval split ({len(files)} files) has fewer than seq_len x global_batch_size = "
-            f"{cfg.seq_len * cfg.global_batch_size} tokens; add eval data or shrink the batch"
+            f"the eval split ({', '.join(w for _, _, w in parts)}) has fewer than seq_len x "
+            f"global_batch_size = {cfg.seq_len * cfg.global_batch_size} tokens; add eval data "
+            "or shrink the batch"
         )
     return batches
 
 
 class DataIterator:
-    """A checkpointable iterator of numpy batches over a tf.data dataset."""
+    """A checkpointable iterator of numpy batches over one or more data-shard datasets.
 
-    def __init__(self, ds: tf.data.Dataset):
-        self._iterator = iter(ds)
-        self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
+    `DataIterator(ds)` wraps a single dataset as shard 0 of 1 (tests, tools); `train_iterator`
+    gives {shard k: dataset} for the shards this process owns.
+    """
+
+    def __init__(self, datasets: dict[int, tf.data.Dataset] | tf.data.Dataset, num_shards=None):
+        if isinstance(datasets, tf.data.Dataset):
+            datasets = {0: datasets}
+        self.num_shards = num_shards or len(datasets)
+        self.shards = sorted(datasets)
+        self._iterators = {k: iter(datasets[k]) for k in self.shards}
+        self._checkpoints = {
+            k: tf.train.Checkpoint(iterator=it) for k, it in self._iterators.items()
+        }
 
     def __iter__(self) -> DataIterator:
         return self
 
     def __next__(self) -> Batch:
-        return {k: v.numpy() for k, v in next(self._iterator).items()}
+        blocks = [next(self._iterators[k]) for k in self.shards]
+        if len(blocks) == 1:
+            return {key: v.numpy() for key, v in blocks[0].items()}
+        return {key: np.concatenate([b[key].numpy() for b in blocks]) for key in blocks[0]}
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Writes the iterator position under directory (a file prefix per process)."""
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        self._checkpoint.write(os.path.join(directory, "iterator"))
+        """Writes each owned shard's position under directory/shard_<k>/, and V."""
+        for k in self.shards:
+            path = Path(directory) / f"shard_{k}"
+            path.mkdir(parents=True, exist_ok=True)
+            self._checkpoints[k].write(os.fspath(path / "iterator"))
+        if self.shards[0] == 0:  # the owner of shard 0 records V, once
+            (Path(directory) / SHARDS_FILE).write_text(json.dumps({"num_shards": self.num_shards}))
 
     def restore(self, directory: str | os.PathLike) -> None:
-        self._checkpoint.read(os.path.join(directory, "iterator")).assert_consumed()
+        """Reads each owned shard's position; the checkpoint must have the same V."""
+        saved = saved_num_shards(directory)
+        if saved is not None and saved != self.num_shards:
+            raise ConfigError(
+                f"{directory} holds the positions of {saved} data shards, but this iterator "
+                f"has {self.num_shards}; build it with num_shards={saved}"
+            )
+        for k in self.shards:
+            path = Path(directory) / f"shard_{k}"
+            if not path.exists():
+                raise FileNotFoundError(
+                    f"{directory} has no position for data shard {k} (it holds "
+                    f"{sorted(p.name for p in Path(directory).iterdir())})"
+                )
+            self._checkpoints[k].read(os.fspath(path / "iterator")).assert_consumed()
+
+
+def saved_num_shards(directory: str | os.PathLike) -> int | None:
+    """The V recorded in a saved data position, or None (none there)."""
+    path = Path(directory) / SHARDS_FILE
+    if not path.is_file():
+        return None
+    return int(json.loads(path.read_text())["num_shards"])

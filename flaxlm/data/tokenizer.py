@@ -1,9 +1,14 @@
-"""Tokenizers: bytes (the training pipeline's), and Hugging Face `tokenizer.json` files.
+"""Tokenizers: bytes, SentencePiece models, and Hugging Face `tokenizer.json` files.
 
 Byte ids are the byte values themselves (0..255), so tokenization is a reinterpretation of the
-UTF-8 bytes and runs inside the tf.data graph (`tf.io.decode_raw`). Every model vocabulary is at
+UTF-8 bytes and runs inside the tf.data graph (`tf.io.decode_raw`). SentencePiece and Hugging
+Face tokenizers run in the pipeline's parallel map workers on batches of documents, through their
+libraries' (multi-threaded) batch encoders (`flaxlm.data.tokenize`). Every model vocabulary is at
 least `vocab_size` wide; models usually pad it to a multiple of 64 for fast matmuls. Imported
 models (`flaxlm convert from-hf`) bring their own tokenizer, used for prompts and outputs.
+
+Besides ids, `encode_with_bytes` gives how many bytes of the UTF-8 text each token stands for
+(0 for BOS/EOS), so that bits per byte count bytes of text whatever the tokenizer.
 """
 
 from __future__ import annotations
@@ -32,6 +37,13 @@ class ByteTokenizer:
         data = bytes(int(i) for i in ids if 0 <= int(i) < 256)
         return data.decode("utf-8", errors="replace")
 
+    def encode_with_bytes(
+        self, texts: Sequence[bytes], add_bos: bool, add_eos: bool, with_bytes: bool = True
+    ):
+        return _with_specials(
+            [list(t) for t in texts], [[1] * len(t) for t in texts], self, add_bos, add_eos
+        )
+
     @staticmethod
     def is_byte(ids: np.ndarray) -> np.ndarray:
         """True where an id stands for one byte of text (for bits-per-byte accounting)."""
@@ -50,6 +62,7 @@ class HFTokenizer:
         from tokenizers import Tokenizer
 
         directory = Path(directory)
+        self.directory = directory
         self._tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
         self.vocab_size = self._tok.get_vocab_size()
         self.eos_id = self._special_id(directory, "eos")
@@ -84,10 +97,153 @@ class HFTokenizer:
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
+    def encode_with_bytes(
+        self, texts: Sequence[bytes], add_bos: bool, add_eos: bool, with_bytes: bool = True
+    ):
+        """Batch-encodes UTF-8 texts (the library encodes the batch on all cores)."""
+        strings = [t.decode("utf-8", errors="replace") for t in texts]
+        if not with_bytes:  # training needs ids alone: the fast path, no offsets
+            ids = self._tok.encode_batch_fast(strings, add_special_tokens=False)
+            ids = [e.ids for e in ids]
+            return _with_specials(ids, [[0] * len(i) for i in ids], self, add_bos, add_eos)
+        encodings = self._tok.encode_batch(strings, add_special_tokens=False)
+        ids, nbytes = [], []
+        for text, enc in zip(strings, encodings, strict=True):
+            ids.append(enc.ids)
+            nbytes.append(_bytes_per_token(text, [end for _, end in enc.offsets]))
+        return _with_specials(ids, nbytes, self, add_bos, add_eos)
 
-def load_tokenizer(run_dir: str | Path) -> ByteTokenizer | HFTokenizer:
-    """The run's tokenizer: its `tokenizer/tokenizer.json` if it has one, else bytes."""
+
+class SentencePieceTokenizer:
+    """A SentencePiece model file (`.model`), for example one trained by
+    `flaxlm tokenizer train`. BOS/EOS are the model's own ids (`bos_id`, `eos_id`)."""
+
+    def __init__(self, model_file: str | Path):
+        import sentencepiece as spm
+
+        self.path = Path(model_file)
+        self._sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        self.vocab_size = self._sp.get_piece_size()
+        self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+        self.eos_id = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
+        self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else 0
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        ids = self._sp.encode(text)
+        return (
+            ([self.bos_id] if add_bos and self.bos_id is not None else [])
+            + ids
+            + ([self.eos_id] if add_eos and self.eos_id is not None else [])
+        )
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        keep = [int(i) for i in ids if int(i) not in (self.bos_id, self.eos_id, self.pad_id)]
+        return self._sp.decode(keep)
+
+    def encode_with_bytes(
+        self, texts: Sequence[bytes], add_bos: bool, add_eos: bool, with_bytes: bool = True
+    ):
+        """Batch-encodes UTF-8 texts; SentencePiece's batch encoder uses all cores."""
+        strings = [t.decode("utf-8", errors="replace") for t in texts]
+        if not with_bytes:  # training needs ids alone: no per-piece offsets
+            ids = self._sp.encode(strings, num_threads=-1)
+            return _with_specials(ids, [[0] * len(i) for i in ids], self, add_bos, add_eos)
+        protos = self._sp.encode(strings, return_type="proto", num_threads=-1)
+        ids, nbytes = [], []
+        for text, proto in zip(strings, protos, strict=True):
+            ids.append([p.id for p in proto.pieces])
+            # `end` is a byte offset into the UTF-8 text of this piece's end.
+            ends = [p.end for p in proto.pieces]
+            nbytes.append(_byte_ends_to_counts(ends, len(text.encode("utf-8"))))
+        return _with_specials(ids, nbytes, self, add_bos, add_eos)
+
+
+Tokenizer = ByteTokenizer | HFTokenizer | SentencePieceTokenizer
+
+
+def _byte_ends_to_counts(ends: list[int], total: int) -> list[int]:
+    """Bytes per token from each token's end offset: the sum is exactly the text's bytes.
+
+    Tokens that overlap (a multi-byte character split over byte-level tokens) or whose offsets
+    are not increasing get 0 bytes; the last token takes the rest of the text.
+    """
+    counts, covered = [], 0
+    for end in ends:
+        end = min(max(end, covered), total)
+        counts.append(end - covered)
+        covered = end
+    if counts:
+        counts[-1] += total - covered
+    return counts
+
+
+def _bytes_per_token(text: str, char_ends: list[int]) -> list[int]:
+    """Character end offsets -> bytes of UTF-8 text per token."""
+    if text.isascii():
+        return _byte_ends_to_counts(char_ends, len(text))
+    cumulative = np.concatenate([[0], np.cumsum([len(c.encode("utf-8")) for c in text])])
+    byte_ends = [int(cumulative[min(e, len(text))]) for e in char_ends]
+    return _byte_ends_to_counts(byte_ends, int(cumulative[-1]))
+
+
+def _with_specials(ids, nbytes, tok, add_bos: bool, add_eos: bool):
+    """Adds BOS/EOS (0 bytes each) to every document when the config asks for them."""
+    bos = [tok.bos_id] if add_bos and tok.bos_id is not None else []
+    eos = [tok.eos_id] if add_eos and tok.eos_id is not None else []
+    zb, ze = [0] * len(bos), [0] * len(eos)
+    return [bos + i + eos for i in ids], [zb + b + ze for b in nbytes]
+
+
+def from_config(kind: str, path: str | None) -> Tokenizer:
+    """The data pipeline's tokenizer from `data.tokenizer` and `data.tokenizer_path`."""
+    from flaxlm.config import ConfigError
+
+    if kind == "byte":
+        return ByteTokenizer()
+    if not path:
+        raise ConfigError(f"data.tokenizer={kind} needs data.tokenizer_path")
+    p = Path(path).expanduser()
+    if kind == "sentencepiece":
+        if not p.is_file():
+            raise ConfigError(
+                f"data.tokenizer_path={path}: no SentencePiece model file there; train one with "
+                "`flaxlm tokenizer train --config C --vocab-size N --output DIR`"
+            )
+        return SentencePieceTokenizer(p)
+    if kind == "hf":
+        directory = p.parent if p.name == "tokenizer.json" else p
+        if not (directory / "tokenizer.json").is_file():
+            raise ConfigError(
+                f"data.tokenizer_path={path}: no tokenizer.json there (give the file or its "
+                "directory, for example a Hugging Face model directory)"
+            )
+        return HFTokenizer(directory)
+    raise ConfigError(f"data.tokenizer={kind!r} is not one of byte, sentencepiece, hf")
+
+
+SENTENCEPIECE_FILE = "sentencepiece.model"
+
+
+def save_to_run(tok: Tokenizer, run_dir: str | Path) -> None:
+    """Copies a trained-with tokenizer into RUN_DIR/tokenizer/ for generate and eval."""
+    import shutil
+
+    directory = Path(run_dir) / "tokenizer"
+    if isinstance(tok, SentencePieceTokenizer):
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tok.path, directory / SENTENCEPIECE_FILE)
+    elif isinstance(tok, HFTokenizer):
+        directory.mkdir(parents=True, exist_ok=True)
+        for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+            if (tok.directory / name).is_file() and tok.directory != directory:
+                shutil.copy(tok.directory / name, directory / name)
+
+
+def load_tokenizer(run_dir: str | Path) -> Tokenizer:
+    """The run's tokenizer: its `tokenizer/tokenizer.json` or SentencePiece model, else bytes."""
     directory = Path(run_dir) / "tokenizer"
     if (directory / "tokenizer.json").is_file():
         return HFTokenizer(directory)
+    if (directory / SENTENCEPIECE_FILE).is_file():
+        return SentencePieceTokenizer(directory / SENTENCEPIECE_FILE)
     return ByteTokenizer()

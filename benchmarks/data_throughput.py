@@ -1,0 +1,92 @@
+"""Input pipeline throughput against what the training step consumes, measured in one run.
+
+    python benchmarks/data_throughput.py [--config configs/quickstart.yaml] [--batches 200]
+        [--sp-vocab 1024] [--train-steps 20]
+
+1. Trains the train step of the config (compiled and warmed up first) on a fixed batch and
+   measures the tokens/s it consumes on this machine (the pipeline is not involved).
+2. Times the pipeline alone (train split, this process's batches, tokenized, packed, shuffled)
+   for the byte tokenizer and for a SentencePiece model trained on the same corpus, after a
+   warm-up of a few batches.
+3. Prints one JSON line per tokenizer with tokens/s of each and the ratio pipeline / train step
+   (the target is at least 10), plus the padding fraction of the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from flaxlm import config
+from flaxlm.data import pipeline
+from flaxlm.data.train_tokenizer import train_sentencepiece
+from flaxlm.mesh import make_mesh
+from flaxlm.train import Trainer
+
+
+def train_tokens_per_second(cfg, steps: int) -> float:
+    trainer = Trainer(cfg, make_mesh(cfg))
+    state = trainer.init_state(0)
+    batch = trainer.global_batch(next(pipeline.train_iterator(cfg.data, 0)))
+    for _ in range(3):  # compile and warm up
+        state, metrics = trainer.train_step(state, batch)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = trainer.train_step(state, batch)
+    jax.block_until_ready(metrics)
+    elapsed = time.perf_counter() - start
+    return steps * cfg.data.global_batch_size * cfg.data.seq_len / elapsed
+
+
+def pipeline_tokens_per_second(data_cfg, batches: int) -> tuple[float, float]:
+    it = iter(pipeline.train_dataset(data_cfg, seed=0).as_numpy_iterator())
+    for _ in range(5):  # warm up: file reads, tokenizer loading, the shuffle buffer
+        next(it)
+    start = time.perf_counter()
+    padding = []
+    for _ in range(batches):
+        batch = next(it)
+        padding.append(pipeline.padding_fraction(batch))
+    elapsed = time.perf_counter() - start
+    tokens = batches * data_cfg.global_batch_size * data_cfg.seq_len
+    return tokens / elapsed, float(np.mean(padding))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="configs/quickstart.yaml")
+    parser.add_argument("--batches", type=int, default=200)
+    parser.add_argument("--train-steps", type=int, default=20)
+    parser.add_argument("--sp-vocab", type=int, default=1024)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    cfg = config.load(args.config, args.overrides)
+    train = train_tokens_per_second(cfg, args.train_steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        sp = train_sentencepiece(cfg.data, args.sp_vocab, tmp, max_bytes=2_000_000)
+        sp_cfg = config.load(
+            args.config,
+            [*args.overrides, "data.tokenizer=sentencepiece", f"data.tokenizer_path={sp}"],
+        )
+        for name, data_cfg in (("byte", cfg.data), ("sentencepiece", sp_cfg.data)):
+            rate, padding = pipeline_tokens_per_second(data_cfg, args.batches)
+            record = {
+                "config": args.config,
+                "tokenizer": name,
+                "pipeline_tokens_per_second": round(rate),
+                "train_step_tokens_per_second": round(train),
+                "ratio": round(rate / train, 1),
+                "padding_fraction": padding,
+                "devices": jax.device_count(),
+            }
+            print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main()
