@@ -6,6 +6,7 @@ so runs with different vocabularies compare on it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,7 @@ def open_run(
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a flaxlm run directory: it has no config.yaml")
     cfg, devices = _local_mesh_config(path, overrides)
+    cfg = with_run_tokenizer(cfg, run_dir)
     checkpointer = Checkpointer(run_dir, cfg.checkpoint)
     if not checkpointer.all_steps():
         checkpointer.close()
@@ -99,6 +101,22 @@ def load_run(
     params = checkpointer.restore_params(step, trainer.abstract_state.params)
     checkpointer.close()
     return cfg, trainer, params, step
+
+
+def with_run_tokenizer(cfg: Config, run_dir: str | Path) -> Config:
+    """cfg reading the copy of its tokenizer in RUN_DIR/tokenizer/ when the configured file is
+    gone (a run directory moved to another machine keeps working)."""
+    from flaxlm.data.tokenizer import SENTENCEPIECE_FILE
+
+    d = cfg.data
+    if d.tokenizer == "byte" or (d.tokenizer_path and Path(d.tokenizer_path).expanduser().exists()):
+        return cfg
+    copy = Path(run_dir) / "tokenizer"
+    copy = copy / SENTENCEPIECE_FILE if d.tokenizer == "sentencepiece" else copy / "tokenizer.json"
+    if not copy.is_file():
+        return cfg  # the pipeline's own error names the missing path
+    data = dataclasses.replace(d, tokenizer_path=str(copy))
+    return dataclasses.replace(cfg, data=data)
 
 
 def check_tokenizer(run_dir: str | Path, cfg: Config):

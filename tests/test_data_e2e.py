@@ -60,3 +60,8 @@ def test_train_and_eval_with_sentencepiece_on_a_local_tfds_dataset(tmp_path, cor
     assert 0 < result["bits_per_byte"] < 0.8 * result["loss"] / math.log(2)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["final_eval"]["tokens"] == result["tokens"]
+
+    # The run carries its tokenizer: evaluation still works once the original file is gone.
+    model.unlink()
+    again = json.loads(flaxlm("eval", "--checkpoint", str(run), devices=2).stdout)
+    assert again == result
