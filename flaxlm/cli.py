@@ -6,6 +6,10 @@
                     [--seed S]
     flaxlm export   --checkpoint RUN_DIR [--step N] DST
     flaxlm convert  {from-hf|to-hf} SRC DST
+    flaxlm bench    --config configs/X.yaml [--steps N] [--warmup N] [key.sub=value ...]
+    flaxlm sweep    mesh --config C --meshes 1x1x1 8x1x1 ... [--out DIR] [key.sub=value ...]
+    flaxlm sweep    models --config C --models PRESET.yaml ... [--out DIR] [key.sub=value ...]
+    flaxlm scaling  --config LADDER.yaml [--out DIR] [key.sub=value ...]
 
 Results go to stdout (`eval` prints one JSON object per line, `generate` the text); progress and
 errors go to stderr. Exit status: 0 on success; 2 on a bad input and 1 on a failed run (NaN loss,
@@ -58,7 +62,93 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("dst", help="from-hf: a new run directory; to-hf: a new model directory")
     conv.add_argument("--step", type=int, default=None, help="to-hf: checkpoint step")
     conv.add_argument("overrides", nargs="*", help="from-hf: key.sub=value for the run config")
+    _add_bench_parsers(sub)
     return parser
+
+
+def _add_bench_parsers(sub) -> None:
+    """`bench`, `sweep` and `scaling`: throughput, scaling over meshes and sizes, scaling laws."""
+
+    def timing(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+        p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+
+    bench = sub.add_parser("bench", help="time the train step: tokens/s, MFU, memory (JSON)")
+    bench.add_argument("--config", required=True, help="YAML config file")
+    timing(bench)
+    bench.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+
+    sweep = sub.add_parser("sweep", help="bench over mesh shapes or model sizes: CSV, JSON, PNG")
+    sweep.add_argument("kind", choices=["mesh", "models"])
+    sweep.add_argument("--config", required=True, help="YAML config file")
+    sweep.add_argument("--meshes", nargs="+", default=[], help="mesh: DATAxFSDPxTENSOR shapes")
+    sweep.add_argument("--models", nargs="+", default=[], help="models: model preset YAML files")
+    sweep.add_argument(
+        "--per-device-batch",
+        type=int,
+        default=None,
+        help="mesh: global batch = this x data x fsdp (weak scaling; default: the config's batch)",
+    )
+    sweep.add_argument("--out", default="runs/sweep", help="directory for KIND.csv/.json/.png")
+    timing(sweep)
+    sweep.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+
+    scaling = sub.add_parser("scaling", help="train a ladder of models, fit loss against compute")
+    scaling.add_argument("--config", required=True, help="ladder YAML (configs/scaling/)")
+    scaling.add_argument("--out", default="runs/scaling", help="directory for the results")
+    scaling.add_argument("overrides", nargs="*", help="key.sub=value overrides for every run")
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from flaxlm import config as config_lib
+    from flaxlm.bench import bench
+
+    cfg = config_lib.load(args.config, args.overrides)
+    print(json.dumps(bench(cfg, args.steps, args.warmup)), flush=True)
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from flaxlm import config as config_lib
+    from flaxlm import sweep
+    from flaxlm.config import ConfigError
+
+    if args.kind == "mesh":
+        if not args.meshes:
+            raise ConfigError("flaxlm sweep mesh needs --meshes, for example 1x1x1 8x1x1 2x2x2")
+        cfg = config_lib.load(args.config, args.overrides)
+        points = sweep.mesh_sweep(cfg, args.meshes, args.steps, args.warmup, args.per_device_batch)
+    else:
+        if not args.models:
+            raise ConfigError("flaxlm sweep models needs --models, a list of model preset files")
+        points = sweep.model_sweep(
+            args.config, args.models, args.overrides, args.steps, args.warmup
+        )
+    records = []
+    for record in points:
+        print(json.dumps(record), flush=True)
+        records.append(record)
+    paths = sweep.write_sweep(records, Path(args.out), args.kind)
+    print(f"wrote {', '.join(map(str, paths))}", file=sys.stderr)
+
+
+def _scaling(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from flaxlm import scaling
+
+    ladder, experiment = scaling.load_ladder(args.config)
+    runs, skipped = scaling.plan(ladder, experiment, args.overrides)
+    for note in skipped:
+        print(f"skipped {note}", file=sys.stderr)
+    records = []
+    for record in scaling.run_ladder(runs):
+        print(json.dumps(record), flush=True)
+        records.append(record)
+    fit, paths = scaling.write_results(records, Path(args.out))
+    print(json.dumps({"fit": fit}), flush=True)
+    print(f"wrote {', '.join(map(str, paths))}", file=sys.stderr)
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -140,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
             "generate": _generate,
             "export": _export,
             "convert": _convert,
+            "bench": _bench,
+            "sweep": _sweep,
+            "scaling": _scaling,
         }
         commands[args.command](args)
     except (ConfigError, FileNotFoundError) as e:

@@ -497,3 +497,15 @@ def check_divisibility(cfg: Config, sizes: dict[str, int]) -> None:
                 f"{named} does not divide {key}={value} (logical axis {logical!r} is sharded "
                 f"over {known}); change the mesh or mesh.rules.{logical}"
             )
+
+
+def load_files(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> Config:
+    """Loads several config files merged in order (each after its own defaults), then overrides.
+
+    `load_files([experiment, preset])` runs an experiment with another model preset: the later
+    file's keys win. Validated like `load`.
+    """
+    nodes = [node for path in paths for node in _read_yaml_tree(Path(path))]
+    cfg = _merge(nodes, overrides, " + ".join(str(p) for p in paths))
+    validate(cfg)
+    return cfg

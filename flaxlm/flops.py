@@ -92,3 +92,11 @@ def total_peak_flops(configured_per_device: float | None = None) -> float | None
         if kind.startswith(name):
             return peak * len(devices)
     return None
+
+
+def table_peak_flops(device_kind: str) -> float | None:
+    """Dense bf16 peak FLOP/s of one device of this kind from the table, or None if unknown."""
+    for name, peak in _PEAK_FLOPS.items():
+        if device_kind.startswith(name):
+            return peak
+    return None
