@@ -5,7 +5,9 @@
 A ladder file (`LadderConfig`) names an experiment config, the models (each a list of overrides
 of it) and the compute budgets in training FLOPs. Every (model, budget) pair trains a fresh model
 for steps = budget / (FLOPs per token x tokens per step) on the experiment's dataset, with its
-learning-rate schedule stretched over those steps, then measures the loss on the held-out split.
+learning-rate schedule stretched over those steps, then measures the loss on the held-out split
+(with `shared_runs: true`, one constant-rate run per model is evaluated at each budget instead:
+cheaper, see `LadderConfig`).
 Pairs that would train fewer than `min_steps` or more than `max_steps` steps are skipped (too
 small a model for the budget, or too big).
 
@@ -31,7 +33,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from flaxlm import config as config_lib
-from flaxlm.config import Config, ConfigError
+from flaxlm.config import Config, ConfigError, Decay
 from flaxlm.data import pipeline
 from flaxlm.evaluate import evaluate
 from flaxlm.flops import analytic_param_count, flops_per_token
@@ -57,6 +59,12 @@ class LadderConfig:
     overrides: list[str] = dataclasses.field(default_factory=list)
     min_steps: int = 20
     max_steps: int = 100_000
+    # False: one run per (model, budget), its learning-rate schedule spanning exactly that budget
+    # (Chinchilla's approach 1). True: one run per model at a constant learning rate after
+    # warm-up, evaluated when it has spent each budget (Kaplan-style learning curves): one
+    # compilation and the largest budget's compute per model, which is what keeps a CPU ladder
+    # within minutes; without a cool-down its losses sit a little above the separate runs'.
+    shared_runs: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,81 +108,119 @@ def run_flops_per_step(cfg: Config) -> float:
 def plan(
     ladder: LadderConfig, config_path: Path, overrides: Sequence[str] = ()
 ) -> tuple[list[PlannedRun], list[str]]:
-    """The runs of the ladder (model-major order) and a note for each skipped pair."""
+    """The runs of the ladder (model-major order) and a note for each skipped pair.
+
+    With `shared_runs`, the runs of one model share one config (trained once, evaluated at each
+    run's step count); otherwise each has its own, with its schedule spanning its steps.
+    """
     runs, skipped = [], []
     for rung in ladder.models:
         cfg = config_lib.load(config_path, [*ladder.overrides, *rung.overrides, *overrides])
         per_step = run_flops_per_step(cfg)
+        steps_of = {}
         for budget in sorted(ladder.budgets):
             steps = round(budget / per_step)
-            if not ladder.min_steps <= steps <= ladder.max_steps:
+            if ladder.min_steps <= steps <= ladder.max_steps:
+                steps_of[budget] = steps
+            else:
                 skipped.append(
                     f"{rung.name} at {budget:.3g} FLOPs: {steps} steps, outside "
                     f"[{ladder.min_steps}, {ladder.max_steps}]"
                 )
-                continue
-            # The schedule spans the run (each budget is its own run, as in Chinchilla's fits);
-            # warm-up never takes more than a tenth of it.
-            warmup = min(cfg.optimizer.warmup_steps, steps // 10)
-            run_cfg = config_lib.replace(
-                cfg, train={"steps": steps}, optimizer={"warmup_steps": warmup}
+        if not steps_of:
+            continue
+        if ladder.shared_runs:
+            # One constant-rate run as long as the largest budget; warm-up ends before the first
+            # evaluation.
+            warmup = min(cfg.optimizer.warmup_steps, min(steps_of.values()) // 10)
+            shared = config_lib.replace(
+                cfg,
+                train={"steps": max(steps_of.values())},
+                optimizer={"warmup_steps": warmup, "decay": Decay.constant},
             )
+        for budget, steps in steps_of.items():
+            if ladder.shared_runs:
+                run_cfg = shared
+            else:
+                # The schedule spans the run (each budget its own run, as in Chinchilla's fits);
+                # warm-up never takes more than a tenth of it.
+                warmup = min(cfg.optimizer.warmup_steps, steps // 10)
+                run_cfg = config_lib.replace(
+                    cfg, train={"steps": steps}, optimizer={"warmup_steps": warmup}
+                )
             runs.append(PlannedRun(rung.name, budget, steps, run_cfg))
     return runs, skipped
 
 
-def train_and_evaluate(cfg: Config) -> dict[str, Any]:
-    """Trains cfg from scratch for train.steps steps (no checkpoints) and evaluates it."""
+def train_and_evaluate(cfg: Config, eval_steps: Sequence[int]) -> Iterator[dict[str, Any]]:
+    """Trains cfg from scratch (no checkpoints); at each of eval_steps, evaluates and yields."""
     start = time.perf_counter()
     trainer = Trainer(cfg, make_mesh(cfg))
     pid, count = jax.process_index(), jax.process_count()
     data = pipeline.DataIterator(pipeline.train_dataset(cfg.data, cfg.train.seed, pid, count))
     eval_set = pipeline.eval_batches(cfg.data, pid, count)
     state = trainer.init_state(cfg.train.seed)
-    metrics = None
-    for _ in range(cfg.train.steps):
-        state, metrics = trainer.train_step(state, trainer.global_batch(next(data)))
-    train_loss = float(metrics["loss"])
-    if not math.isfinite(train_loss):
-        from flaxlm.loop import NonFiniteLossError
+    step = 0
+    for target in sorted(eval_steps):
+        metrics = None
+        while step < target:
+            state, metrics = trainer.train_step(state, trainer.global_batch(next(data)))
+            step += 1
+        train_loss = float(metrics["loss"]) if metrics is not None else math.nan
+        if metrics is not None and not math.isfinite(train_loss):
+            from flaxlm.loop import NonFiniteLossError
 
-        raise NonFiniteLossError(
-            f"training diverged after {cfg.train.steps} steps (loss {train_loss}); lower "
-            "optimizer.learning_rate in the ladder's overrides"
-        )
-    result = evaluate(trainer, state.params, eval_set)
-    return {
-        "train_loss": train_loss,
-        "eval_loss": result["loss"],
-        "eval_bits_per_byte": result["bits_per_byte"],
-        "seconds": time.perf_counter() - start,
-    }
+            raise NonFiniteLossError(
+                f"training diverged at step {step} (loss {train_loss}); lower "
+                "optimizer.learning_rate in the ladder's overrides"
+            )
+        result = evaluate(trainer, state.params, eval_set)
+        yield {
+            "train_loss": train_loss,
+            "eval_loss": result["loss"],
+            "eval_bits_per_byte": result["bits_per_byte"],
+            "seconds": time.perf_counter() - start,
+        }
 
 
 def run_ladder(runs: Sequence[PlannedRun]) -> Iterator[dict[str, Any]]:
-    """Trains each planned run in turn (progress on stderr) and yields its record."""
+    """Trains the planned runs (one training per distinct config; progress on stderr) and yields
+    one record per run."""
     from tqdm import tqdm
 
-    progress = tqdm(runs, desc="scaling ladder", unit="run", file=sys.stderr, dynamic_ncols=True)
-    for run in progress:
-        progress.set_postfix_str(f"{run.model} @ {run.budget:.2g} FLOPs, {run.steps} steps")
-        cfg = run.cfg
-        tokens = run.steps * cfg.data.global_batch_size * cfg.data.seq_len
-        record = {
-            "model": run.model,
-            "params": analytic_param_count(cfg.model),
-            "budget": run.budget,
-            "steps": run.steps,
-            "tokens": tokens,
-            "compute": run.steps * run_flops_per_step(cfg),
-            **train_and_evaluate(cfg),
-        }
-        progress.write(
-            f"{run.model} @ {run.budget:.2g}: eval loss {record['eval_loss']:.4f} "
-            f"in {record['seconds']:.0f} s",
-            file=sys.stderr,
+    progress = tqdm(total=len(runs), desc="scaling ladder", unit="run", file=sys.stderr,
+                    dynamic_ncols=True)  # fmt: skip
+    groups: list[list[PlannedRun]] = []
+    for run in runs:  # consecutive runs with one config (shared_runs) train once
+        if groups and groups[-1][0].cfg is run.cfg:
+            groups[-1].append(run)
+        else:
+            groups.append([run])
+    for group in groups:
+        cfg = group[0].cfg
+        progress.set_postfix_str(
+            f"{group[0].model}, {cfg.train.steps} steps to {group[-1].budget:.2g} FLOPs"
         )
-        yield record
+        results = train_and_evaluate(cfg, [r.steps for r in group])
+        for run, result in zip(group, results, strict=True):
+            tokens = run.steps * cfg.data.global_batch_size * cfg.data.seq_len
+            record = {
+                "model": run.model,
+                "params": analytic_param_count(cfg.model),
+                "budget": run.budget,
+                "steps": run.steps,
+                "tokens": tokens,
+                "compute": run.steps * run_flops_per_step(cfg),
+                **result,
+            }
+            progress.write(
+                f"{run.model} @ {run.budget:.2g}: eval loss {record['eval_loss']:.4f} "
+                f"after {record['seconds']:.0f} s",
+                file=sys.stderr,
+            )
+            progress.update(1)
+            yield record
+    progress.close()
 
 
 def frontier(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -189,6 +235,31 @@ def frontier(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def power_law(compute, E: float, A: float, alpha: float):
     """L(C) = E + A C^-alpha."""
     return E + A * np.power(compute, -alpha)
+
+
+def _initial_guess(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """The best (E, a, alpha) over a grid of alpha, solving for E and a exactly at each one.
+
+    For a fixed alpha the model is linear in E and a, so each grid point is a least-squares
+    solve; starting curve_fit there keeps it out of the flat alpha -> 0 valley that a blind
+    start can slide into.
+    """
+    best = (np.inf, 0.0, float(y.max() - y.min()), 0.3)
+    for alpha in np.linspace(0.01, 3.0, 300):
+        basis = np.power(x, -alpha)
+        design = np.stack([np.ones_like(basis), basis], axis=1)
+        (E, a), *_ = np.linalg.lstsq(design, y, rcond=None)
+        if not 0 <= E <= y.min():  # outside the bounds: fit a alone with E at the nearer bound
+            E = float(np.clip(E, 0.0, y.min()))
+            a = float(np.dot(basis, y - E) / np.dot(basis, basis))
+        if a <= 0:
+            continue
+        sse = float(np.sum((y - E - a * basis) ** 2))
+        if sse < best[0]:
+            best = (sse, float(E), float(a), float(alpha))
+    # Strictly inside the bounds, as curve_fit requires.
+    E = min(max(best[1], 1e-9), float(y.min()) * (1 - 1e-9))
+    return E, max(best[2], 1e-9), best[3]
 
 
 def fit_power_law(compute: Sequence[float], loss: Sequence[float]) -> dict[str, float]:
@@ -209,9 +280,14 @@ def fit_power_law(compute: Sequence[float], loss: Sequence[float]) -> dict[str, 
     c0 = float(c.min())
     x = c / c0
     lo = float(y.min())
-    p0 = (0.5 * lo, max(float(y.max()) - 0.5 * lo, 1e-3), 0.3)
-    bounds = ([0.0, 0.0, 0.0], [lo, np.inf, 5.0])
-    (E, a, alpha), cov = curve_fit(power_law, x, y, p0=p0, bounds=bounds, maxfev=20_000)
+    (E, a, alpha), cov = curve_fit(
+        power_law,
+        x,
+        y,
+        p0=_initial_guess(x, y),
+        bounds=([0.0, 0.0, 0.0], [lo, np.inf, 5.0]),
+        maxfev=20_000,
+    )
     errors = np.sqrt(np.clip(np.diag(cov), 0.0, None))
     residuals = y - power_law(x, E, a, alpha)
     return {
