@@ -8,8 +8,8 @@ time for a synthetic batch of the configured shape, runs a few warm-up steps, th
 - tokens/s of the whole job and per device (tokens per step / median step time);
 - model FLOPs from the analytic count (6N + 12 L T d per token, `flaxlm.flops`), the FLOP/s
   achieved at the median step, the peak of the job's devices and their ratio, the MFU. On CPU
-  the peak is a dense float32 matmul measured in this same process, so MFU is a ratio measured
-  side by side; on accelerators it is the bf16 peak of the device table (or
+  the peak is a dense float32 matmul measured in this same process just after the timed steps, so
+  MFU is a ratio measured side by side; on accelerators it is the bf16 peak of the device table (or
   `train.peak_flops_per_device`);
 - XLA's own FLOP count of the compiled step (`cost_analysis`, per device, times the devices),
   for comparison with the analytic count;
@@ -63,8 +63,11 @@ def peak_flops(cfg: Config, devices: list[jax.Device]) -> tuple[float | None, st
     if configured:
         return configured * len(devices), "train.peak_flops_per_device"
     if devices[0].platform == "cpu":
-        # Forced CPU "devices" share the host's cores: their peak together is the host's.
-        return measured_matmul_flops() * jax.process_count(), "float32 matmul measured in-process"
+        # Forced CPU "devices" share the host's cores: their peak together is the host's. It is
+        # measured afresh for each benchmark (not the process-wide cached figure), right after
+        # the timed steps, so that both sides of the ratio see the same load on a shared machine.
+        measured = measured_matmul_flops.__wrapped__()
+        return measured * jax.process_count(), "float32 matmul measured in-process"
     kind = devices[0].device_kind
     peak = table_peak_flops(kind)
     if peak is None:
