@@ -8,9 +8,9 @@ time for a synthetic batch of the configured shape, runs a few warm-up steps, th
 - tokens/s of the whole job and per device (tokens per step / median step time);
 - model FLOPs from the analytic count (6N + 12 L T d per token, `flaxlm.flops`), the FLOP/s
   achieved at the median step, the peak of the job's devices and their ratio, the MFU. On CPU
-  the peak is a dense float32 matmul measured in this same process just after the timed steps, so
-  MFU is a ratio measured side by side; on accelerators it is the bf16 peak of the device table (or
-  `train.peak_flops_per_device`);
+  the peak is dense float32 matmuls run in this same process for as long as the timed steps
+  took, right after them, so MFU is a ratio measured side by side; on accelerators it is the
+  bf16 peak of the device table (or `train.peak_flops_per_device`);
 - XLA's own FLOP count of the compiled step (`cost_analysis`, per device, times the devices),
   for comparison with the analytic count;
 - memory per device from the compiled program (`memory_analysis`): arguments, outputs, aliased
@@ -32,7 +32,7 @@ from flaxlm.config import Config, ConfigError
 from flaxlm.flops import (
     analytic_param_count,
     flops_per_token,
-    measured_matmul_flops,
+    sustained_matmul_flops,
     table_peak_flops,
 )
 from flaxlm.mesh import make_mesh
@@ -52,21 +52,22 @@ def synthetic_batch(cfg: Config, seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
-def peak_flops(cfg: Config, devices: list[jax.Device]) -> tuple[float | None, str]:
+def peak_flops(
+    cfg: Config, devices: list[jax.Device], timed_seconds: float = 1.0
+) -> tuple[float | None, str]:
     """Peak FLOP/s of `devices` together, and where the figure comes from.
 
-    The same rules as `flaxlm.flops.total_peak_flops` (configured value, then the device table,
-    then a measured matmul on CPU), for a subset of the devices: a sweep benchmarks meshes of
-    1, 2, ... devices in one process.
+    The configured value, else the device table, as `flaxlm.flops.total_peak_flops` does, but for
+    a subset of the devices (a sweep benchmarks meshes of 1, 2, ... devices in one process). On
+    CPU it is float32 matmuls measured for as long as the timed steps took (1 to 10 s) right
+    after them, so that both sides of the MFU ratio see the same load on a shared machine.
     """
     configured = cfg.train.peak_flops_per_device
     if configured:
         return configured * len(devices), "train.peak_flops_per_device"
     if devices[0].platform == "cpu":
-        # Forced CPU "devices" share the host's cores: their peak together is the host's. It is
-        # measured afresh for each benchmark (not the process-wide cached figure), right after
-        # the timed steps, so that both sides of the ratio see the same load on a shared machine.
-        measured = measured_matmul_flops.__wrapped__()
+        # Forced CPU "devices" share the host's cores: their peak together is the host's.
+        measured = sustained_matmul_flops(min(max(timed_seconds, 1.0), 10.0))
         return measured * jax.process_count(), "float32 matmul measured in-process"
     kind = devices[0].device_kind
     peak = table_peak_flops(kind)
@@ -142,7 +143,7 @@ def bench(
     model_flops_per_step = per_token * tokens_per_step
     median = float(np.median(times))
     achieved = model_flops_per_step / median
-    peak, peak_source = peak_flops(cfg, devices)
+    peak, peak_source = peak_flops(cfg, devices, float(np.sum(times)))
     xla_per_device = _xla_flops(compiled)
     xla_per_step = xla_per_device * n_devices if xla_per_device is not None else None
     return {
