@@ -104,7 +104,15 @@ def _bench(args: argparse.Namespace) -> None:
     from flaxlm.bench import bench
 
     cfg = config_lib.load(args.config, args.overrides)
-    print(json.dumps(bench(cfg, args.steps, args.warmup)), flush=True)
+    record = bench(cfg, args.steps, args.warmup)
+    if _is_first_process():  # every process of a multi-host job times the same steps
+        print(json.dumps(record), flush=True)
+
+
+def _is_first_process() -> bool:
+    import jax
+
+    return jax.process_index() == 0
 
 
 def _sweep(args: argparse.Namespace) -> None:
@@ -125,12 +133,15 @@ def _sweep(args: argparse.Namespace) -> None:
         points = sweep.model_sweep(
             args.config, args.models, args.overrides, args.steps, args.warmup
         )
+    first = _is_first_process()
     records = []
-    for record in points:
-        print(json.dumps(record), flush=True)
+    for record in points:  # one JSON line per point as it finishes
+        if first:
+            print(json.dumps(record), flush=True)
         records.append(record)
-    paths = sweep.write_sweep(records, Path(args.out), args.kind)
-    print(f"wrote {', '.join(map(str, paths))}", file=sys.stderr)
+    if first:
+        paths = sweep.write_sweep(records, Path(args.out), args.kind)
+        print(f"wrote {', '.join(map(str, paths))}", file=sys.stderr)
 
 
 def _scaling(args: argparse.Namespace) -> None:
@@ -142,13 +153,16 @@ def _scaling(args: argparse.Namespace) -> None:
     runs, skipped = scaling.plan(ladder, experiment, args.overrides)
     for note in skipped:
         print(f"skipped {note}", file=sys.stderr)
+    first = _is_first_process()
     records = []
     for record in scaling.run_ladder(runs):
-        print(json.dumps(record), flush=True)
+        if first:
+            print(json.dumps(record), flush=True)
         records.append(record)
-    fit, paths = scaling.write_results(records, Path(args.out))
-    print(json.dumps({"fit": fit}), flush=True)
-    print(f"wrote {', '.join(map(str, paths))}", file=sys.stderr)
+    if first:
+        fit, paths = scaling.write_results(records, Path(args.out))
+        print(json.dumps({"fit": fit}), flush=True)
+        print(f"wrote {', '.join(map(str, paths))}", file=sys.stderr)
 
 
 def _export(args: argparse.Namespace) -> None:
