@@ -188,8 +188,14 @@ def run_ladder(runs: Sequence[PlannedRun]) -> Iterator[dict[str, Any]]:
     one record per run."""
     from tqdm import tqdm
 
-    progress = tqdm(total=len(runs), desc="scaling ladder", unit="run", file=sys.stderr,
-                    dynamic_ncols=True)  # fmt: skip
+    progress = tqdm(
+        total=len(runs),
+        desc="scaling ladder",
+        unit="run",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        disable=jax.process_index() != 0,
+    )
     groups: list[list[PlannedRun]] = []
     for run in runs:  # consecutive runs with one config (shared_runs) train once
         if groups and groups[-1][0].cfg is run.cfg:
@@ -213,11 +219,12 @@ def run_ladder(runs: Sequence[PlannedRun]) -> Iterator[dict[str, Any]]:
                 "compute": run.steps * run_flops_per_step(cfg),
                 **result,
             }
-            progress.write(
-                f"{run.model} @ {run.budget:.2g}: eval loss {record['eval_loss']:.4f} "
-                f"after {record['seconds']:.0f} s",
-                file=sys.stderr,
-            )
+            if not progress.disable:
+                progress.write(
+                    f"{run.model} @ {run.budget:.2g}: eval loss {record['eval_loss']:.4f} "
+                    f"after {record['seconds']:.0f} s",
+                    file=sys.stderr,
+                )
             progress.update(1)
             yield record
     progress.close()

@@ -70,15 +70,23 @@ def write_table(records: Sequence[Record], directory: Path, name: str) -> tuple[
 
 def _run_points(points: Sequence[tuple[str, Callable[[], Record]]], desc: str) -> Iterator[Record]:
     """Runs each (label, thunk), showing progress on stderr; yields the records."""
-    progress = tqdm(points, desc=desc, unit="point", file=sys.stderr, dynamic_ncols=True)
+    progress = tqdm(
+        points,
+        desc=desc,
+        unit="point",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        disable=jax.process_index() != 0,
+    )
     for label, run in progress:
         progress.set_postfix_str(label)
         record = run()
-        progress.write(
-            f"{label}: {record['tokens_per_second']:,.0f} tokens/s, "
-            f"MFU {record['mfu'] or float('nan'):.3f}",
-            file=sys.stderr,
-        )
+        if not progress.disable:
+            progress.write(
+                f"{label}: {record['tokens_per_second']:,.0f} tokens/s, "
+                f"MFU {record['mfu'] or float('nan'):.3f}",
+                file=sys.stderr,
+            )
         yield record
 
 
