@@ -9,7 +9,7 @@
     flaxlm bench    --config configs/X.yaml [--steps N] [--warmup N] [key.sub=value ...]
     flaxlm sweep    mesh --config C --meshes 1x1x1 8x1x1 ... [--out DIR] [key.sub=value ...]
     flaxlm sweep    models --config C --models PRESET.yaml ... [--out DIR] [key.sub=value ...]
-    flaxlm scaling  --config LADDER.yaml [--out DIR] [key.sub=value ...]
+    flaxlm scaling  --config LADDER.yaml [--out DIR] [--separate-runs] [key.sub=value ...]
 
 Results go to stdout (`eval` prints one JSON object per line, `generate` the text); progress and
 errors go to stderr. Exit status: 0 on success; 2 on a bad input and 1 on a failed run (NaN loss,
@@ -96,6 +96,11 @@ def _add_bench_parsers(sub) -> None:
     scaling = sub.add_parser("scaling", help="train a ladder of models, fit loss against compute")
     scaling.add_argument("--config", required=True, help="ladder YAML (configs/scaling/)")
     scaling.add_argument("--out", default="runs/scaling", help="directory for the results")
+    scaling.add_argument(
+        "--separate-runs",
+        action="store_true",
+        help="one run per (model, budget), each with its own schedule (overrides shared_runs)",
+    )
     scaling.add_argument("overrides", nargs="*", help="key.sub=value overrides for every run")
 
 
@@ -145,11 +150,14 @@ def _sweep(args: argparse.Namespace) -> None:
 
 
 def _scaling(args: argparse.Namespace) -> None:
+    import dataclasses
     from pathlib import Path
 
     from flaxlm import scaling
 
     ladder, experiment = scaling.load_ladder(args.config)
+    if args.separate_runs:
+        ladder = dataclasses.replace(ladder, shared_runs=False)
     runs, skipped = scaling.plan(ladder, experiment, args.overrides)
     for note in skipped:
         print(f"skipped {note}", file=sys.stderr)
