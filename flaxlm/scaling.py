@@ -157,7 +157,8 @@ def train_and_evaluate(cfg: Config, eval_steps: Sequence[int]) -> Iterator[dict[
     start = time.perf_counter()
     trainer = Trainer(cfg, make_mesh(cfg))
     pid, count = jax.process_index(), jax.process_count()
-    data = pipeline.DataIterator(pipeline.train_dataset(cfg.data, cfg.train.seed, pid, count))
+    # No checkpoints here, so a plain iterator of numpy batches (no saved position) will do.
+    data = pipeline.train_dataset(cfg.data, cfg.train.seed, pid, count).as_numpy_iterator()
     eval_set = pipeline.eval_batches(cfg.data, pid, count)
     state = trainer.init_state(cfg.train.seed)
     step = 0
