@@ -9,6 +9,10 @@
     flaxlm convert  {from-hf|to-hf} SRC DST
     flaxlm tokenizer train --config C --vocab-size N --output DIR [key.sub=value ...]
     flaxlm data build-tfds --train-files GLOB [--eval-files GLOB] --data-dir DIR
+    flaxlm bench    --config configs/X.yaml [--steps N] [--warmup N] [key.sub=value ...]
+    flaxlm sweep    mesh --config C --meshes 1x1x1 8x1x1 ... [--out DIR] [key.sub=value ...]
+    flaxlm sweep    models --config C --models PRESET.yaml ... [--out DIR] [key.sub=value ...]
+    flaxlm scaling  --config LADDER.yaml [--out DIR] [--separate-runs] [key.sub=value ...]
 
 Results go to stdout (`eval` prints one JSON object per line, `generate` the text); progress and
 errors go to stderr. Exit status: 0 on success; 2 on a bad input and 1 on a failed run (NaN loss,
@@ -87,6 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--eval-files", default=None, help="glob for the validation split")
     data.add_argument("--data-dir", required=True, help="TFDS data directory")
     data.add_argument("--text-field", default="text")
+    _add_bench_parsers(sub)
     return parser
 
 
@@ -111,6 +116,122 @@ def _data(args: argparse.Namespace) -> None:
     )
 
 
+def _add_bench_parsers(sub) -> None:
+    """`bench`, `sweep` and `scaling`: throughput, scaling over meshes and sizes, scaling laws."""
+
+    def timing(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+        p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+
+    bench = sub.add_parser("bench", help="time the train step: tokens/s, MFU, memory (JSON)")
+    bench.add_argument("--config", required=True, help="YAML config file")
+    timing(bench)
+    bench.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+
+    sweep = sub.add_parser("sweep", help="bench over mesh shapes or model sizes: CSV, JSON, PNG")
+    sweep.add_argument("kind", choices=["mesh", "models"])
+    sweep.add_argument("--config", required=True, help="YAML config file")
+    sweep.add_argument("--meshes", nargs="+", default=[], help="mesh: DATAxFSDPxTENSOR shapes")
+    sweep.add_argument("--models", nargs="+", default=[], help="models: model preset YAML files")
+    sweep.add_argument(
+        "--per-device-batch",
+        type=int,
+        default=None,
+        help="mesh: global batch = this x data x fsdp (weak scaling; default: the config's batch)",
+    )
+    sweep.add_argument("--out", default="runs/sweep", help="directory for KIND.csv/.json/.png")
+    timing(sweep)
+    sweep.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+
+    scaling = sub.add_parser("scaling", help="train a ladder of models, fit loss against compute")
+    scaling.add_argument("--config", required=True, help="ladder YAML (configs/scaling/)")
+    scaling.add_argument("--out", default="runs/scaling", help="directory for the results")
+    scaling.add_argument(
+        "--separate-runs",
+        action="store_true",
+        help="one run per (model, budget), each with its own schedule (overrides shared_runs)",
+    )
+    scaling.add_argument("overrides", nargs="*", help="key.sub=value overrides for every run")
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from flaxlm import config as config_lib
+    from flaxlm.bench import bench
+
+    cfg = config_lib.load(args.config, args.overrides)
+    _join(cfg)
+    record = bench(cfg, args.steps, args.warmup)
+    if _is_first_process():  # every process of a multi-host job times the same steps
+        print(json.dumps(record), flush=True)
+
+
+def _join(cfg) -> None:
+    """Joins the other processes of a multi-host job (before any device work)."""
+    from flaxlm import distributed
+
+    distributed.initialize(cfg.distributed)
+
+
+def _is_first_process() -> bool:
+    import jax
+
+    return jax.process_index() == 0
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from flaxlm import config as config_lib
+    from flaxlm import sweep
+    from flaxlm.config import ConfigError
+
+    _join(config_lib.load(args.config, args.overrides))
+    if args.kind == "mesh":
+        if not args.meshes:
+            raise ConfigError("flaxlm sweep mesh needs --meshes, for example 1x1x1 8x1x1 2x2x2")
+        cfg = config_lib.load(args.config, args.overrides)
+        points = sweep.mesh_sweep(cfg, args.meshes, args.steps, args.warmup, args.per_device_batch)
+    else:
+        if not args.models:
+            raise ConfigError("flaxlm sweep models needs --models, a list of model preset files")
+        points = sweep.model_sweep(
+            args.config, args.models, args.overrides, args.steps, args.warmup
+        )
+    first = _is_first_process()
+    records = []
+    for record in points:  # one JSON line per point as it finishes
+        if first:
+            print(json.dumps(record), flush=True)
+        records.append(record)
+    if first:
+        paths = sweep.write_sweep(records, Path(args.out), args.kind)
+        print(f"wrote {', '.join(map(str, paths))}", file=sys.stderr)
+
+
+def _scaling(args: argparse.Namespace) -> None:
+    import dataclasses
+    from pathlib import Path
+
+    from flaxlm import scaling
+
+    ladder, experiment = scaling.load_ladder(args.config)
+    if args.separate_runs:
+        ladder = dataclasses.replace(ladder, shared_runs=False)
+    runs, skipped = scaling.plan(ladder, experiment, args.overrides)
+    for note in skipped:
+        print(f"skipped {note}", file=sys.stderr)
+    first = _is_first_process()
+    records = []
+    for record in scaling.run_ladder(runs):
+        if first:
+            print(json.dumps(record), flush=True)
+        records.append(record)
+    if first:
+        fit, paths = scaling.write_results(records, Path(args.out))
+        print(json.dumps({"fit": fit}), flush=True)
+        print(f"wrote {', '.join(map(str, paths))}", file=sys.stderr)
+
+
 def _export(args: argparse.Namespace) -> None:
     from flaxlm.evaluate import export_params
 
@@ -131,11 +252,10 @@ def _convert(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from flaxlm import config as config_lib
-    from flaxlm import distributed
     from flaxlm.loop import run
 
     cfg = config_lib.load(args.config, args.overrides)
-    distributed.initialize(cfg.distributed)
+    _join(cfg)
     s = run(cfg)
     lines = [f"trained steps {s.start_step}..{s.end_step} in {s.wall_seconds:.0f} s"]
     if s.tokens_per_second:
@@ -204,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
             "convert": _convert,
             "tokenizer": _tokenizer,
             "data": _data,
+            "bench": _bench,
+            "sweep": _sweep,
+            "scaling": _scaling,
         }
         commands[args.command](args)
     except (ConfigError, FileNotFoundError) as e:

@@ -644,3 +644,15 @@ def _validate_data(d: DataConfig, m: ModelConfig) -> None:
             f"model.vocab_size={m.vocab_size} is smaller than the byte tokenizer's "
             f"{ByteTokenizer.vocab_size} ids",
         )
+
+
+def load_files(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> Config:
+    """Loads several config files merged in order (each after its own defaults), then overrides.
+
+    `load_files([experiment, preset])` runs an experiment with another model preset: the later
+    file's keys win. Validated like `load`.
+    """
+    nodes = [node for path in paths for node in _read_yaml_tree(Path(path))]
+    cfg = _merge(nodes, overrides, " + ".join(str(p) for p in paths))
+    validate(cfg)
+    return cfg

@@ -92,3 +92,32 @@ def total_peak_flops(configured_per_device: float | None = None) -> float | None
         if kind.startswith(name):
             return peak * len(devices)
     return None
+
+
+def table_peak_flops(device_kind: str) -> float | None:
+    """Dense bf16 peak FLOP/s of one device of this kind from the table, or None if unknown."""
+    for name, peak in _PEAK_FLOPS.items():
+        if device_kind.startswith(name):
+            return peak
+    return None
+
+
+def sustained_matmul_flops(seconds: float, n: int = 1024) -> float:
+    """FLOP/s of back-to-back dense float32 n x n matmuls over about `seconds`, on the default
+    device.
+
+    The rate a long computation can sustain here and now. On a shared or throttled host a
+    best-of-few measurement (`measured_matmul_flops`) catches short bursts of idle cores, which
+    a train step lasting seconds never sees; measured over as long as the steps it is compared
+    with, the peak sees the same load they did.
+    """
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, a).block_until_ready()
+    count, start = 0, time.perf_counter()
+    while True:
+        matmul(a, a).block_until_ready()
+        count += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return 2.0 * n**3 * count / elapsed
