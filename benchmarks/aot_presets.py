@@ -30,6 +30,7 @@ CASES = [
     ("llama3-8b", "v6e:4x4", 16, 8192, ("full",), SPLASH),
     ("llama3-70b", "v5p:4x4x4", 64, 8192, ("full",), SPLASH),
     ("llama3-70b", "v6e:8x8", 64, 4096, ("full",), SPLASH),
+    ("llama3-70b", "v6e:16x16", 256, 4096, ("full",), SPLASH),
 ]
 
 
@@ -58,13 +59,14 @@ def run_case(preset, topology, batch, seq, remats, extra) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", help="run the cases of this preset only")
+    parser.add_argument("--topology", help="run the cases on this topology only")
     args = parser.parse_args()
     print(
         "| preset | pod | mesh | batch x seq | remat | XLA GiB/device | estimate GiB | HBM GiB "
         "| fits | TFLOP/step |\n|---|---|---|---|---|---|---|---|---|---|"
     )
     for preset, topology, batch, seq, remats, extra in CASES:
-        if args.only and preset != args.only:
+        if (args.only and preset != args.only) or (args.topology and topology != args.topology):
             continue
         print(f"compiling {preset} on {topology} {extra} ...", file=sys.stderr, flush=True)
         r = run_case(preset, topology, batch, seq, remats, extra)
