@@ -43,3 +43,23 @@ def test_residual_grad_barrier_keeps_loss_and_gradients(tiny_cfg):
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads_on, grads_off
     )
+
+
+def test_benchmark_config_is_the_issue_9_model():
+    """configs/bench/gpt2-23m.yaml: the model that benchmarks/vs_pytorch.py compares."""
+    from conftest import CONFIGS
+
+    from flaxlm import config
+    from flaxlm.flops import analytic_param_count, flops_per_token
+
+    cfg = config.load(CONFIGS / "bench" / "gpt2-23m.yaml")
+    m = cfg.model
+    assert (m.n_layers, m.n_heads, m.d_model, m.d_ff, m.vocab_size) == (6, 8, 512, 2048, 8192)
+    assert (cfg.data.seq_len, cfg.data.global_batch_size) == (256, 8)
+    assert cfg.optimizer.grad_clip_norm == 0 and cfg.optimizer.weight_decay == 0.1
+    # By hand: embeddings 8192*512 + positions 256*512; per layer 4 attention matrices with
+    # biases, the MLP with biases, two LayerNorms; the final LayerNorm.
+    per_layer = 4 * (512 * 512 + 512) + (512 * 2048 + 2048) + (2048 * 512 + 512) + 2 * 2 * 512
+    expected = 8192 * 512 + 256 * 512 + 6 * per_layer + 2 * 512
+    assert expected == 23_240_704 == analytic_param_count(m)
+    assert flops_per_token(m, expected, 256) == 6 * expected + 12 * 6 * 256 * 512
