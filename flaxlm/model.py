@@ -262,6 +262,15 @@ class ScannedBlock(Block):
         return super().__call__(x, positions, segment_ids), None
 
 
+def _platform() -> str:
+    """The platform being compiled for: the enclosing mesh's (AOT compilation for TPU topologies
+    runs in a CPU process), else the default backend."""
+    from flaxlm.attention import _current_mesh
+
+    mesh = _current_mesh()
+    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
 @jax.custom_vjp
 def residual_grad_barrier(x: Array) -> Array:
     """The identity, whose gradient is materialised once where it crosses a block boundary.
@@ -313,7 +322,7 @@ def decoder_stack(
     if not cfg.scan_layers:
         for i in range(cfg.n_layers):
             # Only XLA:CPU has shown the problem; a conditional costs more on accelerators.
-            if cfg.residual_grad_barrier and not decode and jax.default_backend() == "cpu":
+            if cfg.residual_grad_barrier and not decode and _platform() == "cpu":
                 x = residual_grad_barrier(x)
             x = block_cls(cfg, decode, name=f"block_{i}")(x, positions, segment_ids)
         return x
