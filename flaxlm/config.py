@@ -118,6 +118,10 @@ class ModelConfig:
     # parameters then carry a leading `layers` axis.
     scan_layers: bool = False
     remat: Remat = Remat.none
+    # Unrolled layers: materialise the residual-stream gradient once at each block boundary
+    # (an optimization barrier in the backward pass) instead of letting XLA fuse and
+    # recompute it in every consumer; values are unchanged (flaxlm.model.residual_grad_barrier).
+    residual_grad_barrier: bool = True
     # Compute dtype of activations and matmuls; parameters stay in param_dtype.
     dtype: str = "float32"
     param_dtype: str = "float32"

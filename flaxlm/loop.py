@@ -6,8 +6,10 @@ start, every `train.eval_every` steps and at the end, checkpoints every `checkpo
 steps and at the end, and on SIGTERM (or JAX's preemption notice) saves and stops.
 
 The host never waits for the device between steps: step s+1 is dispatched before the metrics of
-step s are read back, and those are only a few scalars. Every step's loss and gradient norm are
-checked for NaN/Inf that way; a checkpoint is only written once its step is known to be finite.
+step s are read back, and those are only a few scalars; the batch of step s+1 is drawn and put
+on the devices in a helper thread while the host waits for them. Every step's loss and gradient
+norm are checked for NaN/Inf that way; a checkpoint is only written once its step is known to be
+finite.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import dataclasses
 import json
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -227,21 +230,35 @@ def _train(cfg, trainer, data, eval_set, checkpointer, writer, watcher, started)
             window = _Window()
 
     final_eval = first_eval
+    # The next step's batch is drawn and put on the devices in a helper thread while the host
+    # waits for the previous step's metrics (tf.data and the transfer release the GIL).
+    prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flaxlm-prefetch")
+    next_batch: Future | None = None
+
+    def fetch() -> dict:
+        return trainer.global_batch(next(data))
+
     for step in range(start + 1, t.steps + 1):
         profiler.before(step)
         fetch_start = time.perf_counter()
-        batch = trainer.global_batch(next(data))
+        batch = next_batch.result() if next_batch is not None else fetch()
+        next_batch = None
         window.data_wait += time.perf_counter() - fetch_start
         state, metrics = trainer.train_step(state, batch)
         profiler.after(step, metrics)
+        preempted = watcher.requested(step)
+        saving = step % checkpointer.every_steps == 0 or step == t.steps or preempted
+        if not saving:
+            # Only when this step saves nothing: a checkpoint records the data position, which
+            # must not include a batch drawn ahead.
+            next_batch = prefetcher.submit(fetch)
         if pending is not None:
             finish(*pending)  # the previous step's metrics: ready or nearly so
         pending = (step, metrics)
 
         if t.eval_every and step % t.eval_every == 0 and step != t.steps:
             _evaluate(trainer, state.params, eval_set, writer, step)
-        preempted = watcher.requested(step)
-        if step % checkpointer.every_steps == 0 or step == t.steps or preempted:
+        if saving:
             finish(*pending)  # never checkpoint a step that is not known to be finite
             pending = None
             save_start = time.perf_counter()
@@ -259,6 +276,7 @@ def _train(cfg, trainer, data, eval_set, checkpointer, writer, watcher, started)
             )
     if pending is not None:
         finish(*pending)
+    prefetcher.shutdown()
     progress.close()
 
     if start < t.steps or final_eval is None:

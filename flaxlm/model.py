@@ -262,6 +262,43 @@ class ScannedBlock(Block):
         return super().__call__(x, positions, segment_ids), None
 
 
+def _platform() -> str:
+    """The platform being compiled for: the enclosing mesh's (AOT compilation for TPU topologies
+    runs in a CPU process), else the default backend."""
+    from flaxlm.attention import _current_mesh
+
+    mesh = _current_mesh()
+    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
+@jax.custom_vjp
+def residual_grad_barrier(x: Array) -> Array:
+    """The identity, whose gradient is materialised once where it crosses a block boundary.
+
+    Without it, XLA:CPU fuses the whole chain of residual-gradient additions (a few terms per
+    block above) into every consumer of the gradient of each block's input and recomputes it
+    there: a cost that grows with the square of the depth (fusions of up to 100 operands, 29% of
+    the step of the 6-layer benchmark model; benchmarks/RESULTS.md, issue 9). The backward pass
+    routes the gradient through a conditional whose branches are both the identity: XLA cannot
+    fuse across it, so the gradient is computed once. (`lax.optimization_barrier` would say the
+    same, but XLA:CPU removes barriers before fusion.) Values are unchanged.
+    """
+    return x
+
+
+def _barrier_fwd(x: Array) -> tuple[Array, None]:
+    return x, None
+
+
+def _barrier_bwd(_, g: Array) -> tuple[Array]:
+    # A predicate XLA cannot fold; both branches return g unchanged (NaN + 0 is NaN).
+    keep = jnp.isnan(g.reshape(-1)[0])
+    return (jax.lax.cond(keep, lambda g: g + 0, lambda g: g, g),)
+
+
+residual_grad_barrier.defvjp(_barrier_fwd, _barrier_bwd)
+
+
 _REMAT_POLICIES = {
     Remat.full: jax.checkpoint_policies.nothing_saveable,
     Remat.save_dots: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -284,6 +321,9 @@ def decoder_stack(
         )
     if not cfg.scan_layers:
         for i in range(cfg.n_layers):
+            # Only XLA:CPU has shown the problem; a conditional costs more on accelerators.
+            if cfg.residual_grad_barrier and not decode and _platform() == "cpu":
+                x = residual_grad_barrier(x)
             x = block_cls(cfg, decode, name=f"block_{i}")(x, positions, segment_ids)
         return x
     stack = nn.scan(

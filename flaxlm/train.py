@@ -48,9 +48,12 @@ def token_losses(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]
     row never trains on predicting the first token of the next document.
     """
     tokens, segments = batch["tokens"], batch["segment_ids"]
-    targets = tokens[:, 1:]
     weights = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets)
+    # The loss at every position (the last one's target is a dummy), then the first T-1 losses:
+    # slicing the (B, T) losses rather than the (B, T, V) logits spares a copy of the logits
+    # and, in the backward pass, a padded copy of their gradient (issue 9).
+    targets = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)[:, :-1]
     return losses, weights.astype(jnp.float32)
 
 
@@ -77,7 +80,7 @@ def loss_sums(
     aux = {"nats": nats, "tokens": weights.sum()}
     objective = nats
     if z_loss:
-        z = (jax.nn.logsumexp(logits[:, :-1], axis=-1) ** 2 * weights).sum()
+        z = (jax.nn.logsumexp(logits, axis=-1)[:, :-1] ** 2 * weights).sum()
         objective = objective + z_loss * z
         aux["z"] = z
     return objective, aux
