@@ -63,8 +63,9 @@ class FlaxlmText(tfds.core.GeneratorBasedBuilder):
 
         from flaxlm.data.sources import file_documents, resolve_files
 
-        src = SourceConfig(corpus="files", text_field=self._text_field)
-        src = SourceConfig(**{**src.__dict__, "train_files": pattern, "eval_files": pattern})
+        src = SourceConfig(
+            corpus="files", text_field=self._text_field, train_files=pattern, eval_files=pattern
+        )
         files = resolve_files(src, "", split, where="flaxlm_text")
         for path in files:
             docs = file_documents(tf.data.Dataset.from_tensors(path), self._text_field)

@@ -1,0 +1,77 @@
+"""The typed config tree: schema, YAML composition, command-line overrides and validation.
+
+- `schema`: the frozen dataclasses (model, mesh, data, distributed, optimizer, checkpoint,
+  train) and the enums of their choices;
+- `loading`: YAML files with `defaults:` composition and `key.sub=value` overrides through
+  OmegaConf, to/from dicts and YAML;
+- `validation`: the checks that need more than types, run by every load before device work.
+
+Everything public is importable from `flaxlm.config` itself.
+"""
+
+from flaxlm.config.loading import (
+    from_dict,
+    load,
+    load_files,
+    portable,
+    replace,
+    to_dict,
+    to_yaml,
+)
+from flaxlm.config.schema import (
+    MESH_AXES,
+    AttentionKernel,
+    CheckpointConfig,
+    Config,
+    ConfigError,
+    DataConfig,
+    Decay,
+    DistributedConfig,
+    DistributedInit,
+    MeshConfig,
+    Mlp,
+    ModelConfig,
+    NanPolicy,
+    Norm,
+    OptimizerConfig,
+    OptimizerName,
+    Position,
+    Remat,
+    RopeScaling,
+    SourceConfig,
+    TrainConfig,
+)
+from flaxlm.config.validation import check_divisibility, validate
+
+__all__ = [
+    "MESH_AXES",
+    "AttentionKernel",
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "Decay",
+    "DistributedConfig",
+    "DistributedInit",
+    "MeshConfig",
+    "Mlp",
+    "ModelConfig",
+    "NanPolicy",
+    "Norm",
+    "OptimizerConfig",
+    "OptimizerName",
+    "Position",
+    "Remat",
+    "RopeScaling",
+    "SourceConfig",
+    "TrainConfig",
+    "check_divisibility",
+    "from_dict",
+    "load",
+    "load_files",
+    "portable",
+    "replace",
+    "to_dict",
+    "to_yaml",
+    "validate",
+]

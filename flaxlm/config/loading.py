@@ -1,0 +1,114 @@
+"""Loading configs: YAML composition, command-line overrides, (de)serialisation.
+
+OmegaConf does the merging, the `key.sub=value` overrides and the type checks (an unknown key or
+a value of the wrong type fails with the full key named). Composition is one convention on top:
+a YAML file may start with
+
+    defaults: [base.yaml, models/tiny.yaml]
+
+listing files (relative to it) that are merged first, in order, then the file itself. Every
+loaded config is validated before it is returned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from flaxlm.config.schema import Config, ConfigError, DistributedConfig
+from flaxlm.config.validation import validate
+
+
+def _read_yaml_tree(path: Path, chain: tuple[Path, ...] = ()) -> list[Any]:
+    """Returns the OmegaConf nodes of `path` and its `defaults`, in merge order."""
+    path = path.resolve()
+    if path in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, path))
+        raise ConfigError(f"config files include each other in a cycle: {cycle}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as e:  # yaml errors carry the line number
+        raise ConfigError(f"cannot parse config file {path}: {e}") from e
+    defaults = node.pop("defaults", [])
+    if isinstance(defaults, str) or not OmegaConf.is_list(defaults):
+        defaults = [defaults] if defaults else []
+    nodes = []
+    for parent in defaults:
+        nodes += _read_yaml_tree(path.parent / str(parent), (*chain, path))
+    return [*nodes, node]
+
+
+def _merge(nodes: Sequence[Any], overrides: Sequence[str], source: str) -> Config:
+    schema = OmegaConf.structured(Config)
+    OmegaConf.set_readonly(schema, False)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    try:
+        merged = OmegaConf.merge(schema, *nodes, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        first_line = str(e).splitlines()[0]
+        where = f"config key {key!r}" if key else "config"
+        raise ConfigError(f"{where} (from {source}): {first_line}") from None
+    assert isinstance(cfg, Config)
+    return cfg
+
+
+def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Loads a config file (with its defaults), applies overrides, and validates it."""
+    nodes = _read_yaml_tree(Path(path)) if path is not None else []
+    source = str(path) if path is not None else "defaults"
+    cfg = _merge(nodes, overrides, source)
+    validate(cfg)
+    return cfg
+
+
+def from_dict(tree: dict[str, Any], overrides: Sequence[str] = ()) -> Config:
+    """Builds a validated config from a plain nested dict (for example a saved config)."""
+    cfg = _merge([OmegaConf.create(tree)], overrides, "dict")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as plain YAML/JSON-able values (enums as their names)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)  # type: ignore[return-value]
+
+
+def portable(cfg: Config) -> Config:
+    """cfg without this launch's process layout (`distributed`), as saved in run directories
+    and checkpoints: a saved config must not make a later command wait for a coordinator."""
+    return dataclasses.replace(cfg, distributed=DistributedConfig())
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
+
+
+def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
+    """Returns cfg with fields of some sections replaced: replace(cfg, train={"steps": 5})."""
+    updates = {name: dataclasses.replace(getattr(cfg, name), **kv) for name, kv in sections.items()}
+    new = dataclasses.replace(cfg, **updates)
+    validate(new)
+    return new
+
+
+def load_files(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> Config:
+    """Loads several config files merged in order (each after its own defaults), then overrides.
+
+    `load_files([experiment, preset])` runs an experiment with another model preset: the later
+    file's keys win. Validated like `load`.
+    """
+    nodes = [node for path in paths for node in _read_yaml_tree(Path(path))]
+    cfg = _merge(nodes, overrides, " + ".join(str(p) for p in paths))
+    validate(cfg)
+    return cfg

@@ -1,0 +1,323 @@
+"""The config schema: frozen dataclasses for each section and the enums of their choices.
+
+Comments beside each field say what it means; `flaxlm.config.validation` checks what types
+alone cannot, and `flaxlm.config.loading` fills the tree from YAML files and overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+
+class ConfigError(ValueError):
+    """A config that cannot work; the message names the key, the value and the rule."""
+
+
+class Norm(enum.StrEnum):
+    layernorm = "layernorm"
+    rmsnorm = "rmsnorm"
+
+
+class Mlp(enum.StrEnum):
+    gelu = "gelu"
+    swiglu = "swiglu"
+
+
+class Position(enum.StrEnum):
+    learned = "learned"  # GPT-2: a trained table added to the token embeddings
+    sinusoidal = "sinusoidal"  # Vaswani et al.: x + PE(p), nothing trained
+    rope = "rope"  # Llama: rotary embeddings applied to queries and keys
+    none = "none"  # causal attention alone (NoPE)
+
+
+class AttentionKernel(enum.StrEnum):
+    reference = "reference"  # explicit einsum softmax(QK^T/sqrt(d))V: the oracle
+    xla = "xla"  # jax.nn.dot_product_attention, XLA implementation
+    cudnn = "cudnn"  # jax.nn.dot_product_attention, cuDNN flash attention (NVIDIA GPUs)
+    splash = "splash"  # Pallas splash attention (TPUs; runs interpreted elsewhere, for tests)
+
+
+class RopeScaling(enum.StrEnum):
+    none = "none"
+    llama3 = "llama3"  # Llama 3.1+ long-context frequency scaling
+
+
+class Remat(enum.StrEnum):
+    """What the backward pass keeps from the forward pass; the rest is recomputed."""
+
+    none = "none"  # keep everything (fastest, most memory)
+    full = "full"  # keep only block inputs: recompute each block (least memory)
+    save_dots = "save_dots"  # keep matmul outputs, recompute elementwise ops and softmax
+    save_projections = "save_projections"  # keep q/k/v, attention and MLP outputs
+
+
+class OptimizerName(enum.StrEnum):
+    adamw = "adamw"
+    adafactor = "adafactor"
+    lion = "lion"
+
+
+class Decay(enum.StrEnum):
+    cosine = "cosine"  # cosine from the peak to min_lr_ratio x peak at train.steps
+    linear = "linear"  # straight line from the peak to min_lr_ratio x peak
+    wsd = "wsd"  # warmup-stable-decay: the peak, then linear decay over the last decay_fraction
+    constant = "constant"
+
+
+class NanPolicy(enum.StrEnum):
+    stop = "stop"  # stop the run, naming the step and the last good checkpoint
+    skip = "skip"  # drop that update (params and optimizer state unchanged) and count it
+
+
+class DistributedInit(enum.StrEnum):
+    auto = "auto"  # join when the environment or coordinator_address describes a multi-process job
+    always = "always"  # always call jax.distributed.initialize (it reads the environment)
+    never = "never"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 320
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    # Grouped-query attention: number of key/value heads; None means n_heads (plain MHA).
+    n_kv_heads: int | None = None
+    # Per-head width; None means d_model // n_heads.
+    head_dim: int | None = None
+    d_ff: int = 1024
+    max_seq_len: int = 256
+    norm: Norm = Norm.layernorm
+    norm_eps: float = 1e-5
+    mlp: Mlp = Mlp.gelu
+    position: Position = Position.learned
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = RopeScaling.none
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    tie_embeddings: bool = True
+    use_bias: bool = True
+    attention: AttentionKernel = AttentionKernel.xla
+    # nn.scan over layers: one compiled block whatever the depth (compile time flat in depth);
+    # parameters then carry a leading `layers` axis.
+    scan_layers: bool = False
+    remat: Remat = Remat.none
+    # Unrolled layers: materialise the residual-stream gradient once at each block boundary
+    # (an optimization barrier in the backward pass) instead of letting XLA fuse and
+    # recompute it in every consumer; values are unchanged (flaxlm.model.residual_grad_barrier).
+    residual_grad_barrier: bool = True
+    # Compute dtype of activations and matmuls; parameters stay in param_dtype.
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    init_std: float = 0.02
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+
+def _default_rules() -> dict[str, list[str]]:
+    # Logical axis -> mesh axes. Parameters: `embed` is split over fsdp (ZeRO-3 style), the
+    # head / mlp / vocab dimensions over tensor (Megatron style). Activations: the batch over
+    # data and fsdp, their feature dimensions over tensor where the matching weights are.
+    return {
+        "batch": ["data", "fsdp"],
+        "length": [],
+        "vocab": ["tensor"],
+        "embed": ["fsdp"],
+        "heads": ["tensor"],
+        "kv_heads": ["tensor"],
+        "head_dim": [],
+        "mlp": ["tensor"],
+        "layers": [],
+        "act_embed": [],
+        "act_heads": ["tensor"],
+        "act_kv_heads": ["tensor"],
+        "act_mlp": ["tensor"],
+        "act_vocab": ["tensor"],
+    }
+
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    # Devices along each mesh axis within a slice (ICI: the fast interconnect of one TPU slice,
+    # or the NVLink domain of one GPU host); at most one may be -1 (fill with the remaining
+    # devices of the slice).
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    # Slices along each mesh axis (DCN: the data-center network between TPU slices, or between
+    # hosts when each process is its own slice). The product is the number of slices; a mesh
+    # axis spans ici x dcn devices, with the DCN part outermost. Put only `data` (or `fsdp`)
+    # across DCN: it carries one gradient all-reduce per step, not per-layer traffic.
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
+    rules: dict[str, list[str]] = dataclasses.field(default_factory=_default_rules)
+
+    def shape(self) -> dict[str, int]:
+        """The ICI (per-slice) sizes; -1 marks the axis that fills the slice."""
+        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+
+    def dcn_shape(self) -> dict[str, int]:
+        return {"data": self.dcn_data, "fsdp": self.dcn_fsdp, "tensor": self.dcn_tensor}
+
+    def total_shape(self) -> dict[str, int]:
+        """Devices along each axis over all slices (-1 stays -1 until devices are known)."""
+        dcn = self.dcn_shape()
+        return {a: s if s == -1 else s * dcn[a] for a, s in self.shape().items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """How the processes of a multi-host run find each other (`jax.distributed`).
+
+    `auto` joins when the environment describes a multi-process job (a TPU pod slice, SLURM
+    with several tasks, Open MPI, or `JAX_COORDINATOR_ADDRESS`) or when coordinator_address is
+    set; jax then reads the missing values from that environment. Local multi-process runs set
+    all three values explicitly (see launch/local.sh).
+    """
+
+    initialize: DistributedInit = DistributedInit.auto
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    # Seconds to wait for every process to join.
+    timeout_seconds: int = 300
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceFields:
+    """Where documents come from (see flaxlm/data/sources.py); shared by DataConfig and the
+    components of its mixture.
+
+    "python-docs" builds the default corpus from text shipped with the Python interpreter;
+    "files" reads train_files / eval_files (globs of .txt, .jsonl with a `text_field`, or
+    TFRecord files of tf.train.Example with a bytes feature `text_field`; local or gs://);
+    "tfds" reads the TFDS dataset tfds_name (e.g. lm1b, c4/en, tiny_shakespeare) prepared under
+    tfds_data_dir, splits train_split / eval_split; "mixture" (DataConfig only) samples the
+    sources of `mixture` by weight.
+    """
+
+    corpus: str = "python-docs"
+    train_files: str | None = None
+    eval_files: str | None = None
+    tfds_name: str | None = None
+    tfds_data_dir: str | None = None
+    train_split: str = "train"
+    eval_split: str = "validation"
+    text_field: str = "text"
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceConfig(SourceFields):
+    """One component of data.mixture: a source and its weight."""
+
+    # Relative sampling weight of this component's documents (normalised over the mixture).
+    weight: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(SourceFields):
+    mixture: list[SourceConfig] = dataclasses.field(default_factory=list)
+    # Where built-in corpora are written (once) before tf.data reads them.
+    cache_dir: str = "~/.cache/flaxlm"
+    # "byte" (ids 0..255 + BOS/EOS/PAD), "sentencepiece" (a .model file at tokenizer_path; train
+    # one with `flaxlm tokenizer train`) or "hf" (a tokenizer.json or its directory).
+    tokenizer: str = "byte"
+    tokenizer_path: str | None = None
+    seq_len: int = 256
+    global_batch_size: int = 8
+    shuffle_buffer: int = 256
+    # BOS before / EOS after every document (the tokenizer's own ids; BOS marks a document
+    # start even when a document continues from the previous row).
+    add_bos: bool = True
+    add_eos: bool = True
+    # "documents": rows pack whole documents end to end with segment ids and positions that
+    # restart per document (no attention across documents); "concat": plain concatenate and
+    # chunk (one segment per row, positions 0..seq_len-1).
+    packing: str = "documents"
+    # Data shards V: independent, seeded, checkpointable streams whose row-blocks make up the
+    # global batch in shard order. 0: the process count of the run that first starts (the value
+    # used is saved with every checkpoint). Must be a multiple of the process count.
+    num_shards: int = 0
+    # Evaluation uses this many global batches of the eval split, always the same ones.
+    eval_batches: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    name: OptimizerName = OptimizerName.adamw
+    learning_rate: float = 3e-4
+    warmup_steps: int = 100
+    decay: Decay = Decay.cosine
+    min_lr_ratio: float = 0.1
+    # wsd only: the fraction of train.steps spent decaying at the end.
+    decay_fraction: float = 0.2
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    # Global-norm clipping threshold; 0 disables clipping.
+    grad_clip_norm: float = 1.0
+    # Split each batch into this many micro-batches and sum their gradients (same update as the
+    # whole batch, a fraction of the activation memory).
+    grad_accum_steps: int = 1
+    # Weight of the z-loss, mean(logsumexp(logits)^2), which keeps the softmax normaliser near 1
+    # (PaLM); 0 disables it.
+    z_loss: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 100
+    # Keep the latest max_to_keep checkpoints, and also every checkpoint whose step is a
+    # multiple of keep_every (0: none).
+    max_to_keep: int = 3
+    keep_every: int = 0
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    run_dir: str = "runs/default"
+    seed: int = 0
+    log_every: int = 10
+    # 0 disables periodic evaluation (the run still evaluates at the start and the end).
+    eval_every: int = 100
+    # Peak FLOP/s of one device for MFU; None uses a known table or measures a matmul on CPU.
+    peak_flops_per_device: float | None = None
+    progress_bar: bool = True
+    tensorboard: bool = True
+    # What a NaN or Inf in the loss or gradients does (detected on device at every step).
+    nan_policy: NanPolicy = NanPolicy.stop
+    # A loss above spike_factor x its running average is logged as a spike (0 disables).
+    spike_factor: float = 1.5
+    # [first, last): record a profiler trace of these steps under run_dir/profile ([] = none).
+    profile_steps: list[int] = dataclasses.field(default_factory=list)
+    # Printed after training: a continuation of this prompt (None or "" skips it).
+    sample_prompt: str | None = "Once upon a time"
+    sample_new_tokens: int = 200
+    sample_temperature: float = 0.8
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)

@@ -1,0 +1,248 @@
+"""Checks that need more than types: divisibility, ranges and combinations of settings.
+
+`validate` runs before any device work and names the key, the value and the rule in its
+`ConfigError`; checks that need the device count live in `flaxlm.mesh` (which calls
+`check_divisibility` with the resolved mesh).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flaxlm.config.schema import (
+    MESH_AXES,
+    AttentionKernel,
+    Config,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    Position,
+)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Checks rules that types cannot express. Needs no devices."""
+    m, d, o, t = cfg.model, cfg.data, cfg.optimizer, cfg.train
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+        value = getattr(m, key)
+        _require(value > 0, f"model.{key}={value} must be positive")
+    _require(
+        m.n_kv_heads is None or 0 < m.n_kv_heads <= m.n_heads,
+        f"model.n_kv_heads={m.n_kv_heads} must be between 1 and model.n_heads={m.n_heads}",
+    )
+    _require(
+        m.n_heads % m.kv_heads == 0,
+        f"model.n_kv_heads={m.kv_heads} does not divide model.n_heads={m.n_heads} "
+        "(each key/value head serves a whole group of query heads)",
+    )
+    _require(
+        m.head_dim is not None or m.d_model % m.n_heads == 0,
+        f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}; "
+        "set model.head_dim explicitly",
+    )
+    if m.position == Position.rope:
+        _require(
+            m.dim_per_head % 2 == 0,
+            f"rotary embeddings need an even head_dim, got {m.dim_per_head}",
+        )
+    if m.position == Position.sinusoidal:
+        _require(
+            m.d_model % 2 == 0, f"sinusoidal positions need an even model.d_model, got {m.d_model}"
+        )
+    if m.attention == AttentionKernel.cudnn:
+        _require(
+            m.dtype in ("bfloat16", "float16"),
+            f"model.attention=cudnn needs model.dtype bfloat16 or float16 (cuDNN flash attention "
+            f"has no float32 kernel), got {m.dtype}",
+        )
+    if m.attention == AttentionKernel.splash:
+        _require(
+            cfg.data.seq_len % 128 == 0,
+            f"model.attention=splash needs data.seq_len divisible by 128 (its block size), "
+            f"got {cfg.data.seq_len}",
+        )
+    for key in ("dtype", "param_dtype"):
+        value = getattr(m, key)
+        _require(
+            value in ("float32", "bfloat16", "float16"),
+            f"model.{key}={value!r} is not one of float32, bfloat16, float16",
+        )
+
+    _require(
+        d.seq_len <= m.max_seq_len,
+        f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}",
+    )
+    _require(d.seq_len >= 2, f"data.seq_len={d.seq_len} must be at least 2 (inputs and targets)")
+    _require(
+        d.global_batch_size > 0, f"data.global_batch_size={d.global_batch_size} must be positive"
+    )
+    _validate_data(d, m)
+
+    _require(
+        0 < o.decay_fraction <= 1, f"optimizer.decay_fraction={o.decay_fraction} must be in (0, 1]"
+    )
+    _require(
+        o.grad_accum_steps >= 1, f"optimizer.grad_accum_steps={o.grad_accum_steps} must be >= 1"
+    )
+    _require(
+        d.global_batch_size % o.grad_accum_steps == 0,
+        f"optimizer.grad_accum_steps={o.grad_accum_steps} does not divide "
+        f"data.global_batch_size={d.global_batch_size}",
+    )
+    _require(o.z_loss >= 0, f"optimizer.z_loss={o.z_loss} must be >= 0")
+    _require(o.learning_rate > 0, f"optimizer.learning_rate={o.learning_rate} must be positive")
+    _require(o.warmup_steps >= 0, f"optimizer.warmup_steps={o.warmup_steps} must be >= 0")
+    _require(0 <= o.min_lr_ratio <= 1, f"optimizer.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+
+    _require(t.steps > 0, f"train.steps={t.steps} must be positive")
+    _require(t.log_every > 0, f"train.log_every={t.log_every} must be positive")
+    _require(t.eval_every >= 0, f"train.eval_every={t.eval_every} must be >= 0")
+    _require(
+        cfg.checkpoint.every_steps > 0,
+        f"checkpoint.every_steps={cfg.checkpoint.every_steps} must be positive",
+    )
+    _require(
+        cfg.checkpoint.max_to_keep > 0,
+        f"checkpoint.max_to_keep={cfg.checkpoint.max_to_keep} must be positive",
+    )
+    _require(
+        cfg.checkpoint.keep_every >= 0,
+        f"checkpoint.keep_every={cfg.checkpoint.keep_every} must be >= 0",
+    )
+    _require(t.spike_factor >= 0, f"train.spike_factor={t.spike_factor} must be >= 0")
+    _require(
+        not t.profile_steps
+        or (len(t.profile_steps) == 2 and 0 <= t.profile_steps[0] < t.profile_steps[1]),
+        f"train.profile_steps={t.profile_steps} must be [] or [first, last) with first < last",
+    )
+
+    _validate_mesh(cfg)
+
+
+def _validate_mesh(cfg: Config) -> None:
+    mesh = cfg.mesh
+    sizes = mesh.shape()
+    for axis, size in sizes.items():
+        _require(size == -1 or size > 0, f"mesh.{axis}={size} must be positive or -1 (fill)")
+    for axis, size in mesh.dcn_shape().items():
+        _require(size > 0, f"mesh.dcn_{axis}={size} must be positive (slices along {axis})")
+    _require(
+        sum(size == -1 for size in sizes.values()) <= 1,
+        "only one of mesh.data, mesh.fsdp, mesh.tensor may be -1 (fill with remaining devices)",
+    )
+    for logical, axes in mesh.rules.items():
+        for axis in axes:
+            _require(
+                axis in MESH_AXES,
+                f"mesh.rules.{logical} names mesh axis {axis!r}; the mesh axes are {MESH_AXES}",
+            )
+    # Divisibility of explicit sizes; -1 axes are checked once the device count is known.
+    check_divisibility(cfg, mesh.total_shape())
+    d = cfg.distributed
+    explicit = (d.coordinator_address, d.num_processes, d.process_id)
+    _require(
+        d.num_processes is None or d.num_processes > 0,
+        f"distributed.num_processes={d.num_processes} must be positive",
+    )
+    _require(
+        d.process_id is None
+        or (d.num_processes is not None and 0 <= d.process_id < d.num_processes),
+        f"distributed.process_id={d.process_id} must be in [0, distributed.num_processes)",
+    )
+    _require(
+        d.coordinator_address is None or all(v is not None for v in explicit),
+        "distributed.coordinator_address is set: also set distributed.num_processes and "
+        "distributed.process_id (or leave all three unset to read them from the environment)",
+    )
+
+
+def check_divisibility(cfg: Config, sizes: dict[str, int]) -> None:
+    """Every sharded dimension must be divisible by the mesh axes its logical axis maps to."""
+    m, d = cfg.model, cfg.data
+    dims = {
+        # Each micro-batch is sharded over the batch axes (the whole batch when not accumulating).
+        "batch": (
+            "data.global_batch_size / optimizer.grad_accum_steps",
+            d.global_batch_size // cfg.optimizer.grad_accum_steps,
+        ),
+        "vocab": ("model.vocab_size", m.vocab_size),
+        "embed": ("model.d_model", m.d_model),
+        "heads": ("model.n_heads", m.n_heads),
+        "kv_heads": ("model.n_kv_heads", m.kv_heads),
+        "mlp": ("model.d_ff", m.d_ff),
+        "head_dim": ("model.head_dim", m.dim_per_head),
+        "length": ("data.seq_len", d.seq_len),
+    }
+    for logical, (key, value) in dims.items():
+        axes = cfg.mesh.rules.get(logical, [])
+        known = [a for a in axes if sizes.get(a, 1) != -1]
+        product = 1
+        for a in known:
+            product *= sizes[a]
+        if value % product:
+            named = " x ".join(f"mesh.{a}={sizes[a]}" for a in known)
+            raise ConfigError(
+                f"{named} does not divide {key}={value} (logical axis {logical!r} is sharded "
+                f"over {known}); change the mesh or mesh.rules.{logical}"
+            )
+
+
+def _validate_source(src: Any, where: str) -> None:
+    _require(
+        src.corpus in ("python-docs", "files", "tfds"),
+        f"{where}.corpus={src.corpus!r} is not python-docs, files, tfds"
+        + (" or mixture" if where == "data" else ""),
+    )
+    if src.corpus == "files":
+        _require(
+            bool(src.train_files),
+            f"{where}.corpus=files needs {where}.train_files (a glob of .txt/.jsonl/.tfrecord)",
+        )
+    if src.corpus == "tfds":
+        _require(bool(src.tfds_name), f"{where}.corpus=tfds needs {where}.tfds_name (e.g. lm1b)")
+
+
+def _validate_data(d: DataConfig, m: ModelConfig) -> None:
+    """Data checks that need no files (files and tokenizers are checked by the pipeline)."""
+    if d.corpus == "mixture":
+        _require(bool(d.mixture), "data.corpus=mixture needs a non-empty data.mixture list")
+        for i, component in enumerate(d.mixture):
+            where = f"data.mixture[{i}]"
+            _validate_source(component, where)
+            _require(component.weight > 0, f"{where}.weight={component.weight} must be > 0")
+    else:
+        _validate_source(d, "data")
+    _require(
+        d.tokenizer in ("byte", "sentencepiece", "hf"),
+        f"data.tokenizer={d.tokenizer!r} is not one of byte, sentencepiece, hf",
+    )
+    if d.tokenizer != "byte":
+        _require(
+            bool(d.tokenizer_path),
+            f"data.tokenizer={d.tokenizer} needs data.tokenizer_path (the model file or "
+            "tokenizer.json)",
+        )
+    _require(
+        d.packing in ("documents", "concat"),
+        f"data.packing={d.packing!r} is not documents or concat",
+    )
+    _require(d.num_shards >= 0, f"data.num_shards={d.num_shards} must be >= 0 (0: automatic)")
+    if d.num_shards:
+        _require(
+            d.global_batch_size % d.num_shards == 0,
+            f"data.num_shards={d.num_shards} does not divide data.global_batch_size="
+            f"{d.global_batch_size}; every data shard gives an equal block of rows",
+        )
+    if d.tokenizer == "byte":
+        from flaxlm.data.tokenizer import ByteTokenizer
+
+        _require(
+            m.vocab_size >= ByteTokenizer.vocab_size,
+            f"model.vocab_size={m.vocab_size} is smaller than the byte tokenizer's "
+            f"{ByteTokenizer.vocab_size} ids",
+        )
