@@ -28,3 +28,23 @@ parse_train_args() {
     shift
   done
 }
+
+# gcloud_scope ZONE PROJECT: sets GCLOUD_OPTS (--zone, and --project when one is given).
+gcloud_scope() {
+  GCLOUD_OPTS=("--zone=$1")
+  [[ -z "$2" ]] || GCLOUD_OPTS+=("--project=$2")
+}
+
+# wait_active NAME: waits until the queued resource NAME is ACTIVE (nothing to wait for in
+# --dry-run).
+wait_active() {
+  ((DRY_RUN)) && return 0
+  until gcloud compute tpus queued-resources describe "$1" "${GCLOUD_OPTS[@]}" \
+      --format='value(state.state)' | grep -q ACTIVE; do sleep 30; done
+}
+
+# add_dcn_data N: appends mesh.dcn_data=N to OVERRIDES unless they set a DCN axis already
+# (data parallelism across the N slices or nodes, the other axes within each).
+add_dcn_data() {
+  if [[ " ${OVERRIDES[*]} " != *" mesh.dcn_"* ]]; then OVERRIDES+=("mesh.dcn_data=$1"); fi
+}

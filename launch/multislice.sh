@@ -38,18 +38,12 @@ parse_train_args "${args[@]}"
 [[ "$slices" =~ ^[1-9][0-9]*$ ]] || die "--slices must be a positive integer, got '$slices'"
 [[ -n "$CONFIG" ]] || die "no config file given"
 ((${#REST[@]} == 0)) || die "unknown arguments: ${REST[*]}"
-gcloud_opts=("--zone=$zone")
-[[ -z "$project" ]] || gcloud_opts+=("--project=$project")
-
-overrides=("${OVERRIDES[@]}")
-if [[ " ${overrides[*]} " != *" mesh.dcn_"* ]]; then overrides+=("mesh.dcn_data=$slices"); fi
+gcloud_scope "$zone" "$project"
+add_dcn_data "$slices"
 
 run gcloud compute tpus queued-resources create "$name" --accelerator-type="$type" \
-  --runtime-version="$runtime" --node-count="$slices" --node-prefix="$name" "${gcloud_opts[@]}"
-if ((!DRY_RUN)); then
-  until gcloud compute tpus queued-resources describe "$name" "${gcloud_opts[@]}" \
-      --format='value(state.state)' | grep -q ACTIVE; do sleep 30; done
-fi
-train=$(quote flaxlm train --config "$CONFIG" "${overrides[@]}")
-run gcloud compute tpus queued-resources ssh "$name" "${gcloud_opts[@]}" --node=all --worker=all \
+  --runtime-version="$runtime" --node-count="$slices" --node-prefix="$name" "${GCLOUD_OPTS[@]}"
+wait_active "$name"
+train=$(quote flaxlm train --config "$CONFIG" "${OVERRIDES[@]}")
+run gcloud compute tpus queued-resources ssh "$name" "${GCLOUD_OPTS[@]}" --node=all --worker=all \
   --batch-size="$slices" --command="cd $dir && $train"

@@ -37,10 +37,7 @@ parse_train_args "${args[@]}"
 [[ -n "$CONFIG" ]] || die "no config file given"
 ((${#REST[@]} == 0)) || die "unknown arguments: ${REST[*]}"
 
-overrides=("${OVERRIDES[@]}")
-if ((nodes > 1)) && [[ " ${overrides[*]} " != *" mesh.dcn_"* ]]; then
-  overrides+=("mesh.dcn_data=$nodes")
-fi
+((nodes == 1)) || add_dcn_data "$nodes"
 script=$(cat <<SBATCH
 #!/usr/bin/env bash
 #SBATCH --job-name=$job
@@ -51,7 +48,7 @@ script=$(cat <<SBATCH
 #SBATCH --signal=TERM@300
 #SBATCH --requeue
 ${partition:+#SBATCH --partition=$partition}
-srun $(quote flaxlm train --config "$CONFIG" "${overrides[@]}")
+srun $(quote flaxlm train --config "$CONFIG" "${OVERRIDES[@]}")
 SBATCH
 )
 if ((DRY_RUN)); then

@@ -39,21 +39,17 @@ parse_train_args "${args[@]}"
 [[ -n "$tpu" && -n "$zone" ]] || die "--tpu NAME and --zone ZONE are required"
 [[ -n "$CONFIG" ]] || die "no config file given"
 ((${#REST[@]} == 0)) || die "unknown arguments: ${REST[*]}"
-gcloud_opts=("--zone=$zone")
-[[ -z "$project" ]] || gcloud_opts+=("--project=$project")
+gcloud_scope "$zone" "$project"
 
 if [[ -n "$create" ]]; then
   run gcloud compute tpus queued-resources create "$tpu" --node-id="$tpu" \
-    --accelerator-type="$create" --runtime-version="$runtime" "${gcloud_opts[@]}"
-  if ((!DRY_RUN)); then
-    until gcloud compute tpus queued-resources describe "$tpu" "${gcloud_opts[@]}" \
-        --format='value(state.state)' | grep -q ACTIVE; do sleep 30; done
-  fi
+    --accelerator-type="$create" --runtime-version="$runtime" "${GCLOUD_OPTS[@]}"
+  wait_active "$tpu"
 fi
 if ((setup)); then
-  run gcloud compute tpus tpu-vm ssh "$tpu" "${gcloud_opts[@]}" --worker=all \
+  run gcloud compute tpus tpu-vm ssh "$tpu" "${GCLOUD_OPTS[@]}" --worker=all \
     --command="git clone $(quote "$repo") $dir || git -C $dir pull; cd $dir && pip install -e '.[tpu]'"
 fi
 train=$(quote flaxlm train --config "$CONFIG" "${OVERRIDES[@]}")
-run gcloud compute tpus tpu-vm ssh "$tpu" "${gcloud_opts[@]}" --worker=all \
+run gcloud compute tpus tpu-vm ssh "$tpu" "${GCLOUD_OPTS[@]}" --worker=all \
   --command="cd $dir && $train"
