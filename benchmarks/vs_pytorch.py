@@ -71,7 +71,13 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 from flaxlm import config as config_lib  # noqa: E402
-from flaxlm.flops import analytic_param_count, flops_per_token, param_count  # noqa: E402
+from flaxlm.flops import (  # noqa: E402
+    analytic_param_count,
+    best_matmul_flops,
+    flops_per_token,
+    param_count,
+    square_matmul,
+)
 from flaxlm.mesh import make_mesh  # noqa: E402
 from flaxlm.train import Trainer  # noqa: E402
 
@@ -200,18 +206,9 @@ class TorchStep:
 
 
 def matmul_peak(n: int = 1024, repeats: int = 10) -> float:
-    """FLOP/s of a jitted float32 n x n matmul in this process (best of `repeats`)."""
-    import jax.numpy as jnp
-
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
-    f = jax.jit(lambda x, y: x @ y)
-    f(a, a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a, a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2.0 * n**3 / best
+    """FLOP/s of a jitted float32 n x n matmul in this process (best of `repeats`), measured
+    afresh at each call."""
+    return best_matmul_flops(n, repeats)
 
 
 class MatmulStep:
@@ -223,13 +220,9 @@ class MatmulStep:
     """
 
     def __init__(self, step_flops: float, n: int = 1024):
-        import jax.numpy as jnp
-
-        self.a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+        self.a, self.matmul = square_matmul(n)
         self.count = max(1, round(step_flops / (2.0 * n**3)))
         self.flops = self.count * 2.0 * n**3
-        self.matmul = jax.jit(lambda x, y: x @ y)
-        self.matmul(self.a, self.a).block_until_ready()
 
     def __call__(self, tokens: np.ndarray) -> float:
         out = [self.matmul(self.a, self.a) for _ in range(self.count)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -62,18 +63,29 @@ def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
     return 6.0 * n_params + 12.0 * cfg.n_layers * seq_len * attn_width
 
 
-@functools.cache
-def measured_matmul_flops(n: int = 1024, repeats: int = 10) -> float:
-    """FLOP/s of a dense float32 n x n matmul on the default device, measured here and now."""
+def square_matmul(n: int = 1024) -> tuple[jax.Array, Callable[[jax.Array, jax.Array], jax.Array]]:
+    """A float32 n x n operand on the default device and a jitted, already compiled matmul."""
     a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
     matmul = jax.jit(lambda x, y: x @ y)
     matmul(a, a).block_until_ready()
+    return a, matmul
+
+
+def best_matmul_flops(n: int = 1024, repeats: int = 10) -> float:
+    """FLOP/s of the fastest of `repeats` dense float32 n x n matmuls, measured now."""
+    a, matmul = square_matmul(n)
     best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()
         matmul(a, a).block_until_ready()
         best = min(best, time.perf_counter() - start)
     return 2.0 * n**3 / best
+
+
+@functools.cache
+def measured_matmul_flops(n: int = 1024, repeats: int = 10) -> float:
+    """`best_matmul_flops`, measured once per process (the training loop's CPU peak)."""
+    return best_matmul_flops(n, repeats)
 
 
 def total_peak_flops(configured_per_device: float | None = None) -> float | None:
@@ -87,11 +99,8 @@ def total_peak_flops(configured_per_device: float | None = None) -> float | None
         return configured_per_device * len(devices)
     if devices[0].platform == "cpu":
         return measured_matmul_flops() * jax.process_count()
-    kind = devices[0].device_kind
-    for name, peak in _PEAK_FLOPS.items():
-        if kind.startswith(name):
-            return peak * len(devices)
-    return None
+    peak = table_peak_flops(devices[0].device_kind)
+    return peak * len(devices) if peak is not None else None
 
 
 def table_peak_flops(device_kind: str) -> float | None:
@@ -111,9 +120,7 @@ def sustained_matmul_flops(seconds: float, n: int = 1024) -> float:
     a train step lasting seconds never sees; measured over as long as the steps it is compared
     with, the peak sees the same load they did.
     """
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
-    matmul = jax.jit(lambda x, y: x @ y)
-    matmul(a, a).block_until_ready()
+    a, matmul = square_matmul(n)
     count, start = 0, time.perf_counter()
     while True:
         matmul(a, a).block_until_ready()
