@@ -35,6 +35,7 @@ from flaxlm.flops import (
     sustained_matmul_flops,
     table_peak_flops,
 )
+from flaxlm.memory import compiled_stats
 from flaxlm.mesh import make_mesh
 from flaxlm.train import Trainer
 
@@ -77,23 +78,16 @@ def peak_flops(
 
 
 def _memory(compiled) -> dict[str, int | None]:
-    stats = compiled.memory_analysis()
+    stats = compiled_stats(compiled)
     if stats is None:  # some backends do not report it
         return {"memory_per_device_bytes": None}
-    out = {
-        "memory_argument_bytes": int(stats.argument_size_in_bytes),
-        "memory_output_bytes": int(stats.output_size_in_bytes),
-        "memory_alias_bytes": int(stats.alias_size_in_bytes),
-        "memory_temp_bytes": int(stats.temp_size_in_bytes),
+    return {
+        "memory_argument_bytes": stats["arguments"],
+        "memory_output_bytes": stats["outputs"],
+        "memory_alias_bytes": stats["aliased"],
+        "memory_temp_bytes": stats["temporaries"],
+        "memory_per_device_bytes": stats["live"],
     }
-    # Donated state is both an argument and an output but occupies its buffers once.
-    out["memory_per_device_bytes"] = (
-        out["memory_argument_bytes"]
-        + out["memory_output_bytes"]
-        - out["memory_alias_bytes"]
-        + out["memory_temp_bytes"]
-    )
-    return out
 
 
 def _xla_flops(compiled) -> float | None:

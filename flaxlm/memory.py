@@ -93,23 +93,32 @@ def estimate(cfg: Config, abstract_state: Any, mesh_shape: dict[str, int]) -> Me
     return MemoryEstimate(params, optimizer, gradients, activations)
 
 
-def compiled_memory(compiled: Any) -> dict[str, float]:
-    """Per-device GiB from XLA's memory analysis of a compiled step.
-
-    `total` is what must be live at the peak: arguments plus outputs not aliased to (donated)
-    arguments, plus temporaries, plus the generated code.
-    """
+def compiled_stats(compiled: Any) -> dict[str, int] | None:
+    """Per-device bytes from XLA's memory analysis of a compiled program (None where the backend
+    gives none): arguments, outputs, aliased, temporaries, code, and `live`, the buffers live at
+    the peak (arguments plus outputs not aliased to donated arguments, plus temporaries)."""
     ma = compiled.memory_analysis()
-    args = ma.argument_size_in_bytes
-    out = ma.output_size_in_bytes
-    alias = ma.alias_size_in_bytes
-    temp = ma.temp_size_in_bytes
-    code = getattr(ma, "generated_code_size_in_bytes", 0)
-    total = args + out - alias + temp + code
+    if ma is None:
+        return None
+    stats = {
+        "arguments": int(ma.argument_size_in_bytes),
+        "outputs": int(ma.output_size_in_bytes),
+        "aliased": int(ma.alias_size_in_bytes),
+        "temporaries": int(ma.temp_size_in_bytes),
+        "code": int(getattr(ma, "generated_code_size_in_bytes", 0)),
+    }
+    # Donated state is both an argument and an output but occupies its buffers once.
+    stats["live"] = stats["arguments"] + stats["outputs"] - stats["aliased"] + stats["temporaries"]
+    return stats
+
+
+def compiled_memory(compiled: Any) -> dict[str, float]:
+    """Per-device GiB of a compiled step; `total` is the live buffers plus the generated code."""
+    stats = compiled_stats(compiled)
     return {
-        "arguments_gib": args / GiB,
-        "outputs_gib": out / GiB,
-        "aliased_gib": alias / GiB,
-        "temporaries_gib": temp / GiB,
-        "total_gib": total / GiB,
+        "arguments_gib": stats["arguments"] / GiB,
+        "outputs_gib": stats["outputs"] / GiB,
+        "aliased_gib": stats["aliased"] / GiB,
+        "temporaries_gib": stats["temporaries"] / GiB,
+        "total_gib": (stats["live"] + stats["code"]) / GiB,
     }
