@@ -40,8 +40,7 @@ def compile_seconds(layers: int, scan: bool) -> float:
         for k in ("tokens", "positions", "segment_ids")
     }
     start = time.perf_counter()
-    with trainer.context():
-        trainer._train_step.lower(trainer.abstract_state, batch).compile()
+    trainer.compile_step(batch)
     return time.perf_counter() - start
 
 

@@ -34,11 +34,11 @@ def train_tokens_per_second(cfg, steps: int) -> float:
     state = trainer.init_state(0)
     batch = trainer.global_batch(next(pipeline.train_iterator(cfg.data, 0)))
     for _ in range(3):  # compile and warm up
-        state, metrics = trainer.train_step(state, batch)
+        state, metrics = trainer.step(state, batch)
     jax.block_until_ready(metrics)
     start = time.perf_counter()
     for _ in range(steps):
-        state, metrics = trainer.train_step(state, batch)
+        state, metrics = trainer.step(state, batch)
     jax.block_until_ready(metrics)
     elapsed = time.perf_counter() - start
     return steps * cfg.data.global_batch_size * cfg.data.seq_len / elapsed

@@ -84,14 +84,14 @@ def bare_steps_per_second(cfg: config_lib.Config, steps: int, window: int = 10) 
             "segment_ids": np.ones((b, t), np.int32),
         }
     )
-    state, metrics = trainer.train_step(state, batch)  # compile
+    state, metrics = trainer.step(state, batch)  # compile
     jax.block_until_ready(metrics)
     # Windows of `window` steps, as the loop logs them; the median window, as the loop reports.
     rates = []
     for _ in range(steps // window):
         start = time.perf_counter()
         for _ in range(window):
-            state, metrics = trainer.train_step(state, batch)
+            state, metrics = trainer.step(state, batch)
         jax.block_until_ready((state, metrics))
         rates.append(window / (time.perf_counter() - start))
     return statistics.median(rates)

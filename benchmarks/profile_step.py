@@ -64,10 +64,7 @@ def main() -> None:
     shapes = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), batch
     )
-    with trainer.context():
-        compiled = trainer._train_step.lower(trainer.abstract_state, shapes).compile(
-            {"xla_cpu_enable_xprof_traceme": True}
-        )
+    compiled = trainer.compile_step(shapes, {"xla_cpu_enable_xprof_traceme": True})
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     directory = args.keep or Path(tempfile.mkdtemp())

@@ -70,9 +70,7 @@ class Variant:
             k: jax.ShapeDtypeStruct((b, t), np.int32, sharding=self.trainer.batch_sharding)
             for k in ("tokens", "positions", "segment_ids")
         }
-        with self.trainer.context():
-            lowered = self.trainer._train_step.lower(self.trainer.abstract_state, batch)
-            self.compiled = lowered.compile(options or None)
+        self.compiled = self.trainer.compile_step(batch, options or None)
 
     def __call__(self, tokens: np.ndarray) -> float:
         batch = self.trainer.global_batch({"tokens": tokens, **self.fixed})

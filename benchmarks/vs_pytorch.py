@@ -118,7 +118,7 @@ class FlaxStep:
         batch = self.trainer.global_batch(
             {"tokens": tokens, "positions": self.positions, "segment_ids": self.segments}
         )
-        self.state, metrics = self.trainer.train_step(self.state, batch)
+        self.state, metrics = self.trainer.step(self.state, batch)
         return float(metrics["loss"])
 
     def memory_per_device(self) -> dict[str, float]:
@@ -128,8 +128,7 @@ class FlaxStep:
             k: jax.ShapeDtypeStruct(shape, np.int32, sharding=self.trainer.batch_sharding)
             for k in ("tokens", "positions", "segment_ids")
         }
-        with self.trainer.context():
-            compiled = self.trainer._train_step.lower(self.trainer.abstract_state, batch).compile()
+        compiled = self.trainer.compile_step(batch)
         m = compiled.memory_analysis()
         mib = 1 / 2**20
         return {

@@ -19,7 +19,7 @@ import jax
 
 from flaxlm import memory
 from flaxlm.config import Config, ConfigError
-from flaxlm.flops import analytic_param_count, flops_per_token
+from flaxlm.flops import analytic_param_count, flops_per_step
 from flaxlm.mesh import make_mesh
 from flaxlm.train import Trainer
 
@@ -88,7 +88,7 @@ def compile_report(cfg: Config, topology: str, num_slices: int = 1) -> dict[str,
     hbm = hbm_chip_gib * per_device
     started = time.perf_counter()
     try:
-        compiled = trainer.lower_train_step().compile()
+        compiled = trainer.lower_step().compile()
         compiled_mem, error = memory.compiled_memory(compiled), None
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list | tuple) else cost
@@ -100,7 +100,7 @@ def compile_report(cfg: Config, topology: str, num_slices: int = 1) -> dict[str,
     compile_seconds = time.perf_counter() - started
     n_params = analytic_param_count(cfg.model)
     tokens = cfg.data.global_batch_size * cfg.data.seq_len
-    analytic_flops = flops_per_token(cfg.model, n_params, cfg.data.seq_len) * tokens
+    analytic_flops = flops_per_step(cfg, n_params)
     peak = peak_chip * chips
     return {
         "topology": topology,

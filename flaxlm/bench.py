@@ -115,7 +115,7 @@ def bench(
     state = trainer.init_state(cfg.train.seed)
 
     start = time.perf_counter()
-    compiled = trainer.lower_train_step().compile()
+    compiled = trainer.lower_step().compile()
     compile_seconds = time.perf_counter() - start
 
     for _ in range(warmup):

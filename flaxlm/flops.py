@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxlm.config import Mlp, ModelConfig, Norm, Position
+from flaxlm.config import Config, Mlp, ModelConfig, Norm, Position
 
 # Dense bf16 peak FLOP/s per device (per chip, or per TensorCore where JAX shows two per chip).
 _PEAK_FLOPS = {
@@ -61,6 +61,15 @@ def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
     """Training FLOPs per token: 6N + 12 L T d (forward + backward)."""
     attn_width = cfg.n_heads * cfg.dim_per_head
     return 6.0 * n_params + 12.0 * cfg.n_layers * seq_len * attn_width
+
+
+def flops_per_step(cfg: Config, n_params: int | None = None) -> float:
+    """Training FLOPs of one optimizer step of cfg (all micro-batches): the one definition that
+    throughput, MFU, scaling-law compute and ahead-of-time reports share. Without n_params the
+    parameters are counted from the architecture."""
+    n = analytic_param_count(cfg.model) if n_params is None else n_params
+    tokens = cfg.data.global_batch_size * cfg.data.seq_len
+    return flops_per_token(cfg.model, n, cfg.data.seq_len) * tokens
 
 
 def square_matmul(n: int = 1024) -> tuple[jax.Array, Callable[[jax.Array, jax.Array], jax.Array]]:

@@ -33,7 +33,7 @@ from flaxlm.data import pipeline
 from flaxlm.data.tokenize import STATS
 from flaxlm.data.tokenizer import ByteTokenizer, Tokenizer, save_to_run
 from flaxlm.evaluate import check_tokenizer, evaluate
-from flaxlm.flops import flops_per_token, param_count, total_peak_flops
+from flaxlm.flops import flops_per_step, param_count, total_peak_flops
 from flaxlm.generate import SamplingConfig, generate
 from flaxlm.mesh import make_mesh
 from flaxlm.metrics import MetricsWriter, SpikeDetector, memory_in_use
@@ -173,7 +173,7 @@ def _train(cfg, trainer, data, eval_set, checkpointer, writer, watcher, started)
 
     n_params = param_count(state.params)
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
-    flops_per_step = flops_per_token(cfg.model, n_params, cfg.data.seq_len) * tokens_per_step
+    step_flops = flops_per_step(cfg, n_params)
     peak = total_peak_flops(t.peak_flops_per_device)
     log(
         f"model: {n_params:,} parameters; mesh {dict(trainer.mesh.shape)} on "
@@ -220,7 +220,7 @@ def _train(cfg, trainer, data, eval_set, checkpointer, writer, watcher, started)
             log(f"step {step}: loss spike {values['loss']:.4f} (average {spikes.average:.4f})")
             writer.write(step, {"loss_spike": values["loss"], "loss_average": spikes.average})
         if step % t.log_every == 0 or step == t.steps:
-            record = {**values, **window.record(tokens_per_step, flops_per_step, peak)}
+            record = {**values, **window.record(tokens_per_step, step_flops, peak)}
             record.update(memory_in_use())
             writer.write(step, record)
             step_times.append(record["step_seconds"])
@@ -244,7 +244,7 @@ def _train(cfg, trainer, data, eval_set, checkpointer, writer, watcher, started)
         batch = next_batch.result() if next_batch is not None else fetch()
         next_batch = None
         window.data_wait += time.perf_counter() - fetch_start
-        state, metrics = trainer.train_step(state, batch)
+        state, metrics = trainer.step(state, batch)
         profiler.after(step, metrics)
         preempted = watcher.requested(step)
         saving = step % checkpointer.every_steps == 0 or step == t.steps or preempted

@@ -36,7 +36,7 @@ from flaxlm import config as config_lib
 from flaxlm.config import Config, ConfigError, Decay
 from flaxlm.data import pipeline
 from flaxlm.evaluate import evaluate
-from flaxlm.flops import analytic_param_count, flops_per_token
+from flaxlm.flops import analytic_param_count, flops_per_step
 from flaxlm.mesh import make_mesh
 from flaxlm.train import Trainer
 
@@ -98,13 +98,6 @@ def load_ladder(path: str | Path) -> tuple[LadderConfig, Path]:
     return ladder, (path.parent / ladder.config)
 
 
-def run_flops_per_step(cfg: Config) -> float:
-    """Training FLOPs of one step of cfg (analytic, as for MFU)."""
-    n = analytic_param_count(cfg.model)
-    tokens = cfg.data.global_batch_size * cfg.data.seq_len
-    return flops_per_token(cfg.model, n, cfg.data.seq_len) * tokens
-
-
 def plan(
     ladder: LadderConfig, config_path: Path, overrides: Sequence[str] = ()
 ) -> tuple[list[PlannedRun], list[str]]:
@@ -116,7 +109,7 @@ def plan(
     runs, skipped = [], []
     for rung in ladder.models:
         cfg = config_lib.load(config_path, [*ladder.overrides, *rung.overrides, *overrides])
-        per_step = run_flops_per_step(cfg)
+        per_step = flops_per_step(cfg)
         steps_of = {}
         for budget in sorted(ladder.budgets):
             steps = round(budget / per_step)
@@ -165,7 +158,7 @@ def train_and_evaluate(cfg: Config, eval_steps: Sequence[int]) -> Iterator[dict[
     for target in sorted(eval_steps):
         metrics = None
         while step < target:
-            state, metrics = trainer.train_step(state, trainer.global_batch(next(data)))
+            state, metrics = trainer.step(state, trainer.global_batch(next(data)))
             step += 1
         train_loss = float(metrics["loss"]) if metrics is not None else math.nan
         if metrics is not None and not math.isfinite(train_loss):
@@ -217,7 +210,7 @@ def run_ladder(runs: Sequence[PlannedRun]) -> Iterator[dict[str, Any]]:
                 "budget": run.budget,
                 "steps": run.steps,
                 "tokens": tokens,
-                "compute": run.steps * run_flops_per_step(cfg),
+                "compute": run.steps * flops_per_step(cfg),
                 **result,
             }
             if not progress.disable:

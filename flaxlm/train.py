@@ -253,7 +253,7 @@ class Trainer:
             accum_steps=cfg.optimizer.grad_accum_steps,
             skip_nonfinite=cfg.train.nan_policy == NanPolicy.skip,
         )
-        self._train_step = jax.jit(
+        self._jit_step = jax.jit(
             step_fn,
             in_shardings=(self.state_shardings, self.batch_sharding),
             out_shardings=(self.state_shardings, replicated),
@@ -285,11 +285,10 @@ class Trainer:
         with self.context():
             return self._init(jax.random.key(seed))
 
-    def train_step(
-        self, state: TrainState, batch: Batch
-    ) -> tuple[TrainState, dict[str, jax.Array]]:
+    def step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One optimizer step (jit-compiled `train_step`; the state's buffers are donated)."""
         with self.context():
-            return self._train_step(state, batch)
+            return self._jit_step(state, batch)
 
     def eval_step(self, params, batch: Batch) -> dict[str, jax.Array]:
         with self.context():
@@ -303,10 +302,17 @@ class Trainer:
             for k in ("tokens", "segment_ids", "positions")
         }
 
-    def lower_train_step(self) -> jax.stages.Lowered:
-        """The train step lowered for the abstract state and batch, without any device work."""
+    def lower_step(self, batch: Batch | None = None) -> jax.stages.Lowered:
+        """The train step lowered for the abstract state and `batch` (arrays or
+        ShapeDtypeStructs; by default the abstract batch of the config), without device work."""
         with self.context():
-            return self._train_step.lower(self.abstract_state, self.abstract_batch())
+            return self._jit_step.lower(self.abstract_state, batch or self.abstract_batch())
+
+    def compile_step(
+        self, batch: Batch | None = None, compiler_options: dict[str, Any] | None = None
+    ) -> jax.stages.Compiled:
+        """The train step compiled ahead of time, with XLA `compiler_options` if given."""
+        return self.lower_step(batch).compile(compiler_options)
 
     def global_batch(self, local_batch: dict[str, np.ndarray]) -> Batch:
         """Assembles this process's slice of the batch into global arrays on the mesh."""

@@ -11,6 +11,7 @@ from conftest import CONFIGS
 from helpers import flaxlm
 
 from flaxlm.config import ConfigError
+from flaxlm.flops import flops_per_step
 from flaxlm.scaling import (
     LadderConfig,
     Rung,
@@ -19,7 +20,6 @@ from flaxlm.scaling import (
     load_ladder,
     plan,
     power_law,
-    run_flops_per_step,
     write_results,
 )
 
@@ -98,7 +98,7 @@ def test_plan_turns_budgets_into_steps():
     )
     runs, skipped = plan(ladder, CONFIGS / "tiny.yaml", ["optimizer.warmup_steps=100"])
     for run in runs:
-        per_step = run_flops_per_step(run.cfg)
+        per_step = flops_per_step(run.cfg)
         # Each run spends its budget to within one step, its schedule spans it, warm-up <= 10%.
         assert abs(run.steps * per_step - run.budget) <= per_step / 2
         assert run.cfg.train.steps == run.steps

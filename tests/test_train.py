@@ -41,7 +41,7 @@ def test_tiny_model_overfits_a_fixed_batch(tiny_cfg, family):
     batch = trainer.global_batch(_fixed_batch(cfg))
     first = None
     for _ in range(150):
-        state, metrics = trainer.train_step(state, batch)
+        state, metrics = trainer.step(state, batch)
         first = first if first is not None else float(metrics["loss"])
     final = float(metrics["loss"])
     assert first > 5.0  # random init over a 320-way vocabulary: about ln(320) = 5.8
@@ -67,7 +67,7 @@ def _run_three_steps(cfg, shape):
     state = trainer.init_state(0)
     losses = []
     for step in range(3):
-        state, metrics = trainer.train_step(state, trainer.global_batch(_fixed_batch(cfg, step)))
+        state, metrics = trainer.step(state, trainer.global_batch(_fixed_batch(cfg, step)))
         losses.append(float(metrics["loss"]))
     return trainer, state, losses
 

@@ -30,7 +30,7 @@ def test_each_optimizer_learns(tiny_cfg, name):
     batch = trainer.global_batch(_fixed_batch(cfg))
     losses = []
     for _ in range(40):
-        state, metrics = trainer.train_step(state, batch)
+        state, metrics = trainer.step(state, batch)
         losses.append(float(metrics["loss"]))
     assert losses[-1] < 0.6 * losses[0], (name, losses[0], losses[-1])
 
@@ -49,7 +49,7 @@ def test_gradient_accumulation_equals_the_large_batch_step(tiny_cfg):
         trainer = Trainer(cfg, make_mesh(cfg))
         state = trainer.init_state(0)
         for step in range(2):
-            state, metrics = trainer.train_step(
+            state, metrics = trainer.step(
                 state, trainer.global_batch(_fixed_batch(cfg, step))
             )
         results.append((jax.device_get(metrics), jax.device_get(state.params)))
@@ -82,13 +82,13 @@ def test_nonfinite_step_is_skipped_and_counted(tiny_cfg):
     cfg = tiny_cfg("train.nan_policy=skip", "mesh.fsdp=2", "mesh.tensor=2", "mesh.data=2")
     trainer = Trainer(cfg, make_mesh(cfg))
     state = trainer.init_state(0)
-    state, _ = trainer.train_step(state, trainer.global_batch(_fixed_batch(cfg)))
+    state, _ = trainer.step(state, trainer.global_batch(_fixed_batch(cfg)))
     poisoned_params = jax.tree.map(lambda x: x, state.params)
     embedding = poisoned_params["embed"]["embedding"]
     poisoned_params["embed"]["embedding"] = embedding.at[3, 5].set(jnp.nan)
     before = jax.device_get((poisoned_params, state.opt_state))
     poisoned = state.replace(params=poisoned_params)
-    after, metrics = trainer.train_step(poisoned, trainer.global_batch(_fixed_batch(cfg, 1)))
+    after, metrics = trainer.step(poisoned, trainer.global_batch(_fixed_batch(cfg, 1)))
     assert not bool(metrics["finite"]) and int(metrics["skipped_steps"]) == 1
     assert int(after.step) == 2  # the step counts; the update does not happen
     jax.tree.map(
@@ -108,7 +108,7 @@ def test_stop_policy_reports_nonfinite_without_skipping(tiny_cfg):
         **params["final_norm"],
         "scale": params["final_norm"]["scale"] * jnp.inf,
     }
-    _, metrics = trainer.train_step(
+    _, metrics = trainer.step(
         state.replace(params=params), trainer.global_batch(_fixed_batch(cfg))
     )
     assert not bool(metrics["finite"]) and int(metrics["skipped_steps"]) == 1
