@@ -1,4 +1,4 @@
-"""Does the training loop stall the device? flaxlm.loop against a bare jitted loop (issue 9).
+"""Does the training loop stall the device? flaxlm.loop against a bare jitted loop.
 
     python benchmarks/host_stall.py [--steps 300 --repeats 3]
 
@@ -76,14 +76,9 @@ def trivial_config(run_dir: Path, steps: int, extra: list[str]) -> config_lib.Co
 def bare_steps_per_second(cfg: config_lib.Config, steps: int, window: int = 10) -> float:
     trainer = Trainer(cfg, make_mesh(cfg, jax.devices()[:1]))
     state = trainer.init_state(0)
-    b, t = cfg.data.global_batch_size, cfg.data.seq_len
-    batch = trainer.global_batch(
-        {
-            "tokens": np.ones((b, t), np.int32),
-            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
-            "segment_ids": np.ones((b, t), np.int32),
-        }
-    )
+    synthetic = trainer.synthetic_batch()
+    # Constant token ids (the step's time does not depend on them).
+    batch = trainer.global_batch({**synthetic, "tokens": np.ones_like(synthetic["tokens"])})
     state, metrics = trainer.step(state, batch)  # compile
     jax.block_until_ready(metrics)
     # Windows of `window` steps, as the loop logs them; the median window, as the loop reports.

@@ -51,7 +51,7 @@ def main() -> None:
                 ],
             )
             trainer = Trainer(cfg, make_mesh(cfg))
-            xla = memory.compiled_memory(trainer.lower_step().compile())
+            xla = memory.compiled_memory(trainer.compile_step())
             est = memory.estimate(cfg, trainer.abstract_state, dict(trainer.mesh.shape))
             e = est.to_json()
             print(

@@ -24,7 +24,6 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
-import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -52,19 +51,8 @@ def main() -> None:
     cfg = config_lib.load(args.config, args.set)
     trainer = Trainer(cfg, make_mesh(cfg, jax.devices()[:1]))
     state = trainer.init_state(0)
-    b, t = cfg.data.global_batch_size, cfg.data.seq_len
-    rng = np.random.default_rng(0)
-    batch = trainer.global_batch(
-        {
-            "tokens": rng.integers(0, cfg.model.vocab_size, (b, t), np.int32),
-            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
-            "segment_ids": np.ones((b, t), np.int32),
-        }
-    )
-    shapes = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), batch
-    )
-    compiled = trainer.compile_step(shapes, {"xla_cpu_enable_xprof_traceme": True})
+    batch = trainer.global_batch(trainer.synthetic_batch(0))
+    compiled = trainer.compile_step(compiler_options={"xla_cpu_enable_xprof_traceme": True})
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     directory = args.keep or Path(tempfile.mkdtemp())

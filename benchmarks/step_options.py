@@ -61,19 +61,13 @@ class Variant:
         cfg = config_lib.load(config, overrides)
         self.trainer = Trainer(cfg, make_mesh(cfg, jax.devices()[:1]))
         self.state = self.trainer.init_state(0)
-        b, t = cfg.data.global_batch_size, cfg.data.seq_len
-        self.fixed = {
-            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
-            "segment_ids": np.ones((b, t), np.int32),
-        }
-        batch = {
-            k: jax.ShapeDtypeStruct((b, t), np.int32, sharding=self.trainer.batch_sharding)
-            for k in ("tokens", "positions", "segment_ids")
-        }
-        self.compiled = self.trainer.compile_step(batch, options or None)
+        # Each step brings its own tokens; positions and segments stay those of the synthetic
+        # batch (one document per row).
+        self.fixed = self.trainer.synthetic_batch()
+        self.compiled = self.trainer.compile_step(compiler_options=options or None)
 
     def __call__(self, tokens: np.ndarray) -> float:
-        batch = self.trainer.global_batch({"tokens": tokens, **self.fixed})
+        batch = self.trainer.global_batch({**self.fixed, "tokens": tokens})
         self.state, metrics = self.compiled(self.state, batch)
         return float(metrics["loss"])
 

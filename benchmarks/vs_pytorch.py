@@ -1,4 +1,4 @@
-"""flaxlm's train step against PyTorch + transformers on the same model, in one run (issue 9).
+"""flaxlm's train step against PyTorch + transformers on the same model, in one run.
 
     python benchmarks/vs_pytorch.py [--steps 20 --warmup 3 --repeats 3] [--bf16]
     python benchmarks/vs_pytorch.py --devices 8     # scaling: 1 device vs data=8 vs fsdp=8
@@ -71,9 +71,11 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 from flaxlm import config as config_lib  # noqa: E402
+from flaxlm import xla_stats  # noqa: E402
 from flaxlm.flops import (  # noqa: E402
     analytic_param_count,
     best_matmul_flops,
+    flops_per_step,
     flops_per_token,
     param_count,
     square_matmul,
@@ -110,31 +112,23 @@ class FlaxStep:
         self.trainer = Trainer(cfg, make_mesh(cfg, devices))
         self.state = self.trainer.init_state(cfg.train.seed)
         self.n_params = param_count(self.state.params)
-        shape = (cfg.data.global_batch_size, cfg.data.seq_len)
-        self.positions = np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy()
-        self.segments = np.ones(shape, np.int32)
+        # Each step brings its own tokens; positions and segments stay those of the synthetic
+        # batch (one document per row).
+        self.fixed = self.trainer.synthetic_batch()
 
     def __call__(self, tokens: np.ndarray) -> float:
-        batch = self.trainer.global_batch(
-            {"tokens": tokens, "positions": self.positions, "segment_ids": self.segments}
-        )
+        batch = self.trainer.global_batch({**self.fixed, "tokens": tokens})
         self.state, metrics = self.trainer.step(self.state, batch)
         return float(metrics["loss"])
 
     def memory_per_device(self) -> dict[str, float]:
         """MiB per device of the compiled step: arguments (state, batch) and temporaries."""
-        shape = (self.cfg.data.global_batch_size, self.cfg.data.seq_len)
-        batch = {
-            k: jax.ShapeDtypeStruct(shape, np.int32, sharding=self.trainer.batch_sharding)
-            for k in ("tokens", "positions", "segment_ids")
-        }
-        compiled = self.trainer.compile_step(batch)
-        m = compiled.memory_analysis()
+        m = xla_stats.memory_stats(self.trainer.compile_step())
         mib = 1 / 2**20
         return {
-            "arguments_mib": m.argument_size_in_bytes * mib,
-            "temporaries_mib": m.temp_size_in_bytes * mib,
-            "total_mib": (m.argument_size_in_bytes + m.temp_size_in_bytes) * mib,
+            "arguments_mib": m["arguments"] * mib,
+            "temporaries_mib": m["temporaries"] * mib,
+            "total_mib": (m["arguments"] + m["temporaries"]) * mib,
         }
 
 
@@ -309,7 +303,7 @@ def main_vs_pytorch() -> dict:
     batches = make_batches(cfg, ARGS.warmup + ARGS.steps)
 
     devices = jax.devices()[:1]
-    matmul = MatmulStep(fpt * tokens_per_step)
+    matmul = MatmulStep(flops_per_step(cfg, n_analytic))
     variants: dict[str, Step | str] = {"flaxlm": FlaxStep(cfg, devices), "fp32 matmul": matmul}
     if ARGS.bf16:
         variants["flaxlm bf16"] = FlaxStep(load_cfg("model.dtype=bfloat16"), devices)

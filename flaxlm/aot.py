@@ -17,20 +17,13 @@ from typing import Any
 
 import jax
 
-from flaxlm import memory
+from flaxlm import memory, xla_stats
 from flaxlm.config import Config, ConfigError
-from flaxlm.flops import analytic_param_count, flops_per_step
+from flaxlm.flops import TPU_GENERATIONS, analytic_param_count, find_chip, flops_per_step
 from flaxlm.mesh import make_mesh
 from flaxlm.train import Trainer
 
-# Per chip: HBM (GiB) and dense bf16 peak (FLOP/s), from the published TPU system specs.
-TPU_CHIPS = {
-    "v4": (32, 275e12),
-    "v5e": (16, 197e12),
-    "v5p": (95, 459e12),
-    "v6e": (32, 918e12),
-}
-_TOPOLOGY = re.compile(r"^(v4|v5e|v5p|v6e):(\d+)x(\d+)(?:x(\d+))?$")
+_TOPOLOGY = re.compile(rf"^({'|'.join(TPU_GENERATIONS)}):(\d+)x(\d+)(?:x(\d+))?$")
 
 
 def parse_topology(name: str) -> tuple[str, int]:
@@ -39,7 +32,8 @@ def parse_topology(name: str) -> tuple[str, int]:
     if not match:
         raise ConfigError(
             f"--topology {name!r} is not a TPU topology name; use GENERATION:AxB[xC] with "
-            f"GENERATION one of {sorted(TPU_CHIPS)}, for example v5p:4x4x4, v5e:16x16, v6e:8x8"
+            f"GENERATION one of {sorted(TPU_GENERATIONS)}, for example v5p:4x4x4, v5e:16x16, "
+            "v6e:8x8"
         )
     dims = [int(x) for x in match.groups()[1:] if x is not None]
     return match.group(1), math.prod(dims)
@@ -79,19 +73,17 @@ def compile_report(cfg: Config, topology: str, num_slices: int = 1) -> dict[str,
     generation, chips_per_slice = parse_topology(topology)
     devices = topology_devices(topology, num_slices)
     chips = chips_per_slice * num_slices
-    hbm_chip_gib, peak_chip = TPU_CHIPS[generation]
+    chip = find_chip(generation)
     # v4 shows two devices (TensorCores) per chip here: memory and peak are shared by them.
-    per_device = chips / len(devices)
+    _, hbm = chip.per_device(len(devices) / chips)
     mesh = make_mesh(cfg, devices)
     trainer = Trainer(cfg, mesh)
     estimate = memory.estimate(cfg, trainer.abstract_state, dict(mesh.shape))
-    hbm = hbm_chip_gib * per_device
     started = time.perf_counter()
     try:
-        compiled = trainer.lower_step().compile()
+        compiled = trainer.compile_step()
         compiled_mem, error = memory.compiled_memory(compiled), None
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        cost = xla_stats.cost_stats(compiled)
     except jax.errors.JaxRuntimeError as e:
         # The TPU compiler refuses a program that cannot fit in HBM, saying by how much.
         if "RESOURCE_EXHAUSTED" not in str(e):
@@ -101,7 +93,7 @@ def compile_report(cfg: Config, topology: str, num_slices: int = 1) -> dict[str,
     n_params = analytic_param_count(cfg.model)
     tokens = cfg.data.global_batch_size * cfg.data.seq_len
     analytic_flops = flops_per_step(cfg, n_params)
-    peak = peak_chip * chips
+    peak = chip.peak_flops * chips
     return {
         "topology": topology,
         "slices": num_slices,

@@ -11,13 +11,14 @@ time for a synthetic batch of the configured shape, runs a few warm-up steps, th
   the peak is dense float32 matmuls run in this same process for as long as the timed steps
   took, right after them, so MFU is a ratio measured side by side; on accelerators it is the
   bf16 peak of the device table (or `train.peak_flops_per_device`);
-- XLA's own FLOP count of the compiled step (`cost_analysis`, per device, times the devices),
-  for comparison with the analytic count;
-- memory per device from the compiled program (`memory_analysis`): arguments, outputs, aliased
-  (donated) bytes, temporaries and their total.
+- XLA's own FLOP count of the compiled step (its cost analysis, per device, times the
+  devices), for comparison with the analytic count;
+- memory per device from the compiled program (its memory analysis, `flaxlm.xla_stats`):
+  arguments, outputs, aliased (donated) bytes, temporaries and their total.
 
-The batch is synthetic (random token ids, one document per row) so that the figure measures the
-step alone; the input pipeline is measured by `flaxlm train`'s data-wait time.
+The batch is synthetic (`Trainer.synthetic_batch`: random token ids, one document per row) so
+that the figure measures the step alone; the input pipeline is measured by `flaxlm train`'s
+data-wait time.
 """
 
 from __future__ import annotations
@@ -28,29 +29,17 @@ from typing import Any
 import jax
 import numpy as np
 
+from flaxlm import xla_stats
 from flaxlm.config import Config, ConfigError
 from flaxlm.flops import (
     analytic_param_count,
+    find_chip,
+    flops_per_step,
     flops_per_token,
     sustained_matmul_flops,
-    table_peak_flops,
 )
-from flaxlm.memory import compiled_stats
 from flaxlm.mesh import make_mesh
 from flaxlm.train import Trainer
-
-
-def synthetic_batch(cfg: Config, seed: int = 0) -> dict[str, np.ndarray]:
-    """This process's rows of a batch of random token ids, one document per row."""
-    rows = cfg.data.global_batch_size // jax.process_count()
-    rng = np.random.default_rng(seed + jax.process_index())
-    tokens = rng.integers(0, cfg.model.vocab_size, (rows, cfg.data.seq_len), dtype=np.int32)
-    positions = np.broadcast_to(np.arange(cfg.data.seq_len, dtype=np.int32), tokens.shape)
-    return {
-        "tokens": tokens,
-        "positions": np.ascontiguousarray(positions),
-        "segment_ids": np.ones_like(tokens),
-    }
 
 
 def peak_flops(
@@ -71,14 +60,14 @@ def peak_flops(
         measured = sustained_matmul_flops(min(max(timed_seconds, 1.0), 10.0))
         return measured * jax.process_count(), "float32 matmul measured in-process"
     kind = devices[0].device_kind
-    peak = table_peak_flops(kind)
-    if peak is None:
+    chip = find_chip(kind)
+    if chip is None:
         return None, f"unknown device kind {kind!r}: set train.peak_flops_per_device"
-    return peak * len(devices), f"bf16 peak of {kind}"
+    return chip.per_device()[0] * len(devices), f"bf16 peak of {kind}"
 
 
 def _memory(compiled) -> dict[str, int | None]:
-    stats = compiled_stats(compiled)
+    stats = xla_stats.memory_stats(compiled)
     if stats is None:  # some backends do not report it
         return {"memory_per_device_bytes": None}
     return {
@@ -88,15 +77,6 @@ def _memory(compiled) -> dict[str, int | None]:
         "memory_temp_bytes": stats["temporaries"],
         "memory_per_device_bytes": stats["live"],
     }
-
-
-def _xla_flops(compiled) -> float | None:
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, list | tuple):  # older jax: one dict per program
-        analysis = analysis[0] if analysis else None
-    if not analysis or "flops" not in analysis:
-        return None
-    return float(analysis["flops"])
 
 
 def bench(
@@ -111,11 +91,11 @@ def bench(
     devices = list(devices) if devices is not None else jax.devices()
     mesh = make_mesh(cfg, devices)
     trainer = Trainer(cfg, mesh)
-    batch = trainer.global_batch(synthetic_batch(cfg, cfg.train.seed))
+    batch = trainer.global_batch(trainer.synthetic_batch(cfg.train.seed))
     state = trainer.init_state(cfg.train.seed)
 
     start = time.perf_counter()
-    compiled = trainer.lower_step().compile()
+    compiled = trainer.compile_step()
     compile_seconds = time.perf_counter() - start
 
     for _ in range(warmup):
@@ -133,11 +113,11 @@ def bench(
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
     n_params = analytic_param_count(cfg.model)
     per_token = flops_per_token(cfg.model, n_params, cfg.data.seq_len)
-    model_flops_per_step = per_token * tokens_per_step
+    model_flops_per_step = flops_per_step(cfg, n_params)
     median = float(np.median(times))
     achieved = model_flops_per_step / median
     peak, peak_source = peak_flops(cfg, devices, float(np.sum(times)))
-    xla_per_device = _xla_flops(compiled)
+    xla_per_device = xla_stats.cost_stats(compiled).get("flops")
     xla_per_step = xla_per_device * n_devices if xla_per_device is not None else None
     return {
         "platform": devices[0].platform,

@@ -165,27 +165,16 @@ def evaluate_all_steps(run_dir: str | Path, overrides: Sequence[str] = ()) -> li
 
 
 def _write_table_and_plot(directory: Path, results: list[dict[str, Any]]) -> None:
-    import csv
-
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
+    from flaxlm import report
 
     directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / "table.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(results[0]))
-        writer.writeheader()
-        writer.writerows(results)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["step"] for r in results], [r["loss"] for r in results], marker="o")
-    ax.set_xlabel("step")
-    ax.set_ylabel("eval loss (nats per token)")
-    ax.set_title(f"eval loss of {directory.parent.name}")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(directory / "eval_loss.png", dpi=100)
-    plt.close(fig)
+    report.write_csv(results, directory / "table.csv")
+    with report.figure(directory / "eval_loss.png", dpi=100, figsize=(6, 4)) as ax:
+        ax.plot([r["step"] for r in results], [r["loss"] for r in results], marker="o")
+        ax.set_xlabel("step")
+        ax.set_ylabel("eval loss (nats per token)")
+        ax.set_title(f"eval loss of {directory.parent.name}")
+        ax.grid(alpha=0.3)
 
 
 def evaluate_run(

@@ -1,4 +1,4 @@
-"""Parameter counts, FLOPs per token and device peaks, for throughput and MFU.
+"""Parameter counts, FLOPs per token and per step, and the table of accelerator chips.
 
 FLOPs per trained token follow the usual convention (Kaplan et al., PaLM appendix B):
 6 N for the matmuls of the forward and backward passes over N parameters, plus 12 L T d for the
@@ -7,6 +7,7 @@ attention scores and weighted sums (L layers, context T, d = heads x head_dim).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -18,20 +19,57 @@ import numpy as np
 
 from flaxlm.config import Config, Mlp, ModelConfig, Norm, Position
 
-# Dense bf16 peak FLOP/s per device (per chip, or per TensorCore where JAX shows two per chip).
-_PEAK_FLOPS = {
-    "TPU v4": 275e12,  # megacore: JAX shows one device per v4 chip
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,
-    "NVIDIA A100": 312e12,
-    "NVIDIA B200": 2250e12,
-}
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One accelerator chip: its dense bf16 peak and its HBM, per chip."""
+
+    # As TPU topology names spell it (v5p:4x4x4), or the GPU's model.
+    generation: str
+    # Prefixes of jax.Device.device_kind that name this chip, most specific first.
+    device_kinds: tuple[str, ...]
+    peak_flops: float
+    hbm_gib: float | None
+
+    def per_device(self, devices_per_chip: float = 1.0) -> tuple[float, float | None]:
+        """(peak FLOP/s, HBM GiB) of one JAX device when each chip shows as devices_per_chip
+        devices, which share the chip's compute and memory.
+
+        JAX shows one device per chip on v5e, v5p and v6e, and on v4 at run time (megacore: the
+        two TensorCores act as one); libtpu's topology descriptions show v4 as two devices per
+        chip, one per TensorCore.
+        """
+        hbm = self.hbm_gib / devices_per_chip if self.hbm_gib is not None else None
+        return self.peak_flops / devices_per_chip, hbm
+
+
+# Dense bf16 peak per chip from the published TPU and GPU specs. GPU memory differs between
+# variants of one model (A100 40 or 80 GB), so only TPU chips carry their HBM.
+CHIPS: tuple[Chip, ...] = (
+    Chip("v4", ("TPU v4",), 275e12, 32),
+    Chip("v5e", ("TPU v5 lite", "TPU v5e"), 197e12, 16),
+    Chip("v5p", ("TPU v5p", "TPU v5"), 459e12, 95),
+    Chip("v6e", ("TPU v6 lite", "TPU v6e"), 918e12, 32),
+    Chip("H100", ("NVIDIA H100",), 989e12, None),
+    Chip("H200", ("NVIDIA H200",), 989e12, None),
+    Chip("A100", ("NVIDIA A100",), 312e12, None),
+    Chip("B200", ("NVIDIA B200",), 2250e12, None),
+)
+TPU_GENERATIONS = tuple(c.generation for c in CHIPS if c.device_kinds[0].startswith("TPU"))
+
+
+def find_chip(name: str) -> Chip | None:
+    """The chip of a TPU generation (`v5p`) or of a JAX device kind (`TPU v5 lite`, `NVIDIA
+    H100 80GB HBM3`), or None if the table does not know it."""
+    for chip in CHIPS:
+        if name == chip.generation:
+            return chip
+    # A kind such as "TPU v5 lite" also starts with the v5p's "TPU v5": the table lists the
+    # more specific kinds first.
+    for chip in CHIPS:
+        if any(name.startswith(kind) for kind in chip.device_kinds):
+            return chip
+    return None
 
 
 def param_count(params) -> int:
@@ -108,16 +146,8 @@ def total_peak_flops(configured_per_device: float | None = None) -> float | None
         return configured_per_device * len(devices)
     if devices[0].platform == "cpu":
         return measured_matmul_flops() * jax.process_count()
-    peak = table_peak_flops(devices[0].device_kind)
-    return peak * len(devices) if peak is not None else None
-
-
-def table_peak_flops(device_kind: str) -> float | None:
-    """Dense bf16 peak FLOP/s of one device of this kind from the table, or None if unknown."""
-    for name, peak in _PEAK_FLOPS.items():
-        if device_kind.startswith(name):
-            return peak
-    return None
+    chip = find_chip(devices[0].device_kind)
+    return chip.per_device()[0] * len(devices) if chip is not None else None
 
 
 def sustained_matmul_flops(seconds: float, n: int = 1024) -> float:

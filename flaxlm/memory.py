@@ -6,8 +6,9 @@ The analytic model counts, per device,
 - the activations the backward pass keeps, from the remat policy: per layer and per local
   token, a number of d_model-wide (and d_ff-wide, and attention-score) tensors, plus the logits.
 Activation counts are estimates (XLA fuses, aliases and schedules buffers its own way); the
-state is exact. `compiled_memory` reads `compiled.memory_analysis()` for the same step so the
-two can be printed side by side (benchmarks/memory_model.py, `flaxlm compile`).
+state is exact. `compiled_memory` reads XLA's memory analysis of the same step
+(`flaxlm.xla_stats`) so that the two can be printed side by side (benchmarks/memory_model.py,
+`flaxlm compile`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from flaxlm import xla_stats
 from flaxlm.config import AttentionKernel, Config, Mlp, Remat
 
 GiB = 1024**3
@@ -93,28 +95,9 @@ def estimate(cfg: Config, abstract_state: Any, mesh_shape: dict[str, int]) -> Me
     return MemoryEstimate(params, optimizer, gradients, activations)
 
 
-def compiled_stats(compiled: Any) -> dict[str, int] | None:
-    """Per-device bytes from XLA's memory analysis of a compiled program (None where the backend
-    gives none): arguments, outputs, aliased, temporaries, code, and `live`, the buffers live at
-    the peak (arguments plus outputs not aliased to donated arguments, plus temporaries)."""
-    ma = compiled.memory_analysis()
-    if ma is None:
-        return None
-    stats = {
-        "arguments": int(ma.argument_size_in_bytes),
-        "outputs": int(ma.output_size_in_bytes),
-        "aliased": int(ma.alias_size_in_bytes),
-        "temporaries": int(ma.temp_size_in_bytes),
-        "code": int(getattr(ma, "generated_code_size_in_bytes", 0)),
-    }
-    # Donated state is both an argument and an output but occupies its buffers once.
-    stats["live"] = stats["arguments"] + stats["outputs"] - stats["aliased"] + stats["temporaries"]
-    return stats
-
-
 def compiled_memory(compiled: Any) -> dict[str, float]:
     """Per-device GiB of a compiled step; `total` is the live buffers plus the generated code."""
-    stats = compiled_stats(compiled)
+    stats = xla_stats.memory_stats(compiled)
     return {
         "arguments_gib": stats["arguments"] / GiB,
         "outputs_gib": stats["outputs"] / GiB,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -33,6 +32,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from flaxlm import config as config_lib
+from flaxlm import report
 from flaxlm.config import Config, ConfigError, Decay
 from flaxlm.data import pipeline
 from flaxlm.evaluate import evaluate
@@ -180,16 +180,7 @@ def train_and_evaluate(cfg: Config, eval_steps: Sequence[int]) -> Iterator[dict[
 def run_ladder(runs: Sequence[PlannedRun]) -> Iterator[dict[str, Any]]:
     """Trains the planned runs (one training per distinct config; progress on stderr) and yields
     one record per run."""
-    from tqdm import tqdm
-
-    progress = tqdm(
-        total=len(runs),
-        desc="scaling ladder",
-        unit="run",
-        file=sys.stderr,
-        dynamic_ncols=True,
-        disable=jax.process_index() != 0,
-    )
+    progress = report.progress(total=len(runs), desc="scaling ladder", unit="run")
     groups: list[list[PlannedRun]] = []
     for run in runs:  # consecutive runs with one config (shared_runs) train once
         if groups and groups[-1][0].cfg is run.cfg:
@@ -213,12 +204,11 @@ def run_ladder(runs: Sequence[PlannedRun]) -> Iterator[dict[str, Any]]:
                 "compute": run.steps * flops_per_step(cfg),
                 **result,
             }
-            if not progress.disable:
-                progress.write(
-                    f"{run.model} @ {run.budget:.2g}: eval loss {record['eval_loss']:.4f} "
-                    f"after {record['seconds']:.0f} s",
-                    file=sys.stderr,
-                )
+            report.note(
+                progress,
+                f"{run.model} @ {run.budget:.2g}: eval loss {record['eval_loss']:.4f} "
+                f"after {record['seconds']:.0f} s",
+            )
             progress.update(1)
             yield record
     progress.close()
@@ -306,60 +296,48 @@ def fit_power_law(compute: Sequence[float], loss: Sequence[float]) -> dict[str, 
 
 def plot(records: Sequence[dict[str, Any]], fit: dict[str, float], path: Path) -> None:
     """Loss against compute for every run, the frontier and the fit; residuals below."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (top, bottom) = plt.subplots(
-        2, 1, figsize=(6, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
-    )
-    for model in dict.fromkeys(r["model"] for r in records):
-        rows = sorted((r for r in records if r["model"] == model), key=lambda r: r["compute"])
-        params = rows[0]["params"]
+    ratios = {"height_ratios": [3, 1]}
+    with report.figure(
+        path, nrows=2, ncols=1, figsize=(6, 5.5), sharex=True, gridspec_kw=ratios
+    ) as (top, bottom):
+        for model in dict.fromkeys(r["model"] for r in records):
+            rows = sorted((r for r in records if r["model"] == model), key=lambda r: r["compute"])
+            params = rows[0]["params"]
+            top.plot(
+                [r["compute"] for r in rows], [r["eval_loss"] for r in rows], "o-", alpha=0.6,
+                markersize=4, label=f"{model} ({params / 1e6:.2g}M)",
+            )  # fmt: skip
+        front = frontier(records)
+        fc = np.array([r["compute"] for r in front])
+        fl = np.array([r["eval_loss"] for r in front])
+        top.scatter(fc, fl, s=80, facecolors="none", edgecolors="black", label="frontier", zorder=3)
+        grid = np.geomspace(fc.min() / 1.5, fc.max() * 1.5, 100)
+        fitted = power_law(grid, fit["E"], fit["A"], fit["alpha"])
         top.plot(
-            [r["compute"] for r in rows], [r["eval_loss"] for r in rows], "o-", alpha=0.6,
-            markersize=4, label=f"{model} ({params / 1e6:.2g}M)",
+            grid, fitted, "k--",
+            label=f"L = {fit['E']:.2f} + {fit['A']:.3g} C^-{fit['alpha']:.3f}",
         )  # fmt: skip
-    front = frontier(records)
-    fc = np.array([r["compute"] for r in front])
-    fl = np.array([r["eval_loss"] for r in front])
-    top.scatter(fc, fl, s=80, facecolors="none", edgecolors="black", label="frontier", zorder=3)
-    grid = np.geomspace(fc.min() / 1.5, fc.max() * 1.5, 100)
-    fitted = power_law(grid, fit["E"], fit["A"], fit["alpha"])
-    top.plot(
-        grid, fitted, "k--",
-        label=f"L = {fit['E']:.2f} + {fit['A']:.3g} C^-{fit['alpha']:.3f}",
-    )  # fmt: skip
-    top.set_xscale("log")
-    top.set_ylabel("eval loss (nats / token)")
-    top.set_title("Loss against training compute", fontsize=10)
-    top.legend(fontsize=7)
-    top.grid(True, which="both", alpha=0.3)
-    bottom.axhline(0.0, color="gray", lw=1)
-    bottom.plot(fc, fl - power_law(fc, fit["E"], fit["A"], fit["alpha"]), "ko")
-    bottom.set_xlabel("training compute C (FLOPs)")
-    bottom.set_ylabel("residual")
-    bottom.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+        top.set_xscale("log")
+        top.set_ylabel("eval loss (nats / token)")
+        top.set_title("Loss against training compute", fontsize=10)
+        top.legend(fontsize=7)
+        top.grid(True, which="both", alpha=0.3)
+        bottom.axhline(0.0, color="gray", lw=1)
+        bottom.plot(fc, fl - power_law(fc, fit["E"], fit["A"], fit["alpha"]), "ko")
+        bottom.set_xlabel("training compute C (FLOPs)")
+        bottom.set_ylabel("residual")
+        bottom.grid(True, which="both", alpha=0.3)
 
 
 def write_results(
     records: Sequence[dict[str, Any]], directory: Path
 ) -> tuple[dict[str, float], list[Path]]:
     """Fits the frontier and writes runs.csv, runs.json, fit.json and scaling.png."""
-    import json
-
-    from flaxlm.sweep import write_table
-
     front = frontier(records)
     fit = fit_power_law([r["compute"] for r in front], [r["eval_loss"] for r in front])
     fit["frontier"] = [{"model": r["model"], "budget": r["budget"]} for r in front]
-    json_path, csv_path = write_table(records, directory, "runs")
-    fit_path = directory / "fit.json"
-    fit_path.write_text(json.dumps(fit, indent=2))
+    json_path, csv_path = report.write_table(records, directory, "runs")
+    fit_path = report.write_json(fit, directory / "fit.json")
     png = directory / "scaling.png"
     plot(records, fit, png)
     return fit, [csv_path, json_path, fit_path, png]

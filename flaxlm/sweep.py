@@ -15,18 +15,15 @@ Progress goes to stderr (tqdm), results to the files and, one JSON line per poin
 
 from __future__ import annotations
 
-import csv
-import json
 import math
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
-from tqdm import tqdm
 
 from flaxlm import config as config_lib
+from flaxlm import report
 from flaxlm.bench import bench
 from flaxlm.config import MESH_AXES, Config, ConfigError
 
@@ -43,50 +40,17 @@ def parse_mesh(spec: str) -> dict[str, int]:
     return dict(zip(MESH_AXES, map(int, parts), strict=True))
 
 
-def _flatten(record: Record) -> Record:
-    """Nested dicts (the mesh) become columns: mesh.data, mesh.fsdp, ..."""
-    flat = {}
-    for key, value in record.items():
-        if isinstance(value, dict):
-            flat.update({f"{key}.{k}": v for k, v in value.items()})
-        else:
-            flat[key] = value
-    return flat
-
-
-def write_table(records: Sequence[Record], directory: Path, name: str) -> tuple[Path, Path]:
-    """Writes records as name.json (a list) and name.csv (flattened columns)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    json_path, csv_path = directory / f"{name}.json", directory / f"{name}.csv"
-    json_path.write_text(json.dumps(list(records), indent=2))
-    rows = [_flatten(r) for r in records]
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    return json_path, csv_path
-
-
 def _run_points(points: Sequence[tuple[str, Callable[[], Record]]], desc: str) -> Iterator[Record]:
     """Runs each (label, thunk), showing progress on stderr; yields the records."""
-    progress = tqdm(
-        points,
-        desc=desc,
-        unit="point",
-        file=sys.stderr,
-        dynamic_ncols=True,
-        disable=jax.process_index() != 0,
-    )
-    for label, run in progress:
-        progress.set_postfix_str(label)
+    bar = report.progress(points, desc=desc, unit="point")
+    for label, run in bar:
+        bar.set_postfix_str(label)
         record = run()
-        if not progress.disable:
-            progress.write(
-                f"{label}: {record['tokens_per_second']:,.0f} tokens/s, "
-                f"MFU {record['mfu'] or float('nan'):.3f}",
-                file=sys.stderr,
-            )
+        report.note(
+            bar,
+            f"{label}: {record['tokens_per_second']:,.0f} tokens/s, "
+            f"MFU {record['mfu'] or float('nan'):.3f}",
+        )
         yield record
 
 
@@ -139,71 +103,57 @@ def model_sweep(
 
 def plot_mesh(records: Sequence[Record], path: Path) -> None:
     """Tokens/s against devices, one labelled point per mesh, with the ideal scaling line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    devices = [r["devices"] for r in records]
-    throughput = [r["tokens_per_second"] for r in records]
-    ax.scatter(devices, throughput, zorder=3)
-    for r in records:
-        ax.annotate(
-            r["mesh_spec"], (r["devices"], r["tokens_per_second"]), fontsize=8,
-            xytext=(4, 4), textcoords="offset points",
-        )  # fmt: skip
-    base_n = min(devices)
-    base = max(t for d, t in zip(devices, throughput, strict=True) if d == base_n)
-    xs = sorted(set(devices))
-    ax.plot(xs, [base * n / base_n for n in xs], "--", color="gray", label="ideal (linear)")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xticks(xs, [str(x) for x in xs])
-    ax.set_xlabel("devices (mesh data x fsdp x tensor)")
-    ax.set_ylabel("tokens / s (global)")
-    first = records[0]
-    ax.set_title(
-        f"{first['params'] / 1e6:.1f}M params, {first['platform']}: throughput against devices",
-        fontsize=10,
-    )
-    ax.legend()
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    with report.figure(path, figsize=(6, 4)) as ax:
+        devices = [r["devices"] for r in records]
+        throughput = [r["tokens_per_second"] for r in records]
+        ax.scatter(devices, throughput, zorder=3)
+        for r in records:
+            ax.annotate(
+                r["mesh_spec"], (r["devices"], r["tokens_per_second"]), fontsize=8,
+                xytext=(4, 4), textcoords="offset points",
+            )  # fmt: skip
+        base_n = min(devices)
+        base = max(t for d, t in zip(devices, throughput, strict=True) if d == base_n)
+        xs = sorted(set(devices))
+        ax.plot(xs, [base * n / base_n for n in xs], "--", color="gray", label="ideal (linear)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_xlabel("devices (mesh data x fsdp x tensor)")
+        ax.set_ylabel("tokens / s (global)")
+        first = records[0]
+        ax.set_title(
+            f"{first['params'] / 1e6:.1f}M params, {first['platform']}: throughput against devices",
+            fontsize=10,
+        )
+        ax.legend()
+        ax.grid(True, which="both", alpha=0.3)
 
 
 def plot_models(records: Sequence[Record], path: Path) -> None:
     """MFU against parameters (log scale), one labelled point per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    params = [r["params"] for r in records]
-    mfu = [r["mfu"] if r["mfu"] is not None else math.nan for r in records]
-    ax.plot(params, mfu, "o-")
-    for r, p, m in zip(records, params, mfu, strict=True):
-        ax.annotate(r["model_name"], (p, m), fontsize=8, xytext=(4, 4), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_ylim(bottom=0)
-    ax.set_xlabel("parameters")
-    ax.set_ylabel(f"MFU ({records[0]['peak_source']})")
-    first = records[0]
-    ax.set_title(
-        f"MFU against model size, {first['devices']} {first['platform']} devices", fontsize=10
-    )
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    with report.figure(path, figsize=(6, 4)) as ax:
+        params = [r["params"] for r in records]
+        mfu = [r["mfu"] if r["mfu"] is not None else math.nan for r in records]
+        ax.plot(params, mfu, "o-")
+        for r, p, m in zip(records, params, mfu, strict=True):
+            ax.annotate(
+                r["model_name"], (p, m), fontsize=8, xytext=(4, 4), textcoords="offset points"
+            )
+        ax.set_xscale("log")
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("parameters")
+        ax.set_ylabel(f"MFU ({records[0]['peak_source']})")
+        first = records[0]
+        ax.set_title(
+            f"MFU against model size, {first['devices']} {first['platform']} devices", fontsize=10
+        )
+        ax.grid(True, which="both", alpha=0.3)
 
 
 def write_sweep(records: Sequence[Record], directory: Path, kind: str) -> list[Path]:
     """Writes kind.csv, kind.json and kind.png for a finished sweep."""
-    json_path, csv_path = write_table(records, directory, kind)
+    json_path, csv_path = report.write_table(records, directory, kind)
     png = directory / f"{kind}.png"
     (plot_mesh if kind == "mesh" else plot_models)(records, png)
     return [csv_path, json_path, png]

@@ -22,8 +22,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, PartitionSpec
 
-from flaxlm import mesh as mesh_lib
 from flaxlm.config import Config, NanPolicy
+from flaxlm.mesh import batch_sharding, logical_rules, logical_to_sharding, replicated
 from flaxlm.model import Transformer
 from flaxlm.optim import learning_rate_schedule, make_optimizer
 
@@ -221,8 +221,8 @@ class Trainer:
         self.model = Transformer(cfg.model)
         self.tx = make_optimizer(cfg.optimizer, cfg.train.steps)
         self.schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
-        self.rules = mesh_lib.logical_rules(cfg)
-        self.batch_sharding = mesh_lib.batch_sharding(self.mesh, cfg)
+        self.rules = logical_rules(cfg)
+        self.batch_sharding = batch_sharding(self.mesh, cfg)
 
         key = jax.random.key(0)
         boxed_params = jax.eval_shape(self._init_params_boxed, key)
@@ -234,15 +234,13 @@ class Trainer:
             opt_state=optimizer_state_specs(abstract.opt_state, abstract.params, param_specs),
             skipped=PartitionSpec(),
         )
-        self.state_shardings: TrainState = mesh_lib.logical_to_sharding(
-            self.logical_specs, self.mesh, cfg
-        )
+        self.state_shardings: TrainState = logical_to_sharding(self.logical_specs, self.mesh, cfg)
         self.abstract_state: TrainState = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
             abstract,
             self.state_shardings,
         )
-        replicated = mesh_lib.replicated(self.mesh)
+        replicated_sharding = replicated(self.mesh)
         self._init = jax.jit(self._init_state, out_shardings=self.state_shardings)
         step_fn = functools.partial(
             train_step,
@@ -256,13 +254,13 @@ class Trainer:
         self._jit_step = jax.jit(
             step_fn,
             in_shardings=(self.state_shardings, self.batch_sharding),
-            out_shardings=(self.state_shardings, replicated),
+            out_shardings=(self.state_shardings, replicated_sharding),
             donate_argnums=0,
         )
         self._eval_step = jax.jit(
             lambda params, batch: eval_step(params, batch, model=self.model),
             in_shardings=(self.state_shardings.params, self.batch_sharding),
-            out_shardings=replicated,
+            out_shardings=replicated_sharding,
         )
 
     def _init_params_boxed(self, key: jax.Array):
@@ -294,8 +292,24 @@ class Trainer:
         with self.context():
             return self._eval_step(params, batch)
 
+    def synthetic_batch(self, seed: int = 0) -> dict[str, np.ndarray]:
+        """This process's rows of a batch of random token ids, one document per row: what the
+        data pipeline would hand it, for `global_batch`. Measurements of the step alone feed it
+        (benchmarks replace the tokens with their own and keep the positions and segments)."""
+        cfg = self.cfg
+        rows = cfg.data.global_batch_size // jax.process_count()
+        rng = np.random.default_rng(seed + jax.process_index())
+        tokens = rng.integers(0, cfg.model.vocab_size, (rows, cfg.data.seq_len), dtype=np.int32)
+        positions = np.broadcast_to(np.arange(cfg.data.seq_len, dtype=np.int32), tokens.shape)
+        return {
+            "tokens": tokens,
+            "positions": np.ascontiguousarray(positions),
+            "segment_ids": np.ones_like(tokens),
+        }
+
     def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
-        """Shapes, dtypes and shardings of one global batch (for ahead-of-time lowering)."""
+        """Shapes, dtypes and shardings of one global batch (for ahead-of-time lowering): those
+        of `global_batch(synthetic_batch())` and of the pipeline's batches."""
         shape = (self.cfg.data.global_batch_size, self.cfg.data.seq_len)
         return {
             k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding)

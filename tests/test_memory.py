@@ -12,7 +12,7 @@ from flaxlm.train import Trainer
 
 def _compiled_and_estimate(cfg):
     trainer = Trainer(cfg, make_mesh(cfg))
-    compiled = trainer.lower_step().compile()
+    compiled = trainer.compile_step()
     estimate = memory.estimate(cfg, trainer.abstract_state, dict(trainer.mesh.shape))
     return compiled.memory_analysis(), estimate
 
