@@ -295,15 +295,11 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
-def main_vs_pytorch() -> dict:
-    cfg = load_cfg()
-    n_analytic = analytic_param_count(cfg.model)
-    tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
-    fpt = flops_per_token(cfg.model, n_analytic, cfg.data.seq_len)
-    batches = make_batches(cfg, ARGS.warmup + ARGS.steps)
-
+def build_variants(
+    cfg: config_lib.Config, matmul: MatmulStep, first_batch: np.ndarray
+) -> dict[str, Step | str]:
+    """flaxlm, the matmul yardstick and the PyTorch variants the arguments ask for."""
     devices = jax.devices()[:1]
-    matmul = MatmulStep(flops_per_step(cfg, n_analytic))
     variants: dict[str, Step | str] = {"flaxlm": FlaxStep(cfg, devices), "fp32 matmul": matmul}
     if ARGS.bf16:
         variants["flaxlm bf16"] = FlaxStep(load_cfg("model.dtype=bfloat16"), devices)
@@ -317,8 +313,81 @@ def main_vs_pytorch() -> dict:
                 torch_variants.append(("torch.compile bf16", True, True))
         for name, comp, bf16 in torch_variants:
             step = try_build(name, lambda c=comp, b=bf16: TorchStep(cfg, c, b))
-            variants[name] = check_compiles(name, step, batches[0]) if comp else step
+            variants[name] = check_compiles(name, step, first_batch) if comp else step
+    return variants
 
+
+def rates(
+    median: float, tokens_per_step: int, fpt: float, peak: float, sustained: float
+) -> dict[str, float]:
+    """A variant's speed from its median step seconds: ms/step, tokens/s, FLOP/s and its shares
+    of the best-of-10 and of the interleaved matmul rates."""
+    tps = tokens_per_step / median
+    return {
+        "ms_per_step": median * 1e3,
+        "tokens_per_s": tps,
+        "gflops": tps * fpt / 1e9,
+        "of_matmul_peak": tps * fpt / peak,
+        "of_interleaved_matmul": tps * fpt / sustained,
+    }
+
+
+def compare_with_torch(rows: list[dict]) -> None:
+    """Adds to the rows flaxlm's speed over each torch variant of the same precision."""
+    measured = [r for r in rows if "tokens_per_s" in r]
+    by_name = {r["variant"]: r for r in measured}
+    for suffix in ("", " bf16"):
+        ours = by_name.get("flaxlm" + suffix)
+        theirs = [
+            r
+            for r in measured
+            if r["variant"].startswith("torch") and r["variant"].endswith(" bf16") == bool(suffix)
+        ]
+        if ours and theirs:
+            best = max(theirs, key=lambda r: r["tokens_per_s"])
+            for r in theirs:
+                r["flaxlm_over_this"] = ours["tokens_per_s"] / r["tokens_per_s"]
+            ratio = ours["tokens_per_s"] / best["tokens_per_s"]
+            ours["vs_best_torch"] = f"{ratio:.2f}x {best['variant']}"
+
+
+def bf16_curve_report(cfg: config_lib.Config) -> dict:
+    """The bf16 and fp32 loss curves, printed as a summary and returned with their distance."""
+    curves = bf16_curves(cfg, ARGS.curve_steps)
+    diff = np.abs(np.array(curves["bfloat16"]) - np.array(curves["float32"]))
+    rel = diff / np.array(curves["float32"])
+    print(
+        f"\nbf16 vs fp32 loss curve, first {ARGS.curve_steps} steps: loss "
+        f"{curves['float32'][0]:.3f} -> {curves['float32'][-1]:.3f} (fp32), "
+        f"{curves['bfloat16'][0]:.3f} -> {curves['bfloat16'][-1]:.3f} (bf16); "
+        f"max |diff| {diff.max():.4f} nats, max relative {rel.max():.4f}"
+    )
+    return {**curves, "max_abs_diff": diff.max(), "max_rel_diff": rel.max()}
+
+
+# (row key, heading, number format) of the table of variants.
+VARIANT_COLUMNS = [
+    ("variant", "variant", ""),
+    ("ms_per_step", "ms/step", ".1f"),
+    ("tokens_per_s", "tokens/s", ",.0f"),
+    ("gflops", "GFLOP/s", ".1f"),
+    ("of_matmul_peak", "of matmul peak", ".2f"),
+    ("of_interleaved_matmul", "of interleaved matmul", ".2f"),
+    ("flaxlm_over_this", "flaxlm / this", ".2f"),
+    ("vs_best_torch", "flaxlm vs best torch", ""),
+    ("error", "error", ""),
+]
+
+
+def main_vs_pytorch() -> dict:
+    cfg = load_cfg()
+    n_analytic = analytic_param_count(cfg.model)
+    tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
+    fpt = flops_per_token(cfg.model, n_analytic, cfg.data.seq_len)
+    batches = make_batches(cfg, ARGS.warmup + ARGS.steps)
+
+    matmul = MatmulStep(flops_per_step(cfg, n_analytic))
+    variants = build_variants(cfg, matmul, batches[0])
     counts = {name: getattr(s, "n_params", None) for name, s in variants.items()}
     for name, n in counts.items():
         if n is not None and n != EXPECTED_PARAMS:
@@ -336,33 +405,9 @@ def main_vs_pytorch() -> dict:
             rows.append({"variant": name, "error": step})
             continue
         median = statistics.median(times[name])
-        tps = tokens_per_step / median
-        rows.append(
-            {
-                "variant": name,
-                "params": counts[name],
-                "ms_per_step": median * 1e3,
-                "tokens_per_s": tps,
-                "gflops": tps * fpt / 1e9,
-                "of_matmul_peak": tps * fpt / peak,
-                "of_interleaved_matmul": tps * fpt / sustained,
-            }
-        )
-    measured = [r for r in rows if "tokens_per_s" in r]
-    by_name = {r["variant"]: r for r in measured}
-    for suffix in ("", " bf16"):
-        ours = by_name.get("flaxlm" + suffix)
-        theirs = [
-            r
-            for r in measured
-            if r["variant"].startswith("torch") and r["variant"].endswith(" bf16") == bool(suffix)
-        ]
-        if ours and theirs:
-            best = max(theirs, key=lambda r: r["tokens_per_s"])
-            for r in theirs:
-                r["flaxlm_over_this"] = ours["tokens_per_s"] / r["tokens_per_s"]
-            ratio = ours["tokens_per_s"] / best["tokens_per_s"]
-            ours["vs_best_torch"] = f"{ratio:.2f}x {best['variant']}"
+        speed = rates(median, tokens_per_step, fpt, peak, sustained)
+        rows.append({"variant": name, "params": counts[name], **speed})
+    compare_with_torch(rows)
 
     print(
         f"\nconfig {CONFIG.relative_to(REPO)} {' '.join(ARGS.set)}: {n_analytic:,} parameters, "
@@ -370,22 +415,7 @@ def main_vs_pytorch() -> dict:
         f"{peak / 1e9:.1f} GFLOP/s (best of 10), {sustained / 1e9:.1f} GFLOP/s interleaved with "
         f"the steps (median); median of {ARGS.repeats} x {ARGS.steps} steps\n"
     )
-    print(
-        table(
-            rows,
-            [
-                ("variant", "variant", ""),
-                ("ms_per_step", "ms/step", ".1f"),
-                ("tokens_per_s", "tokens/s", ",.0f"),
-                ("gflops", "GFLOP/s", ".1f"),
-                ("of_matmul_peak", "of matmul peak", ".2f"),
-                ("of_interleaved_matmul", "of interleaved matmul", ".2f"),
-                ("flaxlm_over_this", "flaxlm / this", ".2f"),
-                ("vs_best_torch", "flaxlm vs best torch", ""),
-                ("error", "error", ""),
-            ],
-        )
-    )
+    print(table(rows, VARIANT_COLUMNS))
     result = {
         "benchmark": "vs_pytorch",
         "config": str(CONFIG.relative_to(REPO)),
@@ -399,16 +429,7 @@ def main_vs_pytorch() -> dict:
         "rows": rows,
     }
     if ARGS.bf16:
-        curves = bf16_curves(cfg, ARGS.curve_steps)
-        diff = np.abs(np.array(curves["bfloat16"]) - np.array(curves["float32"]))
-        rel = diff / np.array(curves["float32"])
-        print(
-            f"\nbf16 vs fp32 loss curve, first {ARGS.curve_steps} steps: loss "
-            f"{curves['float32'][0]:.3f} -> {curves['float32'][-1]:.3f} (fp32), "
-            f"{curves['bfloat16'][0]:.3f} -> {curves['bfloat16'][-1]:.3f} (bf16); "
-            f"max |diff| {diff.max():.4f} nats, max relative {rel.max():.4f}"
-        )
-        result["bf16_curve"] = {**curves, "max_abs_diff": diff.max(), "max_rel_diff": rel.max()}
+        result["bf16_curve"] = bf16_curve_report(cfg)
     return result
 
 

@@ -79,6 +79,31 @@ def _memory(compiled) -> dict[str, int | None]:
     }
 
 
+def _time_steps(compiled, state, batch, steps: int, warmup: int) -> tuple[list[float], float]:
+    """Seconds of each of `steps` steps after `warmup` untimed ones (each step waits for its
+    result), and the loss of the last."""
+    for _ in range(warmup):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - start)
+    return times, float(metrics["loss"])
+
+
+def _step_seconds(times: list[float]) -> dict[str, float]:
+    return {
+        "step_seconds": float(np.median(times)),
+        "step_seconds_min": float(np.min(times)),
+        "step_seconds_max": float(np.max(times)),
+        "step_seconds_p10": float(np.percentile(times, 10)),
+        "step_seconds_p90": float(np.percentile(times, 90)),
+    }
+
+
 def bench(
     cfg: Config,
     steps: int = 10,
@@ -98,16 +123,7 @@ def bench(
     compiled = trainer.compile_step()
     compile_seconds = time.perf_counter() - start
 
-    for _ in range(warmup):
-        state, metrics = compiled(state, batch)
-    jax.block_until_ready(state)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - start)
-    loss = float(metrics["loss"])
+    times, loss = _time_steps(compiled, state, batch, steps, warmup)
 
     n_devices = len(devices)
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
@@ -131,11 +147,7 @@ def bench(
         "steps": steps,
         "warmup": warmup,
         "compile_seconds": compile_seconds,
-        "step_seconds": median,
-        "step_seconds_min": float(np.min(times)),
-        "step_seconds_max": float(np.max(times)),
-        "step_seconds_p10": float(np.percentile(times, 10)),
-        "step_seconds_p90": float(np.percentile(times, 90)),
+        **_step_seconds(times),
         "tokens_per_second": tokens_per_step / median,
         "tokens_per_second_per_device": tokens_per_step / median / n_devices,
         "flops_per_token": per_token,
