@@ -268,9 +268,10 @@ def residual_grad_barrier(x: Array) -> Array:
     block above) into every consumer of the gradient of each block's input and recomputes it
     there: a cost that grows with the square of the depth (fusions of up to 100 operands, 29% of
     the step of the 6-layer benchmark model; benchmarks/RESULTS.md, "What limited the step").
-    The backward pass routes the gradient through a conditional whose branches are both the identity: XLA cannot
-    fuse across it, so the gradient is computed once. (`lax.optimization_barrier` would say the
-    same, but XLA:CPU removes barriers before fusion.) Values are unchanged.
+    The backward pass routes the gradient through a conditional whose branches are both the
+    identity: XLA cannot fuse across it, so the gradient is computed once.
+    (`lax.optimization_barrier` would say the same, but XLA:CPU removes barriers before fusion.)
+    Values are unchanged.
     """
     return x
 
