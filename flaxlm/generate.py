@@ -7,7 +7,7 @@ attending to the cache instead of recomputing the prefix. Sampling is greedy at 
 otherwise softmax(logits / T) restricted to the top-k tokens and/or the top-p nucleus, with a
 seeded key. A row stops after its stop id; the loop stops when every row has.
 
-`left_pad_prompts` and `prefill_and_decode` are the two halves of `generate` on device arrays,
+`left_pad_prompts` (on the host) and `prefill_and_decode` (jitted) are the two halves of `generate`,
 public for benchmarks that time the decoder alone. Names carry their shapes (letters as in
 `flaxlm.model`; here T is the padded prompt width and M the number of new tokens).
 """

@@ -33,7 +33,7 @@ def test_packing_matches_a_python_reference():
     ds = tf.data.Dataset.from_generator(
         lambda: iter(docs), output_signature=tf.TensorSpec([None], tf.int32)
     )
-    rows = list(packing.pack(ds, seq_len).as_numpy_iterator())
+    rows = list(packing.pack_documents(ds, seq_len).as_numpy_iterator())
     # Reference: concatenate, tag each token with its document, cut rows.
     flat = [(tok, d) for d, doc in enumerate(docs) for tok in doc]
     assert len(rows) == len(flat) // seq_len
