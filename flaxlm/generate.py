@@ -145,12 +145,9 @@ def prefill_and_decode(
     )["cache"]
     cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shape)
 
+    prompt_BxT = (tokens_BxT, positions_BxT, segments_BxT)
     logits_BxTxV, variables = model.apply(
-        {"params": params, "cache": cache},
-        tokens_BxT,
-        positions_BxT,
-        segments_BxT,
-        mutable=["cache"],
+        {"params": params, "cache": cache}, *prompt_BxT, mutable=["cache"]
     )
     key, sub = jax.random.split(key)
     first_B = next_token(logits_BxTxV[:, -1], sub, sampling)

@@ -3,7 +3,7 @@
 Three formats are read: `.txt` (one document per file), `.jsonl` (one JSON object per line, text
 in `text_field`) and TFRecord (`.tfrecord`/`.tfrecords`, `tf.train.Example`s with a bytes feature
 `text_field`). Patterns are local globs (`**` recurses) or object-store URLs (`gs://...`). Errors
-are raised while resolving a split, before any tf.data work, and name the config key, the
+are raised when a split is resolved, before its pipeline is built, and name the config key, the
 pattern and what is wrong. `flaxlm.data.sources` and `flaxlm.data.tfds_builder` read files
 through this module.
 """
