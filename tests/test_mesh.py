@@ -90,7 +90,7 @@ def test_current_mesh_is_the_entered_mesh_also_while_tracing(tiny_cfg):
 
     from flaxlm.mesh import current_mesh
 
-    mesh = make_mesh(tiny_cfg("mesh.data=-1"))
+    mesh = make_mesh(tiny_cfg())
     assert current_mesh() is None
     seen = []
     with mesh:
