@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxlm import config
-from flaxlm.generate import SamplingConfig, _decode, _left_pad
+from flaxlm.generate import SamplingConfig, left_pad_prompts, prefill_and_decode
 from flaxlm.model import Transformer
 
 
@@ -68,12 +68,12 @@ def main() -> None:
         ]
         prompts = [[256] + [65 + i] * (prompt_len - 1) for i in range(args.batch)]
         steps = length - prompt_len
-        tokens, positions, segments = (jnp.asarray(a) for a in _left_pad(prompts, 258))
+        tokens, positions, segments = (jnp.asarray(a) for a in left_pad_prompts(prompts, 258))
         lengths = jnp.full((args.batch,), prompt_len, jnp.int32)
         decoder = Transformer(cfg.model, decode=True)
         cached = best_of(
             functools.partial(
-                _decode, decoder, params, tokens, positions, segments, lengths, steps,
+                prefill_and_decode, decoder, params, tokens, positions, segments, lengths, steps,
                 SamplingConfig(), -1, jax.random.key(0),
             )
         )  # fmt: skip

@@ -1,10 +1,11 @@
 """Attention kernels behind one function, and the masks they share.
 
-All kernels take queries (B, T, N, H), keys and values (B, S, K, H) with K dividing N
-(grouped-query attention: each key/value head serves N // K query heads) and return (B, T, N, H).
-Which tokens may attend to which is described by segment ids, never by a hand-built mask: token t
-sees token s when s <= t (causal) and both belong to the same non-zero segment (packed documents
-never see each other; segment 0 is padding).
+Names carry their shapes (letters as in `flaxlm.model`: B batch, T query length, S key length,
+N query heads, K key/value heads, G = N // K query heads per key/value head, H head dim). All
+kernels take q_BxTxNxH, k_BxSxKxH and v_BxSxKxH (grouped-query attention: each key/value head
+serves G query heads) and return out_BxTxNxH. Which tokens may attend to which is described by
+segment ids, never by a hand-built mask: token t sees token s when s <= t (causal) and both belong
+to the same non-zero segment (packed documents never see each other; segment 0 is padding).
 """
 
 from __future__ import annotations
@@ -15,37 +16,43 @@ import jax
 import jax.numpy as jnp
 
 from flaxlm.config import AttentionKernel
+from flaxlm.mesh import current_mesh
 
 
-def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array) -> jax.Array:
-    """Boolean (B, 1, T, S) mask: causal and within one non-padding segment.
+def attention_mask(q_segment_ids_BxT: jax.Array, kv_segment_ids_BxS: jax.Array) -> jax.Array:
+    """Boolean mask_Bx1xTxS: causal and within one non-padding segment.
 
     Assumes queries are the last T of the S key positions (T == S for training).
     """
-    t, s = q_segment_ids.shape[-1], kv_segment_ids.shape[-1]
-    q_pos = jnp.arange(t)[:, None] + (s - t)
-    k_pos = jnp.arange(s)[None, :]
-    causal = k_pos <= q_pos
-    same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
-    real = (kv_segment_ids != 0)[:, None, :]
-    return (causal[None] & same & real)[:, None]
+    t, s = q_segment_ids_BxT.shape[-1], kv_segment_ids_BxS.shape[-1]
+    q_pos_Tx1 = jnp.arange(t)[:, None] + (s - t)
+    k_pos_1xS = jnp.arange(s)[None, :]
+    causal_TxS = k_pos_1xS <= q_pos_Tx1
+    same_BxTxS = q_segment_ids_BxT[:, :, None] == kv_segment_ids_BxS[:, None, :]
+    real_Bx1xS = (kv_segment_ids_BxS != 0)[:, None, :]
+    return (causal_TxS[None] & same_BxTxS & real_Bx1xS)[:, None]
 
 
-def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def reference_attention(
+    q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array, mask_Bx1xTxS: jax.Array
+) -> jax.Array:
     """softmax(Q K^T / sqrt(d_k)) V written out with einsums; the oracle for the other kernels.
 
     Logits and softmax are computed in float32 whatever the input dtype.
     """
-    b, t, n, h = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
-    logits = logits / jnp.sqrt(jnp.float32(h))
-    # mask: (B, 1, T, S) -> broadcast over (K, G).
-    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", weights, v)
-    return out.reshape(b, t, n, h)
+    b, t, n, h = q_BxTxNxH.shape
+    kv_heads = k_BxSxKxH.shape[2]
+    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, kv_heads, n // kv_heads, h)
+    logits_BxKxGxTxS = jnp.einsum(
+        "btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32
+    )
+    logits_BxKxGxTxS = logits_BxKxGxTxS / jnp.sqrt(jnp.float32(h))
+    # The mask broadcasts over (K, G).
+    mask_Bx1x1xTxS = mask_Bx1xTxS[:, :, None]
+    logits_BxKxGxTxS = jnp.where(mask_Bx1x1xTxS, logits_BxKxGxTxS, jnp.finfo(jnp.float32).min)
+    weights_BxKxGxTxS = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(v_BxSxKxH.dtype)
+    out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", weights_BxKxGxTxS, v_BxSxKxH)
+    return out_BxTxKxGxH.reshape(b, t, n, h)
 
 
 def _splash_block_sizes(t: int, s: int):
@@ -61,14 +68,14 @@ def _splash_block_sizes(t: int, s: int):
 
 
 def splash_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    q_segment_ids: jax.Array,
-    kv_segment_ids: jax.Array,
+    q_BxTxNxH: jax.Array,
+    k_BxSxKxH: jax.Array,
+    v_BxSxKxH: jax.Array,
+    q_segment_ids_BxT: jax.Array,
+    kv_segment_ids_BxS: jax.Array,
     interpret: bool | None = None,
 ) -> jax.Array:
-    """The Pallas splash attention kernel (TPU), on (B, T, N, H) with segment ids.
+    """The Pallas splash attention kernel (TPU), on q_BxTxNxH with segment ids.
 
     Splash takes one example at a time in (heads, length, head_dim) layout and does not scale
     by 1/sqrt(d), so q is pre-scaled and the batch vmapped. Off TPU it runs interpreted (slow;
@@ -81,9 +88,9 @@ def splash_attention(
     if interpret is None:
         interpret = jax.devices()[0].platform != "tpu"
 
-    def per_shard(q, k, v, q_seg, kv_seg):
-        _, t, n, h = q.shape
-        s = k.shape[1]
+    def per_shard(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_seg_BxT, kv_seg_BxS):
+        _, t, n, h = q_BxTxNxH.shape
+        s = k_BxSxKxH.shape[1]
         mask = sm.MultiHeadMask(tuple(sm.CausalMask((t, s)) for _ in range(n)))
         kernel = sk.make_splash_mha(
             mask,
@@ -92,33 +99,34 @@ def splash_attention(
             block_sizes=_splash_block_sizes(t, s),
             interpret=interpret,
         )
-        scaled = (q / jnp.sqrt(jnp.float32(h)).astype(q.dtype)).transpose(0, 2, 1, 3)
-        k_, v_ = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        segments = sk.SegmentIds(q=q_seg, kv=kv_seg)
-        out = jax.vmap(kernel)(scaled, k_, v_, segment_ids=segments)
-        return out.transpose(0, 2, 1, 3)
+        scale = jnp.sqrt(jnp.float32(h)).astype(q_BxTxNxH.dtype)
+        q_BxNxTxH = (q_BxTxNxH / scale).transpose(0, 2, 1, 3)
+        k_BxKxSxH, v_BxKxSxH = k_BxSxKxH.transpose(0, 2, 1, 3), v_BxSxKxH.transpose(0, 2, 1, 3)
+        segments = sk.SegmentIds(q=q_seg_BxT, kv=kv_seg_BxS)
+        out_BxNxTxH = jax.vmap(kernel)(q_BxNxTxH, k_BxKxSxH, v_BxKxSxH, segment_ids=segments)
+        return out_BxNxTxH.transpose(0, 2, 1, 3)
 
-    mesh = _current_mesh()
+    args = (q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_ids_BxT, kv_segment_ids_BxS)
+    mesh = current_mesh()
     if mesh is None or mesh.size == 1:
-        return per_shard(q, k, v, q_segment_ids, kv_segment_ids)
+        return per_shard(*args)
     import flax.linen as nn
     from jax.sharding import PartitionSpec
 
-    qkv_spec = nn.logical_to_mesh_axes(("batch", None, "act_heads", None))
+    q_spec = nn.logical_to_mesh_axes(("batch", None, "act_heads", None))
     kv_spec = nn.logical_to_mesh_axes(("batch", None, "act_kv_heads", None))
-    seg_spec = PartitionSpec(qkv_spec[0], None)
-    if not all(
-        _divides(mesh, spec, x.shape) for spec, x in ((qkv_spec, q), (kv_spec, k), (seg_spec, q))
-    ):
+    seg_spec = PartitionSpec(q_spec[0], None)
+    shapes = ((q_spec, q_BxTxNxH), (kv_spec, k_BxSxKxH), (seg_spec, q_BxTxNxH))
+    if not all(_divides(mesh, spec, x.shape) for spec, x in shapes):
         # Shapes the mesh does not divide (model.init traces a batch of one): run unsharded.
-        return per_shard(q, k, v, q_segment_ids, kv_segment_ids)
+        return per_shard(*args)
     return jax.shard_map(
         per_shard,
         mesh=mesh,
-        in_specs=(qkv_spec, kv_spec, kv_spec, seg_spec, seg_spec),
-        out_specs=qkv_spec,
+        in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
+        out_specs=q_spec,
         check_vma=False,
-    )(q, k, v, q_segment_ids, kv_segment_ids)
+    )(*args)
 
 
 def _divides(mesh, spec, shape) -> bool:
@@ -132,58 +140,53 @@ def _divides(mesh, spec, shape) -> bool:
     return True
 
 
-def _current_mesh():
-    """The mesh of the enclosing `with mesh:` block, if any."""
-    from jax._src import mesh as mesh_lib
-
-    mesh = mesh_lib.thread_resources.env.physical_mesh
-    return None if mesh.empty else mesh
-
-
 def dot_product_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    q_segment_ids: jax.Array,
-    kv_segment_ids: jax.Array,
+    q_BxTxNxH: jax.Array,
+    k_BxSxKxH: jax.Array,
+    v_BxSxKxH: jax.Array,
+    q_segment_ids_BxT: jax.Array,
+    kv_segment_ids_BxS: jax.Array,
     kernel: AttentionKernel = AttentionKernel.xla,
 ) -> jax.Array:
-    """Masked multi-head attention with the selected kernel."""
+    """Masked multi-head attention with the selected kernel: out_BxTxNxH."""
+    q, k, v = q_BxTxNxH, k_BxSxKxH, v_BxSxKxH
     if kernel == AttentionKernel.splash:
-        return splash_attention(q, k, v, q_segment_ids, kv_segment_ids)
-    mask = attention_mask(q_segment_ids, kv_segment_ids)
+        return splash_attention(q, k, v, q_segment_ids_BxT, kv_segment_ids_BxS)
+    mask_Bx1xTxS = attention_mask(q_segment_ids_BxT, kv_segment_ids_BxS)
     if kernel == AttentionKernel.reference:
-        return reference_attention(q, k, v, mask)
+        return reference_attention(q, k, v, mask_Bx1xTxS)
     if kernel == AttentionKernel.xla:
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+        return jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xTxS, implementation="xla")
     if kernel == AttentionKernel.cudnn:
         # is_causal selects cuDNN's fused causal path; the mask adds the segment boundaries.
         return jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=True, implementation="cudnn"
+            q, k, v, mask=mask_Bx1xTxS, is_causal=True, implementation="cudnn"
         )
     raise ValueError(f"unknown attention kernel {kernel!r}")
 
 
 def cached_attention(
-    q: jax.Array,
-    k_cache: jax.Array,
-    v_cache: jax.Array,
-    q_segment_ids: jax.Array,
-    kv_segment_ids: jax.Array,
+    q_BxTxNxH: jax.Array,
+    k_cache_BxSxKxH: jax.Array,
+    v_cache_BxSxKxH: jax.Array,
+    q_segment_ids_BxT: jax.Array,
+    kv_segment_ids_BxS: jax.Array,
     start: jax.Array,
     kernel: AttentionKernel = AttentionKernel.xla,
 ) -> jax.Array:
-    """Attention of T new queries at cache positions start.. over a (B, S, K, H) cache.
+    """Attention of T new queries at cache positions start.. over a cache of S positions.
 
     Query j (at absolute position start + j) sees cached position s <= start + j of its own
     non-padding segment; cache slots not yet written have segment 0 and are never seen.
     """
-    t, s = q.shape[1], k_cache.shape[1]
-    q_pos = start + jnp.arange(t)
-    causal = jnp.arange(s)[None, :] <= q_pos[:, None]
-    same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
-    mask = (causal[None] & same & (kv_segment_ids != 0)[:, None, :])[:, None]
+    t, s = q_BxTxNxH.shape[1], k_cache_BxSxKxH.shape[1]
+    q_pos_T = start + jnp.arange(t)
+    causal_TxS = jnp.arange(s)[None, :] <= q_pos_T[:, None]
+    same_BxTxS = q_segment_ids_BxT[:, :, None] == kv_segment_ids_BxS[:, None, :]
+    real_Bx1xS = (kv_segment_ids_BxS != 0)[:, None, :]
+    mask_Bx1xTxS = (causal_TxS[None] & same_BxTxS & real_Bx1xS)[:, None]
+    q, k, v = q_BxTxNxH, k_cache_BxSxKxH, v_cache_BxSxKxH
     if kernel == AttentionKernel.reference:
-        return reference_attention(q, k_cache, v_cache, mask)
+        return reference_attention(q, k, v, mask_Bx1xTxS)
     # Decoding is memory-bound and its mask is not causal-from-zero: XLA serves every platform.
-    return jax.nn.dot_product_attention(q, k_cache, v_cache, mask=mask, implementation="xla")
+    return jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xTxS, implementation="xla")

@@ -7,8 +7,9 @@ attending to the cache instead of recomputing the prefix. Sampling is greedy at 
 otherwise softmax(logits / T) restricted to the top-k tokens and/or the top-p nucleus, with a
 seeded key. A row stops after its stop id; the loop stops when every row has.
 
-`sample_by_recomputing` runs the full forward pass over the whole sequence at every step. It is
-slow and simple: the oracle the cached decoder is tested against.
+`left_pad_prompts` (on the host) and `prefill_and_decode` (jitted) are the two halves of `generate`,
+public for benchmarks that time the decoder alone. Names carry their shapes (letters as in
+`flaxlm.model`; here T is the padded prompt width and M the number of new tokens).
 """
 
 from __future__ import annotations
@@ -31,45 +32,51 @@ class SamplingConfig:
     seed: int = 0
 
 
-def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
+def filter_logits(logits_BxV: jax.Array, top_k: int, top_p: float) -> jax.Array:
     """Sets logits outside the top-k and outside the top-p nucleus to -inf (last axis)."""
     if top_k > 0:
-        kth = jnp.sort(logits, axis=-1)[..., -top_k][..., None]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
+        kth_Bx1 = jnp.sort(logits_BxV, axis=-1)[..., -top_k][..., None]
+        logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
     if top_p < 1.0:
-        order = jnp.argsort(-logits, axis=-1)
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        order_BxV = jnp.argsort(-logits_BxV, axis=-1)
+        sorted_BxV = jnp.take_along_axis(logits_BxV, order_BxV, axis=-1)
+        probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        outside = jnp.cumsum(probs, axis=-1) - probs >= top_p
-        sorted_logits = jnp.where(outside, -jnp.inf, sorted_logits)
-        logits = (
-            jnp.full_like(logits, -jnp.inf)
-            .at[jnp.arange(logits.shape[0])[:, None], order]
-            .set(sorted_logits)
+        outside_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV >= top_p
+        sorted_BxV = jnp.where(outside_BxV, -jnp.inf, sorted_BxV)
+        logits_BxV = (
+            jnp.full_like(logits_BxV, -jnp.inf)
+            .at[jnp.arange(logits_BxV.shape[0])[:, None], order_BxV]
+            .set(sorted_BxV)
         )
-    return logits
+    return logits_BxV
 
 
-def next_token(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.Array:
-    """One token per row from float32 logits (B, V)."""
+def next_token(logits_BxV: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.Array:
+    """token_B: one token per row from float32 logits_BxV."""
     if sampling.temperature <= 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    logits_BxV = filter_logits(logits_BxV / sampling.temperature, sampling.top_k, sampling.top_p)
+    return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
 
 
-def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def left_pad_prompts(
+    prompts: list[list[int]], pad_id: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens_BxT, positions_BxT, segments_BxT) of the prompts right-aligned to the longest.
+
+    Padding is segment 0 (never attended to); positions count from each prompt's first token.
+    """
     width = max(len(p) for p in prompts)
-    tokens = np.full((len(prompts), width), pad_id, np.int32)
-    segments = np.zeros((len(prompts), width), np.int32)
-    positions = np.zeros((len(prompts), width), np.int32)
+    tokens_BxT = np.full((len(prompts), width), pad_id, np.int32)
+    segments_BxT = np.zeros((len(prompts), width), np.int32)
+    positions_BxT = np.zeros((len(prompts), width), np.int32)
     for row, prompt in enumerate(prompts):
         pad = width - len(prompt)
-        tokens[row, pad:] = prompt
-        segments[row, pad:] = 1
-        positions[row, pad:] = np.arange(len(prompt))
-    return tokens, positions, segments
+        tokens_BxT[row, pad:] = prompt
+        segments_BxT[row, pad:] = 1
+        positions_BxT[row, pad:] = np.arange(len(prompt))
+    return tokens_BxT, positions_BxT, segments_BxT
 
 
 def generate(
@@ -90,23 +97,23 @@ def generate(
     if width >= context:
         raise ValueError(f"a prompt has {width} tokens; the model's context is {context}")
     max_new_tokens = max(0, min(max_new_tokens, context - width))
-    tokens, positions, segments = _left_pad(prompts, pad_id)
-    out = _decode(
+    tokens_BxT, positions_BxT, segments_BxT = left_pad_prompts(prompts, pad_id)
+    out_BxM = prefill_and_decode(
         Transformer(model.cfg, decode=True),
         params,
-        jnp.asarray(tokens),
-        jnp.asarray(positions),
-        jnp.asarray(segments),
+        jnp.asarray(tokens_BxT),
+        jnp.asarray(positions_BxT),
+        jnp.asarray(segments_BxT),
         jnp.asarray([len(p) for p in prompts], jnp.int32),
         max_new_tokens,
         sampling,
         -1 if stop_id is None else stop_id,
         jax.random.key(sampling.seed),
     )
-    out = np.asarray(jax.device_get(out))
+    out_BxM = np.asarray(jax.device_get(out_BxM))
     results = []
     for row, prompt in enumerate(prompts):
-        new = [int(t) for t in out[row]]
+        new = [int(t) for t in out_BxM[row]]
         if stop_id is not None and stop_id in new:
             new = new[: new.index(stop_id) + 1]
         results.append(list(prompt) + new)
@@ -114,73 +121,61 @@ def generate(
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6, 7, 8))
-def _decode(model, params, tokens, positions, segments, lengths, steps, sampling, stop_id, key):
-    batch, width = tokens.shape
+def prefill_and_decode(
+    model: Transformer,
+    params,
+    tokens_BxT: jax.Array,
+    positions_BxT: jax.Array,
+    segments_BxT: jax.Array,
+    lengths_B: jax.Array,
+    steps: int,
+    sampling: SamplingConfig,
+    stop_id: int,
+    key: jax.Array,
+) -> jax.Array:
+    """out_BxM, M = steps new tokens per row: one prefill of the left-padded prompts, then one
+    cached step per token (`model` has decode=True; stop_id < 0: none). Rows that stopped
+    keep emitting stop_id."""
+    batch, width = tokens_BxT.shape
     if steps == 0:
         return jnp.zeros((batch, 0), jnp.int32)
-    # The cache holds the padded prompt and every new token.
+    # The cache holds the padded prompt and every new token: S = T + M.
     cache_shape = jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros((batch, width + steps), jnp.int32))
     )["cache"]
     cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shape)
 
-    logits, variables = model.apply(
-        {"params": params, "cache": cache}, tokens, positions, segments, mutable=["cache"]
+    prompt_BxT = (tokens_BxT, positions_BxT, segments_BxT)
+    logits_BxTxV, variables = model.apply(
+        {"params": params, "cache": cache}, *prompt_BxT, mutable=["cache"]
     )
     key, sub = jax.random.split(key)
-    first = next_token(logits[:, -1], sub, sampling)
-    out = jnp.zeros((batch, steps), jnp.int32).at[:, 0].set(first)
-    done = first == stop_id
+    first_B = next_token(logits_BxTxV[:, -1], sub, sampling)
+    out_BxM = jnp.zeros((batch, steps), jnp.int32).at[:, 0].set(first_B)
+    done_B = first_B == stop_id
 
     def cond(carry):
-        i, _, _, done, _ = carry
-        return (i < steps) & ~jnp.all(done)
+        i, _, _, done_B, _ = carry
+        return (i < steps) & ~jnp.all(done_B)
 
     def body(carry):
-        i, cache, out, done, key = carry
-        last = out[:, i - 1][:, None]
-        position = (lengths + i - 1)[:, None]
-        logits, variables = model.apply(
+        i, cache, out_BxM, done_B, key = carry
+        last_Bx1 = out_BxM[:, i - 1][:, None]
+        position_Bx1 = (lengths_B + i - 1)[:, None]
+        logits_Bx1xV, variables = model.apply(
             {"params": params, "cache": cache},
-            last,
-            position,
-            jnp.ones_like(last),
+            last_Bx1,
+            position_Bx1,
+            jnp.ones_like(last_Bx1),
             mutable=["cache"],
         )
         key, sub = jax.random.split(key)
-        token = next_token(logits[:, -1], sub, sampling)
+        token_B = next_token(logits_Bx1xV[:, -1], sub, sampling)
         # Rows that already stopped keep emitting stop ids (trimmed on the host).
-        token = jnp.where(done, stop_id if stop_id >= 0 else 0, token)
-        return i + 1, variables["cache"], out.at[:, i].set(token), done | (token == stop_id), key
+        token_B = jnp.where(done_B, stop_id if stop_id >= 0 else 0, token_B)
+        out_BxM = out_BxM.at[:, i].set(token_B)
+        return i + 1, variables["cache"], out_BxM, done_B | (token_B == stop_id), key
 
-    _, _, out, _, _ = jax.lax.while_loop(cond, body, (1, variables["cache"], out, done, key))
-    return out
-
-
-def sample_by_recomputing(
-    model: Transformer,
-    params,
-    prompt: list[int],
-    max_new_tokens: int,
-    sampling: SamplingConfig = SamplingConfig(),
-    stop_id: int | None = None,
-) -> list[int]:
-    """The oracle: one prompt, the full forward pass over everything at every step.
-
-    The sequence lives in a fixed buffer of the model's context (positions past the end are
-    padding, segment 0), so the forward pass compiles once.
-    """
-    context = model.cfg.max_seq_len
-    tokens = list(prompt)
-    key = jax.random.key(sampling.seed)
-    forward = jax.jit(lambda p, t, s: model.apply({"params": p}, t, None, s))
-    for _ in range(min(max_new_tokens, context - len(prompt))):
-        buffer = np.zeros((1, context), np.int32)
-        buffer[0, : len(tokens)] = tokens
-        segments = (np.arange(context) < len(tokens)).astype(np.int32)[None]
-        logits = forward(params, buffer, segments)[:, len(tokens) - 1]
-        key, sub = jax.random.split(key)
-        tokens.append(int(next_token(logits, sub, sampling)[0]))
-        if tokens[-1] == stop_id:
-            break
-    return tokens
+    carry = (1, variables["cache"], out_BxM, done_B, key)
+    _, _, out_BxM, _, _ = jax.lax.while_loop(cond, body, carry)
+    return out_BxM

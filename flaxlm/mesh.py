@@ -5,6 +5,9 @@ The mesh has three axes, `data`, `fsdp` and `tensor`, each sized by `MeshConfig`
 slices, outermost). `MeshConfig.rules` maps logical axis names (as carried by parameters and
 activations) to mesh axes; this module turns those names into `NamedSharding`s. Going from data
 parallel to FSDP to tensor parallel, or to several slices, is therefore a config change only.
+`current_mesh()` gives the mesh that the caller entered with `with mesh:` (the train step, AOT
+compilation), for code that must know it while tracing: kernels that run per shard, and the
+choice of what to compile for.
 """
 
 from __future__ import annotations
@@ -122,3 +125,16 @@ def batch_sharding(mesh: Mesh, cfg: Config) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def current_mesh() -> Mesh | None:
+    """The mesh of the enclosing `with mesh:` block, or None outside one; usable while tracing.
+
+    JAX 0.10 has no public accessor for the mesh a `with mesh:` block enters:
+    `jax.sharding.get_mesh()` and `get_abstract_mesh()` only see `jax.set_mesh`, and
+    `jax.interpreters.pxla.thread_resources` is deprecated. So the one private access lives here.
+    """
+    from jax._src.mesh import thread_resources
+
+    mesh = thread_resources.env.physical_mesh
+    return None if mesh.empty else mesh

@@ -9,6 +9,13 @@ One module covers both families through `ModelConfig`:
 Blocks are pre-norm: x + Attn(Norm(x)), then x + MLP(Norm(x)). Every parameter carries logical
 axis names (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`) and the main activations are
 constrained by logical names at block boundaries; `flaxlm.mesh` maps names to mesh axes.
+
+Shapes in names (nanodo style): `x_BxTxD`, `q_BxTxNxH`, `mask_Bx1xTxS`, `logits_BxTxV`. The
+letters, here and in `flaxlm.attention`, `flaxlm.positions`, `flaxlm.generate` and the losses of
+`flaxlm.train`: B batch, T length (of the queries), S key length (of the cache), D model width,
+F MLP width, N query heads, K key/value heads, G = N // K query heads per key/value head, H head
+dim, R = H / 2 rotary frequencies, V vocabulary, L layers, A micro-batches of one step, M new
+tokens of a decode.
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from flaxlm.attention import cached_attention, dot_product_attention
-from flaxlm.config import Mlp, ModelConfig, Norm, Position, Remat, RopeScaling
+from flaxlm.config import Mlp, ModelConfig, Norm, Position, Remat
+from flaxlm.mesh import current_mesh
+from flaxlm.positions import apply_rope, rope_frequencies, sinusoidal_encoding
 
 Array = jax.Array
 
@@ -78,47 +87,6 @@ def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
     )
 
 
-def sinusoidal_encoding(positions: Array, d_model: int) -> Array:
-    """PE(p, 2i) = sin(p / 10000^(2i/d)), PE(p, 2i+1) = cos(...), interleaved as in the paper."""
-    i = jnp.arange(d_model // 2, dtype=jnp.float32)
-    inv_freq = jnp.exp(-math.log(10000.0) * 2.0 * i / d_model)
-    angles = positions[..., None].astype(jnp.float32) * inv_freq
-    pe = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)
-    return pe.reshape(*positions.shape, d_model)
-
-
-def rope_frequencies(cfg: ModelConfig) -> jax.Array:
-    """Inverse frequencies of the rotary embedding, with Llama 3 long-context scaling if set.
-
-    Llama 3.1+ keeps the high frequencies, divides the low ones by `rope_scaling_factor`, and
-    interpolates smoothly in between (wavelengths measured against the original context).
-    """
-    h = cfg.dim_per_head
-    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
-    if cfg.rope_scaling != RopeScaling.llama3:
-        return inv_freq
-    factor, low, high = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
-    old_len = cfg.rope_original_max_len
-    wavelen = 2 * math.pi / inv_freq
-    scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-    return jnp.where(medium, smoothed, scaled)
-
-
-def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
-    """Rotary embeddings, rotate-half convention (Llama / Hugging Face), on (B, T, N, H)."""
-    h = x.shape[-1]
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # (B, T, H/2)
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
-    x32 = x.astype(jnp.float32)
-    x1, x2 = x32[..., : h // 2], x32[..., h // 2 :]
-    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return rotated.astype(x.dtype)
-
-
 class Attention(nn.Module):
     """Multi-head (or grouped-query) causal self-attention over packed segments.
 
@@ -131,7 +99,7 @@ class Attention(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, segment_ids: Array) -> Array:
+    def __call__(self, x_BxTxD: Array, positions_BxT: Array, segment_ids_BxT: Array) -> Array:
         cfg = self.cfg
         dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
         head_dim = cfg.dim_per_head
@@ -147,24 +115,30 @@ class Attention(nn.Module):
                 ),
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis, "head_dim")),
                 name=name,
-            )(x)
+            )(x_BxTxD)
 
-        q = proj("query", cfg.n_heads, "heads")
-        k = proj("key", cfg.kv_heads, "kv_heads")
-        v = proj("value", cfg.kv_heads, "kv_heads")
+        q_BxTxNxH = proj("query", cfg.n_heads, "heads")
+        k_BxTxKxH = proj("key", cfg.kv_heads, "kv_heads")
+        v_BxTxKxH = proj("value", cfg.kv_heads, "kv_heads")
         if cfg.position == Position.rope:
-            inv_freq = rope_frequencies(cfg)
-            q = apply_rope(q, positions, inv_freq)
-            k = apply_rope(k, positions, inv_freq)
-        q, k, v = (checkpoint_name(a, "qkv") for a in (q, k, v))
-        q = _constrain(q, ("batch", "length", "act_heads", None))
-        k = _constrain(k, ("batch", "length", "act_kv_heads", None))
-        v = _constrain(v, ("batch", "length", "act_kv_heads", None))
+            inv_freq_R = rope_frequencies(cfg)
+            q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, inv_freq_R)
+            k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, inv_freq_R)
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = (
+            checkpoint_name(a, "qkv") for a in (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
+        )
+        q_BxTxNxH = _constrain(q_BxTxNxH, ("batch", "length", "act_heads", None))
+        k_BxTxKxH = _constrain(k_BxTxKxH, ("batch", "length", "act_kv_heads", None))
+        v_BxTxKxH = _constrain(v_BxTxKxH, ("batch", "length", "act_kv_heads", None))
         if self.decode:
-            out = self._cached_attention(q, k, v, segment_ids)
+            out_BxTxNxH = self._cached_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)
         else:
-            out = dot_product_attention(q, k, v, segment_ids, segment_ids, cfg.attention)
-        out = checkpoint_name(_constrain(out, ("batch", "length", "act_heads", None)), "attn_out")
+            out_BxTxNxH = dot_product_attention(
+                q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, segment_ids_BxT, cfg.attention
+            )
+        out_BxTxNxH = checkpoint_name(
+            _constrain(out_BxTxNxH, ("batch", "length", "act_heads", None)), "attn_out"
+        )
         # GPT-2 scales the init of projections into the residual stream by 1/sqrt(2 * layers).
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         return nn.DenseGeneral(
@@ -178,33 +152,45 @@ class Attention(nn.Module):
             ),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
             name="out",
-        )(out)
+        )(out_BxTxNxH)
 
-    def _cached_attention(self, q: Array, k: Array, v: Array, segment_ids: Array) -> Array:
+    def _cached_attention(
+        self, q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array, segment_ids_BxT: Array
+    ) -> Array:
+        """Writes the T new keys and values at the cache index and attends over all S slots."""
         # Names differ from the "key"/"value" projection submodules, which share the namespace.
+        # The cache is sized at init, where T is the whole S.
         initialized = self.has_variable("cache", "cached_key")
-        key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
-        value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        k_cache = self.variable("cache", "cached_key", jnp.zeros, k_BxTxKxH.shape, k_BxTxKxH.dtype)
+        v_cache = self.variable(
+            "cache", "cached_value", jnp.zeros, v_BxTxKxH.shape, v_BxTxKxH.dtype
+        )
         segments = self.variable(
-            "cache", "cached_segment_ids", jnp.zeros, segment_ids.shape, jnp.int32
+            "cache", "cached_segment_ids", jnp.zeros, segment_ids_BxT.shape, jnp.int32
         )
         index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        kernel = self.cfg.attention
         if not initialized:  # init only sizes the cache
-            return dot_product_attention(q, k, v, segment_ids, segment_ids, self.cfg.attention)
+            return dot_product_attention(
+                q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, segment_ids_BxT, kernel
+            )
         start = index.value
-        key.value = jax.lax.dynamic_update_slice(
-            key.value, k.astype(key.value.dtype), (0, start, 0, 0)
-        )
-        value.value = jax.lax.dynamic_update_slice(
-            value.value, v.astype(value.value.dtype), (0, start, 0, 0)
-        )
-        segments.value = jax.lax.dynamic_update_slice(
-            segments.value, segment_ids.astype(jnp.int32), (0, start)
-        )
-        index.value = start + q.shape[1]
+        k_BxSxKxH = _write_at(k_cache, k_BxTxKxH, start)
+        v_BxSxKxH = _write_at(v_cache, v_BxTxKxH, start)
+        segments_BxS = _write_at(segments, segment_ids_BxT, start)
+        index.value = start + q_BxTxNxH.shape[1]
         return cached_attention(
-            q, key.value, value.value, segment_ids, segments.value, start, self.cfg.attention
+            q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, segments_BxS, start, kernel
         )
+
+
+def _write_at(cache: nn.Variable, new_BxT: Array, start: Array) -> Array:
+    """Writes new_BxTx... into the cache (B x S x ...) from position start on; the new cache."""
+    offsets = (0, start) + (0,) * (new_BxT.ndim - 2)
+    cache.value = jax.lax.dynamic_update_slice(
+        cache.value, new_BxT.astype(cache.value.dtype), offsets
+    )
+    return cache.value
 
 
 class FeedForward(nn.Module):
@@ -213,7 +199,7 @@ class FeedForward(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x_BxTxD: Array) -> Array:
         cfg = self.cfg
         dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
 
@@ -228,16 +214,17 @@ class FeedForward(nn.Module):
                 name=name,
             )
 
-        up = dense("up", cfg.d_ff, ("embed", "mlp"), cfg.init_std)(x)
+        up_BxTxF = dense("up", cfg.d_ff, ("embed", "mlp"), cfg.init_std)(x_BxTxD)
         if cfg.mlp == Mlp.swiglu:
-            gate = dense("gate", cfg.d_ff, ("embed", "mlp"), cfg.init_std)(x)
-            hidden = nn.silu(gate) * up
+            gate_BxTxF = dense("gate", cfg.d_ff, ("embed", "mlp"), cfg.init_std)(x_BxTxD)
+            hidden_BxTxF = nn.silu(gate_BxTxF) * up_BxTxF
         else:
             # GPT-2 uses the tanh approximation of GELU.
-            hidden = nn.gelu(up, approximate=True)
-        hidden = checkpoint_name(_constrain(hidden, ("batch", "length", "act_mlp")), "mlp_hidden")
+            hidden_BxTxF = nn.gelu(up_BxTxF, approximate=True)
+        hidden_BxTxF = _constrain(hidden_BxTxF, ("batch", "length", "act_mlp"))
+        hidden_BxTxF = checkpoint_name(hidden_BxTxF, "mlp_hidden")
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        return dense("down", cfg.d_model, ("mlp", "embed"), out_std)(hidden)
+        return dense("down", cfg.d_model, ("mlp", "embed"), out_std)(hidden_BxTxF)
 
 
 class Block(nn.Module):
@@ -247,27 +234,29 @@ class Block(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, segment_ids: Array) -> Array:
-        x = x + Attention(self.cfg, self.decode, name="attn")(
-            make_norm(self.cfg, "attn_norm")(x), positions, segment_ids
+    def __call__(self, x_BxTxD: Array, positions_BxT: Array, segment_ids_BxT: Array) -> Array:
+        x_BxTxD = x_BxTxD + Attention(self.cfg, self.decode, name="attn")(
+            make_norm(self.cfg, "attn_norm")(x_BxTxD), positions_BxT, segment_ids_BxT
         )
-        x = x + FeedForward(self.cfg, name="mlp")(make_norm(self.cfg, "mlp_norm")(x))
-        return _constrain(x, ("batch", "length", "act_embed"))
+        x_BxTxD = x_BxTxD + FeedForward(self.cfg, name="mlp")(
+            make_norm(self.cfg, "mlp_norm")(x_BxTxD)
+        )
+        return _constrain(x_BxTxD, ("batch", "length", "act_embed"))
 
 
 class ScannedBlock(Block):
     """A Block with the (carry, output) signature of nn.scan."""
 
-    def __call__(self, x: Array, positions: Array, segment_ids: Array) -> tuple[Array, None]:
-        return super().__call__(x, positions, segment_ids), None
+    def __call__(
+        self, x_BxTxD: Array, positions_BxT: Array, segment_ids_BxT: Array
+    ) -> tuple[Array, None]:
+        return super().__call__(x_BxTxD, positions_BxT, segment_ids_BxT), None
 
 
 def _platform() -> str:
     """The platform being compiled for: the enclosing mesh's (AOT compilation for TPU topologies
     runs in a CPU process), else the default backend."""
-    from flaxlm.attention import _current_mesh
-
-    mesh = _current_mesh()
+    mesh = current_mesh()
     return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
 
 
@@ -278,10 +267,11 @@ def residual_grad_barrier(x: Array) -> Array:
     Without it, XLA:CPU fuses the whole chain of residual-gradient additions (a few terms per
     block above) into every consumer of the gradient of each block's input and recomputes it
     there: a cost that grows with the square of the depth (fusions of up to 100 operands, 29% of
-    the step of the 6-layer benchmark model; benchmarks/RESULTS.md, issue 9). The backward pass
-    routes the gradient through a conditional whose branches are both the identity: XLA cannot
-    fuse across it, so the gradient is computed once. (`lax.optimization_barrier` would say the
-    same, but XLA:CPU removes barriers before fusion.) Values are unchanged.
+    the step of the 6-layer benchmark model; benchmarks/RESULTS.md, "What limited the step").
+    The backward pass routes the gradient through a conditional whose branches are both the
+    identity: XLA cannot fuse across it, so the gradient is computed once.
+    (`lax.optimization_barrier` would say the same, but XLA:CPU removes barriers before fusion.)
+    Values are unchanged.
     """
     return x
 
@@ -376,7 +366,7 @@ class Transformer(nn.Module):
             embedding_init=nn.with_logical_partitioning(_init(cfg.init_std), ("vocab", "embed")),
             name="embed",
         )
-        x = embed(tokens)
+        x_BxTxD = embed(tokens)
         if cfg.position == Position.learned:
             pos_table = nn.Embed(
                 cfg.max_seq_len,
@@ -386,24 +376,24 @@ class Transformer(nn.Module):
                 embedding_init=nn.with_logical_partitioning(_init(cfg.init_std), (None, "embed")),
                 name="pos_embed",
             )
-            x = x + pos_table(positions)
+            x_BxTxD = x_BxTxD + pos_table(positions)
         elif cfg.position == Position.sinusoidal:
-            x = x + sinusoidal_encoding(positions, cfg.d_model).astype(dtype)
-        x = _constrain(x, ("batch", "length", "act_embed"))
+            x_BxTxD = x_BxTxD + sinusoidal_encoding(positions, cfg.d_model).astype(dtype)
+        x_BxTxD = _constrain(x_BxTxD, ("batch", "length", "act_embed"))
 
-        x = decoder_stack(cfg, x, positions, segment_ids, self.decode)
-        x = make_norm(cfg, "final_norm")(x)
+        x_BxTxD = decoder_stack(cfg, x_BxTxD, positions, segment_ids, self.decode)
+        x_BxTxD = make_norm(cfg, "final_norm")(x_BxTxD)
 
         if cfg.tie_embeddings:
-            logits = embed.attend(x)
+            logits_BxTxV = embed.attend(x_BxTxD)
         else:
-            logits = nn.Dense(
+            logits_BxTxV = nn.Dense(
                 cfg.vocab_size,
                 use_bias=False,
                 dtype=dtype,
                 param_dtype=param_dtype,
                 kernel_init=nn.with_logical_partitioning(_init(cfg.init_std), ("embed", "vocab")),
                 name="lm_head",
-            )(x)
-        logits = _constrain(logits, ("batch", "length", "act_vocab"))
-        return logits.astype(jnp.float32)
+            )(x_BxTxD)
+        logits_BxTxV = _constrain(logits_BxTxV, ("batch", "length", "act_vocab"))
+        return logits_BxTxV.astype(jnp.float32)

@@ -41,30 +41,31 @@ class TrainState:
     skipped: jax.Array
 
 
-def token_losses(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """Per-token next-token cross entropy (B, T-1) and its weights.
+def token_losses(logits_BxTxV: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """Per-token next-token cross entropy losses_BxTm1 and their weights (Tm1 = T - 1; the
+    shape letters are those of `flaxlm.model`).
 
     Position t predicts token t+1 when both lie in the same (non-padding) segment, so a packed
     row never trains on predicting the first token of the next document.
     """
-    tokens, segments = batch["tokens"], batch["segment_ids"]
-    weights = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)
+    tokens_BxT, segments_BxT = batch["tokens"], batch["segment_ids"]
+    weights_BxTm1 = (segments_BxT[:, 1:] == segments_BxT[:, :-1]) & (segments_BxT[:, 1:] != 0)
     # The loss at every position (the last one's target is a dummy), then the first T-1 losses:
     # slicing the (B, T) losses rather than the (B, T, V) logits spares a copy of the logits
-    # and, in the backward pass, a padded copy of their gradient (issue 9).
-    targets = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)[:, :-1]
-    return losses, weights.astype(jnp.float32)
+    # and, in the backward pass, a padded copy of their gradient.
+    targets_BxT = jnp.concatenate([tokens_BxT[:, 1:], tokens_BxT[:, -1:]], axis=1)
+    losses_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
+    return losses_BxT[:, :-1], weights_BxTm1.astype(jnp.float32)
 
 
 def forward_losses(
     params, model: Transformer, batch: Batch
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The model's logits on a batch, with its per-token losses and their weights."""
-    logits = model.apply(
+    """The model's logits_BxTxV on a batch, with its per-token losses and their weights."""
+    logits_BxTxV = model.apply(
         {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"]
     )
-    return logits, *token_losses(logits, batch)
+    return logits_BxTxV, *token_losses(logits_BxTxV, batch)
 
 
 def loss_sums(
@@ -75,28 +76,30 @@ def loss_sums(
     Sums make micro-batches add up exactly to the whole batch; the caller divides by the total
     token count once.
     """
-    logits, losses, weights = forward_losses(params, model, batch)
-    nats = (losses * weights).sum()
-    aux = {"nats": nats, "tokens": weights.sum()}
+    logits_BxTxV, losses_BxTm1, weights_BxTm1 = forward_losses(params, model, batch)
+    nats = (losses_BxTm1 * weights_BxTm1).sum()
+    aux = {"nats": nats, "tokens": weights_BxTm1.sum()}
     objective = nats
     if z_loss:
-        z = (jax.nn.logsumexp(logits, axis=-1)[:, :-1] ** 2 * weights).sum()
+        log_z_BxTm1 = jax.nn.logsumexp(logits_BxTxV, axis=-1)[:, :-1]
+        z = (log_z_BxTm1**2 * weights_BxTm1).sum()
         objective = objective + z_loss * z
         aux["z"] = z
     return objective, aux
 
 
 def _micro_batches(batch: Batch, steps: int) -> Batch:
-    """(B, T) -> (steps, B / steps, T), micro-batch i holding rows i, i + steps, ...
+    """x_BxT -> x_AxBaxT: A = steps micro-batches of Ba = B / A rows, micro-batch i holding
+    rows i, i + A, ...
 
     Strided rather than contiguous rows, so that each micro-batch keeps rows on every device of
     the batch axes (a contiguous split would put micro-batch 0 on the first devices only).
     """
 
-    def split(x: jax.Array) -> jax.Array:
-        b = x.shape[0]
-        x = x.reshape(b // steps, steps, *x.shape[1:]).swapaxes(0, 1)
-        return nn.with_logical_constraint(x, (None, "batch", "length"))
+    def split(x_BxT: jax.Array) -> jax.Array:
+        b = x_BxT.shape[0]
+        x_AxBaxT = x_BxT.reshape(b // steps, steps, *x_BxT.shape[1:]).swapaxes(0, 1)
+        return nn.with_logical_constraint(x_AxBaxT, (None, "batch", "length"))
 
     return jax.tree.map(split, batch)
 

@@ -10,8 +10,9 @@ import tensorflow as tf
 
 from flaxlm import config
 from flaxlm.config import ConfigError
-from flaxlm.data import pipeline, sources
-from flaxlm.data.corpus import build_python_docs, is_eval_document, resolve_files
+from flaxlm.data import packing, pipeline
+from flaxlm.data.corpus import build_python_docs, is_eval_document
+from flaxlm.data.files import file_documents, resolve_files
 from flaxlm.data.tokenizer import ByteTokenizer
 
 
@@ -32,7 +33,7 @@ def test_packing_matches_a_python_reference():
     ds = tf.data.Dataset.from_generator(
         lambda: iter(docs), output_signature=tf.TensorSpec([None], tf.int32)
     )
-    rows = list(pipeline.pack(ds, seq_len).as_numpy_iterator())
+    rows = list(packing.pack_documents(ds, seq_len).as_numpy_iterator())
     # Reference: concatenate, tag each token with its document, cut rows.
     flat = [(tok, d) for d, doc in enumerate(docs) for tok in doc]
     assert len(rows) == len(flat) // seq_len
@@ -83,8 +84,8 @@ def test_jsonl_and_bad_documents(tmp_path):
     cfg = config.load(
         None, ["data.corpus=files", f"data.train_files={tmp_path}/*.jsonl", "data.add_bos=false"]
     )
-    files = tf.data.Dataset.from_tensor_slices(resolve_files(cfg.data, "train"))
-    texts = [t.decode() for t in sources.file_documents(files).as_numpy_iterator()]
+    files = tf.data.Dataset.from_tensor_slices(resolve_files(cfg.data, cfg.data.cache_dir, "train"))
+    texts = [t.decode() for t in file_documents(files).as_numpy_iterator()]
     assert texts == ["first document", "", "", "second déjà vu"]  # bad lines become empty
 
 

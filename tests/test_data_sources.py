@@ -12,7 +12,8 @@ import tensorflow_datasets as tfds
 
 from flaxlm import config
 from flaxlm.config import ConfigError
-from flaxlm.data import pipeline, sources, tokenize
+from flaxlm.data import packing, pipeline, sources, tokenize
+from flaxlm.data.files import file_documents, resolve_files
 from flaxlm.data.tokenizer import HFTokenizer, SentencePieceTokenizer
 
 
@@ -83,12 +84,12 @@ def test_tfrecord_files(tmp_path):
             )
     cfg = _load("data.corpus=files", f"data.train_files={tmp_path}/*.tfrecord")
     with pytest.raises(ConfigError, match=r"no bytes feature 'text'.*'body'"):
-        sources.resolve_files(cfg.data, "", "train")
+        resolve_files(cfg.data, "", "train")
     cfg = _load(
         "data.corpus=files", f"data.train_files={tmp_path}/*.tfrecord", "data.text_field=body"
     )
-    files = tf.data.Dataset.from_tensor_slices(sources.resolve_files(cfg.data, "", "train"))
-    got = _texts(sources.file_documents(files, "body"))
+    files = tf.data.Dataset.from_tensor_slices(resolve_files(cfg.data, "", "train"))
+    got = _texts(file_documents(files, "body"))
     assert [t.decode() for t in got] == docs
 
 
@@ -197,7 +198,7 @@ def test_concat_packing_keeps_the_token_stream_and_drops_the_boundaries(corpus_c
     np.testing.assert_array_equal(concat["tokens"], docs["tokens"])
     assert (concat["segment_ids"] == 1).all()
     np.testing.assert_array_equal(concat["positions"], np.tile(np.arange(32), (8, 1)))
-    assert pipeline.padding_fraction(docs) == 0.0
+    assert packing.padding_fraction(docs) == 0.0
 
 
 def test_sentencepiece_pipeline_resumes_exactly(sp_model, corpus_cache, tmp_path):

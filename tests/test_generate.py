@@ -8,10 +8,40 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxlm.generate import SamplingConfig, filter_logits, generate, sample_by_recomputing
+from flaxlm.generate import SamplingConfig, filter_logits, generate, next_token
 from flaxlm.model import Transformer
 
 PROMPTS = [[256, 72, 101, 108, 108, 111], [256, 65], [256, 10, 20, 30, 40, 50, 60, 70, 80]]
+
+
+def sample_by_recomputing(
+    model: Transformer,
+    params,
+    prompt: list[int],
+    max_new_tokens: int,
+    sampling: SamplingConfig | None = None,
+    stop_id: int | None = None,
+) -> list[int]:
+    """The oracle: one prompt, the full forward pass over everything at every step.
+
+    The sequence lives in a fixed buffer of the model's context (positions past the end are
+    padding, segment 0), so the forward pass compiles once.
+    """
+    sampling = sampling or SamplingConfig()
+    context = model.cfg.max_seq_len
+    tokens = list(prompt)
+    key = jax.random.key(sampling.seed)
+    forward = jax.jit(lambda p, t, s: model.apply({"params": p}, t, None, s))
+    for _ in range(min(max_new_tokens, context - len(prompt))):
+        buffer = np.zeros((1, context), np.int32)
+        buffer[0, : len(tokens)] = tokens
+        segments = (np.arange(context) < len(tokens)).astype(np.int32)[None]
+        logits = forward(params, buffer, segments)[:, len(tokens) - 1]
+        key, sub = jax.random.split(key)
+        tokens.append(int(next_token(logits, sub, sampling)[0]))
+        if tokens[-1] == stop_id:
+            break
+    return tokens
 
 
 def _model(tiny_cfg, family, *overrides):

@@ -83,3 +83,18 @@ def test_single_process_does_not_join_and_explicit_settings_are_checked(tiny_cfg
             "distributed.num_processes=2",
             "distributed.process_id=2",
         )
+
+
+def test_current_mesh_is_the_entered_mesh_also_while_tracing(tiny_cfg):
+    import jax
+
+    from flaxlm.mesh import current_mesh
+
+    mesh = make_mesh(tiny_cfg())
+    assert current_mesh() is None
+    seen = []
+    with mesh:
+        assert current_mesh() is mesh
+        jax.jit(lambda x: seen.append(current_mesh()) or x)(1.0)
+    assert seen == [mesh]
+    assert current_mesh() is None

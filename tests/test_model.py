@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from flaxlm.config import ModelConfig
-from flaxlm.model import Transformer, apply_rope, rope_frequencies, sinusoidal_encoding
+from flaxlm.model import Transformer
+from flaxlm.positions import apply_rope, rope_frequencies, sinusoidal_encoding
 
 FAMILIES = ["gpt2", "llama"]
 

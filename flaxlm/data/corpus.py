@@ -17,8 +17,6 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-from flaxlm.config import DataConfig
-
 PYTHON_DOCS_VERSION = "python-docs-v1"
 # Parts of the standard library that are tests, demos or vendored code rather than documentation.
 _SKIP_DIRS = {"site-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__"}
@@ -87,10 +85,3 @@ def build_python_docs(cache_dir: str | os.PathLike) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
-
-
-def resolve_files(cfg: DataConfig, split: str) -> list[str]:
-    """The sorted list of files of a split (see `flaxlm.data.sources.resolve_files`)."""
-    from flaxlm.data.sources import resolve_files as resolve
-
-    return resolve(cfg, cfg.cache_dir, split)

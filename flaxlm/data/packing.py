@@ -57,11 +57,6 @@ def pack_documents(
     return rows.map(features, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def pack(token_ds: tf.data.Dataset, seq_len: int) -> tf.data.Dataset:
-    """Document packing of a dataset of token-id vectors (the original interface)."""
-    return pack_documents(token_ds, seq_len)
-
-
 def padding_fraction(batch: dict[str, np.ndarray]) -> float:
     """The share of a batch's token slots that hold padding (segment id 0)."""
     return float(np.mean(batch["segment_ids"] == 0))

@@ -24,8 +24,8 @@ import tensorflow as tf
 
 from flaxlm.config import ConfigError, DataConfig
 from flaxlm.data import sources
-from flaxlm.data.packing import pack, pack_documents, padding_fraction  # noqa: F401 (API)
-from flaxlm.data.tokenize import STATS, tokenize_documents  # noqa: F401 (API)
+from flaxlm.data.packing import pack_documents
+from flaxlm.data.tokenize import tokenize_documents
 from flaxlm.data.tokenizer import Tokenizer, from_config
 
 # TensorFlow only feeds data here: keep it off any accelerator that JAX is going to use.
@@ -178,16 +178,14 @@ def eval_batches(cfg: DataConfig, process_index: int = 0, process_count: int = 1
 
 
 class DataIterator:
-    """A checkpointable iterator of numpy batches over one or more data-shard datasets.
+    """A checkpointable iterator of numpy batches over the data shards this process owns.
 
-    `DataIterator(ds)` wraps a single dataset as shard 0 of 1 (tests, tools); `train_iterator`
-    gives {shard k: dataset} for the shards this process owns.
+    `datasets` maps shard k to its dataset (`train_iterator` builds it); `num_shards` is V, the
+    number of data shards of the whole job.
     """
 
-    def __init__(self, datasets: dict[int, tf.data.Dataset] | tf.data.Dataset, num_shards=None):
-        if isinstance(datasets, tf.data.Dataset):
-            datasets = {0: datasets}
-        self.num_shards = num_shards or len(datasets)
+    def __init__(self, datasets: dict[int, tf.data.Dataset], num_shards: int):
+        self.num_shards = num_shards
         self.shards = sorted(datasets)
         self._iterators = {k: iter(datasets[k]) for k in self.shards}
         self._checkpoints = {

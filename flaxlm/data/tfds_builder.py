@@ -22,6 +22,7 @@ from typing import ClassVar
 import tensorflow_datasets as tfds
 
 from flaxlm.config import ConfigError, SourceConfig
+from flaxlm.data.files import file_documents, resolve_files
 
 
 class FlaxlmText(tfds.core.GeneratorBasedBuilder):
@@ -60,8 +61,6 @@ class FlaxlmText(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, pattern: str, split: str):
         import tensorflow as tf
-
-        from flaxlm.data.sources import file_documents, resolve_files
 
         src = SourceConfig(
             corpus="files", text_field=self._text_field, train_files=pattern, eval_files=pattern

@@ -7,8 +7,9 @@ libraries' (multi-threaded) batch encoders (`flaxlm.data.tokenize`). Every model
 least `vocab_size` wide; models usually pad it to a multiple of 64 for fast matmuls. Imported
 models (`flaxlm convert from-hf`) bring their own tokenizer, used for prompts and outputs.
 
-Besides ids, `encode_with_bytes` gives how many bytes of the UTF-8 text each token stands for
-(0 for BOS/EOS), so that bits per byte count bytes of text whatever the tokenizer.
+Besides ids, the library tokenizers' `encode_with_bytes` gives how many bytes of the UTF-8 text
+each token stands for (0 for BOS/EOS; byte ids stand for one byte each), so that bits per byte
+count bytes of text whatever the tokenizer.
 """
 
 from __future__ import annotations
@@ -36,18 +37,6 @@ class ByteTokenizer:
         """Decodes byte ids; special ids are dropped, invalid UTF-8 becomes U+FFFD."""
         data = bytes(int(i) for i in ids if 0 <= int(i) < 256)
         return data.decode("utf-8", errors="replace")
-
-    def encode_with_bytes(
-        self, texts: Sequence[bytes], add_bos: bool, add_eos: bool, with_bytes: bool = True
-    ):
-        return _with_specials(
-            [list(t) for t in texts], [[1] * len(t) for t in texts], self, add_bos, add_eos
-        )
-
-    @staticmethod
-    def is_byte(ids: np.ndarray) -> np.ndarray:
-        """True where an id stands for one byte of text (for bits-per-byte accounting)."""
-        return ids < 256
 
 
 class HFTokenizer:

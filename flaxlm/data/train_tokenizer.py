@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from flaxlm.config import ConfigError, DataConfig
-from flaxlm.data import sources
+from flaxlm.data import files, sources
 from flaxlm.data.tokenizer import SENTENCEPIECE_FILE
 
 
@@ -24,10 +24,10 @@ def corpus_lines(cfg: DataConfig, max_bytes: int) -> Iterator[str]:
         if src.corpus == "tfds":
             docs = sources.tfds_documents(src, src.train_split, 0, 1, None, where)
         else:
-            files = sources.resolve_files(src, cfg.cache_dir, "train", where)
+            paths = files.resolve_files(src, cfg.cache_dir, "train", where)
             import tensorflow as tf
 
-            docs = sources.file_documents(tf.data.Dataset.from_tensor_slices(files), src.text_field)
+            docs = files.file_documents(tf.data.Dataset.from_tensor_slices(paths), src.text_field)
         for raw in docs.as_numpy_iterator():
             for line in raw.decode("utf-8", errors="replace").splitlines():
                 if line.strip():
