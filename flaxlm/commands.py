@@ -13,6 +13,10 @@ import json
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flaxlm.config import Config
 
 Argument = Callable[[argparse.ArgumentParser], object]
 Handler = Callable[[argparse.Namespace], None]
@@ -44,7 +48,11 @@ def arg(*flags: str, **kwargs) -> Argument:
 
 
 def together(*arguments: Argument) -> Argument:
-    return lambda parser: [add(parser) for add in arguments]
+    def add_all(parser: argparse.ArgumentParser) -> None:
+        for add in arguments:
+            add(parser)
+
+    return add_all
 
 
 def overrides(help: str = "key.sub=value overrides") -> Argument:
@@ -66,7 +74,7 @@ timing = together(
 )
 
 
-def _config(args: argparse.Namespace, join: bool = False):
+def _config(args: argparse.Namespace, join: bool = False) -> Config:
     """The validated config of `--config` and the overrides, loaded before any heavy import;
     with `join`, then joins the other processes of a multi-host job (before device work)."""
     from flaxlm import config
