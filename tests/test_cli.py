@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
+import subprocess
+import sys
 
 import pytest
-from conftest import CONFIGS
+from conftest import CONFIGS, REPO
 from helpers import flaxlm, train_tiny
 
-pytestmark = pytest.mark.slow
+from flaxlm import __version__, cli
+
+# The end-to-end tests train or load a model; the command-line tests at the end take a second.
+slow = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -18,6 +25,7 @@ def trained_run(tmp_path_factory, corpus_cache):
     return run, proc
 
 
+@slow
 def test_train_writes_the_run_directory(trained_run):
     run, proc = trained_run
     assert (run / "config.yaml").is_file()
@@ -34,6 +42,7 @@ def test_train_writes_the_run_directory(trained_run):
     assert "bits per byte" in proc.stdout and "Once upon a time" in proc.stdout
 
 
+@slow
 def test_eval_prints_one_json_line(trained_run, corpus_cache):
     run, _ = trained_run
     proc = flaxlm("eval", "--checkpoint", str(run), f"data.cache_dir={corpus_cache}", devices=4)
@@ -47,6 +56,7 @@ def test_eval_prints_one_json_line(trained_run, corpus_cache):
     assert result["loss"] == pytest.approx(final["eval_loss"], rel=1e-5)
 
 
+@slow
 def test_eval_of_an_earlier_step_and_a_missing_step(trained_run, corpus_cache):
     run, _ = trained_run
     proc = flaxlm(
@@ -57,6 +67,7 @@ def test_eval_of_an_earlier_step_and_a_missing_step(trained_run, corpus_cache):
     assert missing.returncode == 2 and "no checkpoint at step 7" in missing.stderr
 
 
+@slow
 def test_generate_greedy_is_deterministic_and_keeps_the_prompt(trained_run):
     run, _ = trained_run
     args = ("generate", "--checkpoint", str(run), "--prompt", "The list", "--max-new-tokens", "20")
@@ -65,6 +76,7 @@ def test_generate_greedy_is_deterministic_and_keeps_the_prompt(trained_run):
     assert first.stdout == second.stdout  # greedy, and independent of the device count
 
 
+@slow
 def test_bad_inputs_exit_2_with_a_message(tmp_path):
     typo = flaxlm("train", "--config", str(CONFIGS / "tiny.yaml"), "model.n_layer=2", check=False)
     assert typo.returncode == 2 and "model.n_layer" in typo.stderr
@@ -77,6 +89,7 @@ def test_bad_inputs_exit_2_with_a_message(tmp_path):
     assert not_a_run.returncode == 2 and "no config.yaml" in not_a_run.stderr
 
 
+@slow
 def test_params_only_export_evaluates_the_same_and_is_smaller(trained_run, corpus_cache, tmp_path):
     run, _ = trained_run
     export = tmp_path / "export"
@@ -96,6 +109,7 @@ def test_params_only_export_evaluates_the_same_and_is_smaller(trained_run, corpu
     assert refused.returncode == 2 and "parameters-only export" in refused.stderr
 
 
+@slow
 def test_generate_batches_prompts_and_cuts_at_a_stop_string(trained_run):
     run, _ = trained_run
     single = flaxlm(
@@ -119,6 +133,7 @@ def test_generate_batches_prompts_and_cuts_at_a_stop_string(trained_run):
     assert stop not in text[len("The") : -len(stop)]
 
 
+@slow
 def test_eval_of_every_checkpoint_writes_a_table_and_a_plot(trained_run, corpus_cache):
     import csv
 
@@ -137,6 +152,7 @@ def test_eval_of_every_checkpoint_writes_a_table_and_a_plot(trained_run, corpus_
     assert (run / "eval" / "eval_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@slow
 def test_eval_picks_a_mesh_that_fits_the_devices_at_hand(trained_run, corpus_cache):
     run, _ = trained_run
     # 6 devices do not divide the batch of 8: eval shards over 2 of them instead of failing.
@@ -145,3 +161,75 @@ def test_eval_picks_a_mesh_that_fits_the_devices_at_hand(trained_run, corpus_cac
     assert json.loads(six.stdout)["loss"] == pytest.approx(
         json.loads(eight.stdout)["loss"], rel=1e-6
     )
+
+
+# Runs flaxlm's main in a fresh interpreter and reports its exit status and which heavy
+# libraries it imported.
+_CHECK_IMPORTS = """
+import sys
+from flaxlm.cli import main
+try:
+    status = main(sys.argv[1:])
+except SystemExit as e:
+    status = e.code
+heavy = [m for m in ("jax", "tensorflow", "flax", "orbax") if m in sys.modules]
+print(f"status={status} heavy={heavy}")
+"""
+
+
+def _main_in_fresh_process(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", _CHECK_IMPORTS, *args],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )  # fmt: skip
+
+
+def test_help_and_version_answer_without_jax_or_tensorflow():
+    help_ = _main_in_fresh_process("--help")
+    assert "status=0 heavy=[]" in help_.stdout and "flaxlm train" in help_.stdout
+    version = _main_in_fresh_process("--version")
+    assert "status=0 heavy=[]" in version.stdout and f"flaxlm {__version__}" in version.stdout
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["train"], ["bench"], ["compile", "--topology", "v5p:2x2x2"],
+     ["tokenizer", "train", "--vocab-size", "300", "--output", "unused"]],
+)  # fmt: skip
+def test_a_config_typo_exits_2_without_jax_or_tensorflow(command):
+    tiny = str(CONFIGS / "tiny.yaml")
+    proc = _main_in_fresh_process(*command, "--config", tiny, "model.n_layer=2")
+    assert "status=2 heavy=[]" in proc.stdout
+    assert "config key 'model.n_layer'" in proc.stderr
+    assert "Did you mean one of: 'n_layers'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_command_line_reports_a_config_typo_with_status_2():
+    typo = flaxlm("train", "--config", str(CONFIGS / "tiny.yaml"), "model.n_layer=2", check=False)
+    assert typo.returncode == 2
+    assert typo.stderr.startswith("flaxlm train: error: config key 'model.n_layer'")
+
+
+def _flags(parser: argparse.ArgumentParser):
+    for action in parser._actions:
+        yield from (flag for flag in action.option_strings if flag.startswith("--"))
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _flags(sub)
+
+
+def test_the_usage_text_lists_every_command_and_flag():
+    parser = cli.parser()
+    usage = parser.format_help()
+    flags = set(_flags(parser))
+    assert {"--config", "--checkpoint", "--step", "--version", "--top-p"} <= flags
+    assert [flag for flag in sorted(flags) if flag not in usage] == []
+    for command in cli.COMMANDS:
+        assert f"flaxlm {' '.join(command.names)}" in usage
+
+
+def test_every_error_the_command_line_maps_to_a_status_exists():
+    # Error classes are found by module and name (see flaxlm.cli): a move must update the table.
+    for module, name, status, _ in cli._OUTCOMES:
+        error = getattr(importlib.import_module(module), name)
+        assert issubclass(error, Exception) and status in (1, 2, 143)

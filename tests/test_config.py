@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from conftest import CONFIGS
 
 from flaxlm import config
-from flaxlm.config import ConfigError, Mlp, Norm, Position
+from flaxlm.config import ConfigError, Corpus, DType, Mlp, Norm, Packing, Position, TokenizerKind
 from flaxlm.mesh import resolve_shape
 
 
@@ -102,3 +104,64 @@ def test_every_shipped_config_loads():
     assert {"base.yaml", "tiny.yaml", "quickstart.yaml"} <= {f.name for f in files}
     for path in files:
         config.load(path)
+
+
+def test_choices_are_enums_spelled_as_in_yaml():
+    import jax.numpy as jnp
+
+    cfg = config.load(CONFIGS / "tiny.yaml", ["data.packing=concat", "model.dtype=bfloat16"])
+    assert cfg.data.corpus is Corpus.python_docs and cfg.data.tokenizer is TokenizerKind.byte
+    assert cfg.data.packing is Packing.concat and cfg.model.dtype is DType.bfloat16
+    # str enums: existing comparisons, f-strings and dtype look-ups see the YAML spelling.
+    assert cfg.data.corpus == "python-docs" and f"{cfg.data.corpus}" == "python-docs"
+    assert jnp.dtype(cfg.model.dtype) == jnp.bfloat16
+    saved = config.to_dict(cfg)
+    assert saved["data"]["corpus"] == "python-docs" and saved["model"]["dtype"] == "bfloat16"
+    assert "corpus: python-docs" in config.to_yaml(cfg)
+    assert config.from_dict(saved) == cfg
+
+
+@pytest.mark.parametrize(
+    "override, choices",
+    [
+        ("data.corpus=pyhton-docs", "python-docs, files, tfds, mixture"),
+        ("data.tokenizer=sp", "byte, sentencepiece, hf"),
+        ("data.packing=pack", "documents, concat"),
+        ("model.dtype=float8", "float32, bfloat16, float16"),
+        ("model.param_dtype=fp32", "float32, bfloat16, float16"),
+    ],
+)
+def test_a_bad_choice_names_the_key_the_value_and_the_choices(override, choices):
+    key, value = override.split("=")
+    with pytest.raises(ConfigError) as error:
+        config.load(CONFIGS / "tiny.yaml", [override])
+    message = str(error.value)
+    assert key in message and f"'{value}'" in message and choices in message
+
+
+def test_a_bad_choice_made_in_code_is_named():
+    cfg = config.load(CONFIGS / "tiny.yaml")
+    with pytest.raises(ConfigError, match=r"model\.dtype='float8' is not one of float32, bf"):
+        config.replace(cfg, model={"dtype": "float8"})
+    nested = ["data.corpus=mixture", "data.mixture=[{corpus: mixture}]"]
+    with pytest.raises(ConfigError, match=r"data\.mixture\[0\]\.corpus='mixture' is not"):
+        config.load(CONFIGS / "tiny.yaml", nested)
+
+
+def test_the_config_package_imports_nothing_else_from_flaxlm():
+    import ast
+
+    package = Path(config.__file__).parent
+    for path in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):  # function-level imports too
+            if isinstance(node, ast.ImportFrom):
+                assert node.level == 0, f"{path.name}: relative import"
+                # `from flaxlm import data` imports flaxlm.data.
+                names = [f"{node.module}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                outside = name.startswith("flaxlm.") and not name.startswith("flaxlm.config.")
+                assert not outside, f"{path.name} imports {name}"

@@ -13,12 +13,14 @@ loaded config is validated before it is returned.
 from __future__ import annotations
 
 import dataclasses
+import enum
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from flaxlm.config.schema import Config, ConfigError, DistributedConfig
 from flaxlm.config.validation import validate
@@ -56,11 +58,24 @@ def _merge(nodes: Sequence[Any], overrides: Sequence[str], source: str) -> Confi
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
-        first_line = str(e).splitlines()[0]
+        first_line = _enum_choices(e) or str(e).splitlines()[0]
         where = f"config key {key!r}" if key else "config"
         raise ConfigError(f"{where} (from {source}): {first_line}") from None
     assert isinstance(cfg, Config)
     return cfg
+
+
+def _enum_choices(e: OmegaConfBaseException) -> str | None:
+    """The message for a bad enum value, listing the values users write (`python-docs`);
+    OmegaConf's own lists the member names (`python_docs`). None for any other error."""
+    cls, key = getattr(e, "object_type", None), getattr(e, "key", None)
+    if not (isinstance(e, ValidationError) and dataclasses.is_dataclass(cls) and key):
+        return None
+    kind = typing.get_type_hints(cls).get(str(key))
+    if not (isinstance(kind, type) and issubclass(kind, enum.Enum)):
+        return None
+    choices = ", ".join(str(member.value) for member in kind)
+    return f"Invalid value '{e.value}', expected one of [{choices}]"
 
 
 def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
@@ -80,8 +95,16 @@ def from_dict(tree: dict[str, Any], overrides: Sequence[str] = ()) -> Config:
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
-    """The config as plain YAML/JSON-able values (enums as their names)."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)  # type: ignore[return-value]
+    """The config as plain YAML/JSON-able values (enums as their values, as YAML spells them)."""
+    return _plain(OmegaConf.to_container(OmegaConf.structured(cfg)))
+
+
+def _plain(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _plain(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_plain(v) for v in tree]
+    return tree.value if isinstance(tree, enum.Enum) else tree
 
 
 def portable(cfg: Config) -> Config:

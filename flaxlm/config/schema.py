@@ -70,6 +70,38 @@ class NanPolicy(enum.StrEnum):
     skip = "skip"  # drop that update (params and optimizer state unchanged) and count it
 
 
+class DType(enum.StrEnum):
+    """A floating-point dtype, by its NumPy/JAX name (`jnp.dtype(DType.bfloat16)` works)."""
+
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Corpus(enum.StrEnum):
+    python_docs = "python-docs"  # text shipped with the Python interpreter (offline default)
+    files = "files"  # train_files / eval_files globs
+    tfds = "tfds"  # a prepared TFDS dataset
+    mixture = "mixture"  # DataConfig only: the sources of data.mixture, sampled by weight
+
+
+class TokenizerKind(enum.StrEnum):
+    byte = "byte"  # ids 0..255 are the bytes; BOS, EOS and PAD follow (BYTE_VOCAB_SIZE ids)
+    sentencepiece = "sentencepiece"  # a .model file at data.tokenizer_path
+    hf = "hf"  # a Hugging Face tokenizer.json (or its directory) at data.tokenizer_path
+
+
+class Packing(enum.StrEnum):
+    documents = "documents"  # whole documents end to end, attention kept within each
+    concat = "concat"  # plain concatenate and chunk: one segment per row
+
+
+# Ids of the byte tokenizer (flaxlm.data.tokenizer.ByteTokenizer): the 256 byte values, then
+# BOS, EOS and PAD. It lives here so that validation can check model.vocab_size against it
+# without the config package importing the data package.
+BYTE_VOCAB_SIZE = 259
+
+
 class DistributedInit(enum.StrEnum):
     auto = "auto"  # join when the environment or coordinator_address describes a multi-process job
     always = "always"  # always call jax.distributed.initialize (it reads the environment)
@@ -110,8 +142,8 @@ class ModelConfig:
     # recompute it in every consumer; values are unchanged (flaxlm.model.residual_grad_barrier).
     residual_grad_barrier: bool = True
     # Compute dtype of activations and matmuls; parameters stay in param_dtype.
-    dtype: str = "float32"
-    param_dtype: str = "float32"
+    dtype: DType = DType.float32
+    param_dtype: DType = DType.float32
     init_std: float = 0.02
 
     @property
@@ -209,7 +241,7 @@ class SourceFields:
     sources of `mixture` by weight.
     """
 
-    corpus: str = "python-docs"
+    corpus: Corpus = Corpus.python_docs
     train_files: str | None = None
     eval_files: str | None = None
     tfds_name: str | None = None
@@ -234,7 +266,7 @@ class DataConfig(SourceFields):
     cache_dir: str = "~/.cache/flaxlm"
     # "byte" (ids 0..255 + BOS/EOS/PAD), "sentencepiece" (a .model file at tokenizer_path; train
     # one with `flaxlm tokenizer train`) or "hf" (a tokenizer.json or its directory).
-    tokenizer: str = "byte"
+    tokenizer: TokenizerKind = TokenizerKind.byte
     tokenizer_path: str | None = None
     seq_len: int = 256
     global_batch_size: int = 8
@@ -246,7 +278,7 @@ class DataConfig(SourceFields):
     # "documents": rows pack whole documents end to end with segment ids and positions that
     # restart per document (no attention across documents); "concat": plain concatenate and
     # chunk (one segment per row, positions 0..seq_len-1).
-    packing: str = "documents"
+    packing: Packing = Packing.documents
     # Data shards V: independent, seeded, checkpointable streams whose row-blocks make up the
     # global batch in shard order. 0: the process count of the run that first starts (the value
     # used is saved with every checkpoint). Must be a multiple of the process count.

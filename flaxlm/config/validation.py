@@ -7,16 +7,29 @@
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import functools
+import typing
 from typing import Any
 
 from flaxlm.config.schema import (
+    BYTE_VOCAB_SIZE,
     MESH_AXES,
     AttentionKernel,
+    CheckpointConfig,
     Config,
     ConfigError,
+    Corpus,
     DataConfig,
+    DistributedConfig,
+    DType,
     ModelConfig,
+    OptimizerConfig,
     Position,
+    SourceFields,
+    TokenizerKind,
+    TrainConfig,
 )
 
 
@@ -26,8 +39,46 @@ def _require(ok: bool, message: str) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Checks rules that types cannot express. Needs no devices."""
-    m, d, o, t = cfg.model, cfg.data, cfg.optimizer, cfg.train
+    """Checks rules that types cannot express, section by section. Needs no devices."""
+    _validate_choices(cfg)
+    _validate_model(cfg.model, cfg.data)
+    _validate_data(cfg.data, cfg.model)
+    _validate_optimizer(cfg.optimizer, cfg.data)
+    _validate_train(cfg.train)
+    _validate_checkpoint(cfg.checkpoint)
+    _validate_mesh(cfg)
+    _validate_distributed(cfg.distributed)
+
+
+@functools.cache
+def _enum_fields(section_type: type) -> dict[str, list[str]]:
+    """The enum fields of a config section and the values each accepts."""
+    hints = typing.get_type_hints(section_type)
+    return {
+        name: [str(member.value) for member in kind]
+        for name, kind in hints.items()
+        if isinstance(kind, type) and issubclass(kind, enum.Enum)
+    }
+
+
+def _validate_choices(cfg: Config) -> None:
+    """Enum fields hold one of their choices. Loading already ensures it (OmegaConf checks
+    types); this covers configs built or replaced in code."""
+
+    def check(section: Any, where: str) -> None:
+        for name, choices in _enum_fields(type(section)).items():
+            value = getattr(section, name)
+            _require(
+                value in choices, f"{where}.{name}={value!r} is not one of {', '.join(choices)}"
+            )
+
+    for field in dataclasses.fields(cfg):
+        check(getattr(cfg, field.name), field.name)
+    for i, component in enumerate(cfg.data.mixture):
+        check(component, f"data.mixture[{i}]")
+
+
+def _validate_model(m: ModelConfig, d: DataConfig) -> None:
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
         value = getattr(m, key)
         _require(value > 0, f"model.{key}={value} must be positive")
@@ -56,33 +107,19 @@ def validate(cfg: Config) -> None:
         )
     if m.attention == AttentionKernel.cudnn:
         _require(
-            m.dtype in ("bfloat16", "float16"),
+            m.dtype in (DType.bfloat16, DType.float16),
             f"model.attention=cudnn needs model.dtype bfloat16 or float16 (cuDNN flash attention "
             f"has no float32 kernel), got {m.dtype}",
         )
     if m.attention == AttentionKernel.splash:
         _require(
-            cfg.data.seq_len % 128 == 0,
+            d.seq_len % 128 == 0,
             f"model.attention=splash needs data.seq_len divisible by 128 (its block size), "
-            f"got {cfg.data.seq_len}",
-        )
-    for key in ("dtype", "param_dtype"):
-        value = getattr(m, key)
-        _require(
-            value in ("float32", "bfloat16", "float16"),
-            f"model.{key}={value!r} is not one of float32, bfloat16, float16",
+            f"got {d.seq_len}",
         )
 
-    _require(
-        d.seq_len <= m.max_seq_len,
-        f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}",
-    )
-    _require(d.seq_len >= 2, f"data.seq_len={d.seq_len} must be at least 2 (inputs and targets)")
-    _require(
-        d.global_batch_size > 0, f"data.global_batch_size={d.global_batch_size} must be positive"
-    )
-    _validate_data(d, m)
 
+def _validate_optimizer(o: OptimizerConfig, d: DataConfig) -> None:
     _require(
         0 < o.decay_fraction <= 1, f"optimizer.decay_fraction={o.decay_fraction} must be in (0, 1]"
     )
@@ -99,21 +136,11 @@ def validate(cfg: Config) -> None:
     _require(o.warmup_steps >= 0, f"optimizer.warmup_steps={o.warmup_steps} must be >= 0")
     _require(0 <= o.min_lr_ratio <= 1, f"optimizer.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
 
+
+def _validate_train(t: TrainConfig) -> None:
     _require(t.steps > 0, f"train.steps={t.steps} must be positive")
     _require(t.log_every > 0, f"train.log_every={t.log_every} must be positive")
     _require(t.eval_every >= 0, f"train.eval_every={t.eval_every} must be >= 0")
-    _require(
-        cfg.checkpoint.every_steps > 0,
-        f"checkpoint.every_steps={cfg.checkpoint.every_steps} must be positive",
-    )
-    _require(
-        cfg.checkpoint.max_to_keep > 0,
-        f"checkpoint.max_to_keep={cfg.checkpoint.max_to_keep} must be positive",
-    )
-    _require(
-        cfg.checkpoint.keep_every >= 0,
-        f"checkpoint.keep_every={cfg.checkpoint.keep_every} must be >= 0",
-    )
     _require(t.spike_factor >= 0, f"train.spike_factor={t.spike_factor} must be >= 0")
     _require(
         not t.profile_steps
@@ -121,7 +148,11 @@ def validate(cfg: Config) -> None:
         f"train.profile_steps={t.profile_steps} must be [] or [first, last) with first < last",
     )
 
-    _validate_mesh(cfg)
+
+def _validate_checkpoint(c: CheckpointConfig) -> None:
+    _require(c.every_steps > 0, f"checkpoint.every_steps={c.every_steps} must be positive")
+    _require(c.max_to_keep > 0, f"checkpoint.max_to_keep={c.max_to_keep} must be positive")
+    _require(c.keep_every >= 0, f"checkpoint.keep_every={c.keep_every} must be >= 0")
 
 
 def _validate_mesh(cfg: Config) -> None:
@@ -143,7 +174,9 @@ def _validate_mesh(cfg: Config) -> None:
             )
     # Divisibility of explicit sizes; -1 axes are checked once the device count is known.
     check_divisibility(cfg, mesh.total_shape())
-    d = cfg.distributed
+
+
+def _validate_distributed(d: DistributedConfig) -> None:
     explicit = (d.coordinator_address, d.num_processes, d.process_id)
     _require(
         d.num_processes is None or d.num_processes > 0,
@@ -192,24 +225,31 @@ def check_divisibility(cfg: Config, sizes: dict[str, int]) -> None:
             )
 
 
-def _validate_source(src: Any, where: str) -> None:
+def _validate_source(src: SourceFields, where: str) -> None:
     _require(
-        src.corpus in ("python-docs", "files", "tfds"),
-        f"{where}.corpus={src.corpus!r} is not python-docs, files, tfds"
-        + (" or mixture" if where == "data" else ""),
+        src.corpus != Corpus.mixture,
+        f"{where}.corpus='{src.corpus}' is not python-docs, files, tfds",
     )
-    if src.corpus == "files":
+    if src.corpus == Corpus.files:
         _require(
             bool(src.train_files),
             f"{where}.corpus=files needs {where}.train_files (a glob of .txt/.jsonl/.tfrecord)",
         )
-    if src.corpus == "tfds":
+    if src.corpus == Corpus.tfds:
         _require(bool(src.tfds_name), f"{where}.corpus=tfds needs {where}.tfds_name (e.g. lm1b)")
 
 
 def _validate_data(d: DataConfig, m: ModelConfig) -> None:
     """Data checks that need no files (files and tokenizers are checked by the pipeline)."""
-    if d.corpus == "mixture":
+    _require(
+        d.seq_len <= m.max_seq_len,
+        f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}",
+    )
+    _require(d.seq_len >= 2, f"data.seq_len={d.seq_len} must be at least 2 (inputs and targets)")
+    _require(
+        d.global_batch_size > 0, f"data.global_batch_size={d.global_batch_size} must be positive"
+    )
+    if d.corpus == Corpus.mixture:
         _require(bool(d.mixture), "data.corpus=mixture needs a non-empty data.mixture list")
         for i, component in enumerate(d.mixture):
             where = f"data.mixture[{i}]"
@@ -217,20 +257,12 @@ def _validate_data(d: DataConfig, m: ModelConfig) -> None:
             _require(component.weight > 0, f"{where}.weight={component.weight} must be > 0")
     else:
         _validate_source(d, "data")
-    _require(
-        d.tokenizer in ("byte", "sentencepiece", "hf"),
-        f"data.tokenizer={d.tokenizer!r} is not one of byte, sentencepiece, hf",
-    )
-    if d.tokenizer != "byte":
+    if d.tokenizer != TokenizerKind.byte:
         _require(
             bool(d.tokenizer_path),
             f"data.tokenizer={d.tokenizer} needs data.tokenizer_path (the model file or "
             "tokenizer.json)",
         )
-    _require(
-        d.packing in ("documents", "concat"),
-        f"data.packing={d.packing!r} is not documents or concat",
-    )
     _require(d.num_shards >= 0, f"data.num_shards={d.num_shards} must be >= 0 (0: automatic)")
     if d.num_shards:
         _require(
@@ -238,11 +270,9 @@ def _validate_data(d: DataConfig, m: ModelConfig) -> None:
             f"data.num_shards={d.num_shards} does not divide data.global_batch_size="
             f"{d.global_batch_size}; every data shard gives an equal block of rows",
         )
-    if d.tokenizer == "byte":
-        from flaxlm.data.tokenizer import ByteTokenizer
-
+    if d.tokenizer == TokenizerKind.byte:
         _require(
-            m.vocab_size >= ByteTokenizer.vocab_size,
+            m.vocab_size >= BYTE_VOCAB_SIZE,
             f"model.vocab_size={m.vocab_size} is smaller than the byte tokenizer's "
-            f"{ByteTokenizer.vocab_size} ids",
+            f"{BYTE_VOCAB_SIZE} ids",
         )

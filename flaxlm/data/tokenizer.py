@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from flaxlm.config import BYTE_VOCAB_SIZE
+
 
 class ByteTokenizer:
     """Bytes 0..255 are their own ids; BOS, EOS and PAD follow."""
@@ -27,7 +29,7 @@ class ByteTokenizer:
     bos_id = 256
     eos_id = 257
     pad_id = 258
-    vocab_size = 259
+    vocab_size = BYTE_VOCAB_SIZE
 
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         ids = list(text.encode("utf-8"))

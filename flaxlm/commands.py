@@ -1,0 +1,337 @@
+"""The subcommands of `flaxlm` (the table `COMMANDS`), each handler beside its arguments.
+
+`@command("eval", help, *arguments)` registers a handler; `flaxlm.cli` builds the parser from
+the table and maps errors to exit statuses. A handler loads its config (`_config`) before it
+imports JAX, TensorFlow or any module that does, so that a bad config fails at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flaxlm.config import Config
+
+Argument = Callable[[argparse.ArgumentParser], object]
+Handler = Callable[[argparse.Namespace], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    names: tuple[str, ...]  # ("train",), or a tool and its action: ("tokenizer", "train")
+    help: str
+    arguments: tuple[Argument, ...]  # added to the command's parser in order
+    run: Handler
+
+
+COMMANDS: list[Command] = []
+
+
+def command(names: str, help: str, *arguments: Argument) -> Callable[[Handler], Handler]:
+    """Registers the decorated handler as `flaxlm NAMES` with these arguments."""
+
+    def register(run: Handler) -> Handler:
+        COMMANDS.append(Command(tuple(names.split()), help, arguments, run))
+        return run
+
+    return register
+
+
+def arg(*flags: str, **kwargs) -> Argument:
+    return lambda parser: parser.add_argument(*flags, **kwargs)
+
+
+def together(*arguments: Argument) -> Argument:
+    def add_all(parser: argparse.ArgumentParser) -> None:
+        for add in arguments:
+            add(parser)
+
+    return add_all
+
+
+def overrides(help: str = "key.sub=value overrides") -> Argument:
+    return arg("overrides", nargs="*", help=help)
+
+
+def config_file(help: str = "YAML config file", then: str = "key.sub=value overrides") -> Argument:
+    """`--config FILE` and the `key.sub=value` overrides after it, as `_config` reads them."""
+    return together(arg("--config", required=True, help=help), overrides(then))
+
+
+checkpoint = together(
+    arg("--checkpoint", required=True, help="run directory"),
+    arg("--step", type=int, default=None, help="checkpoint step (default: latest)"),
+)
+timing = together(
+    arg("--steps", type=int, default=10, help="timed steps (default 10)"),
+    arg("--warmup", type=int, default=2, help="untimed steps after compiling"),
+)
+
+
+def _config(args: argparse.Namespace, join: bool = False) -> Config:
+    """The validated config of `--config` and the overrides, loaded before any heavy import;
+    with `join`, then joins the other processes of a multi-host job (before device work)."""
+    from flaxlm import config
+
+    cfg = config.load(args.config, args.overrides)
+    if join:
+        from flaxlm import distributed
+
+        distributed.initialize(cfg.distributed)
+    return cfg
+
+
+def _is_first_process() -> bool:
+    import jax
+
+    return jax.process_index() == 0
+
+
+@command("train", "train a model (resumes if run_dir has checkpoints)", config_file())
+def cmd_train(args: argparse.Namespace) -> None:
+    cfg = _config(args, join=True)
+    from flaxlm.loop import run
+
+    s = run(cfg)
+    lines = [f"trained steps {s.start_step}..{s.end_step} in {s.wall_seconds:.0f} s"]
+    if s.tokens_per_second:
+        lines.append(f"throughput: {s.tokens_per_second:,.0f} tokens/s (median step)")
+    if s.skipped_steps or s.loss_spikes:
+        lines.append(f"skipped steps: {s.skipped_steps}; loss spikes: {s.loss_spikes}")
+    if s.first_eval is not None:
+        lines.append(f"bits per byte: {s.first_eval['bits_per_byte']:.3f} at the start")
+    lines.append(f"bits per byte: {s.final_eval['bits_per_byte']:.3f} at the end")
+    if s.sample is not None:
+        lines.append("sample:\n" + s.sample)
+    print("\n".join(lines), flush=True)
+
+
+@command(
+    "eval",
+    "evaluate a checkpoint: loss, perplexity, bits per byte",
+    checkpoint,
+    arg(
+        "--all-steps",
+        action="store_true",
+        help="evaluate every checkpoint; also write RUN_DIR/eval/table.csv and eval_loss.png",
+    ),
+    overrides("key.sub=value overrides (data.*, mesh.*)"),
+)
+def cmd_eval(args: argparse.Namespace) -> None:
+    from flaxlm.evaluate import evaluate_all_steps, evaluate_run
+
+    if args.all_steps:
+        for result in evaluate_all_steps(args.checkpoint, args.overrides):
+            print(json.dumps(result), flush=True)
+    else:
+        print(json.dumps(evaluate_run(args.checkpoint, args.step, args.overrides)), flush=True)
+
+
+@command(
+    "generate",
+    "continue a prompt with a trained model",
+    checkpoint,
+    arg("--prompt", required=True, action="append", help="repeat for a batch"),
+    arg("--max-new-tokens", type=int, default=100),
+    arg("--temperature", type=float, default=0.0, help="0 is greedy"),
+    arg("--top-k", type=int, default=0, help="sample among the k likeliest (0: all)"),
+    arg("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)"),
+    arg("--stop", action="append", default=[], help="stop after this string"),
+    arg("--seed", type=int, default=0),
+)
+def cmd_generate(args: argparse.Namespace) -> None:
+    from flaxlm.config import ConfigError
+
+    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+        raise ConfigError("--temperature and --top-k must be >= 0 and --top-p in (0, 1]")
+    from flaxlm.data.tokenizer import load_tokenizer
+    from flaxlm.evaluate import load_run
+    from flaxlm.generate import SamplingConfig
+    from flaxlm.loop import generate_text
+
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
+    _, trainer, params, _ = load_run(args.checkpoint, args.step, [])
+    tokenizer = load_tokenizer(args.checkpoint)
+    texts = generate_text(
+        trainer, params, args.prompt, args.max_new_tokens, sampling, tuple(args.stop), tokenizer
+    )
+    print("\n\n".join(texts), flush=True)
+
+
+@command(
+    "compile",
+    "compile the train step for a TPU topology ahead of time: memory, FLOPs",
+    config_file(),
+    arg("--topology", required=True, help="TPU slice, e.g. v5p:4x4x4 or v5e:16x16"),
+    arg("--slices", type=int, default=1, help="slices joined over DCN (multislice)"),
+)
+def cmd_compile(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    from flaxlm import aot
+
+    print(f"compiling for {args.slices} x {args.topology} ...", file=sys.stderr, flush=True)
+    print(json.dumps(aot.compile_report(cfg, args.topology, args.slices)), flush=True)
+
+
+@command(
+    "export",
+    "write a checkpoint's parameters alone, for evaluation",
+    checkpoint,
+    arg("dst", help="a new directory"),
+)
+def cmd_export(args: argparse.Namespace) -> None:
+    from flaxlm.evaluate import export_params
+
+    step = export_params(args.checkpoint, args.dst, args.step)
+    print(f"wrote {args.dst}: parameters of step {step}")
+
+
+@command(
+    "convert",
+    "import or export Hugging Face GPT-2 / Llama models",
+    arg("direction", choices=["from-hf", "to-hf"]),
+    arg("src", help="from-hf: a Hugging Face model directory; to-hf: a run directory"),
+    arg("dst", help="from-hf: a new run directory; to-hf: a new model directory"),
+    arg("--step", type=int, default=None, help="to-hf: checkpoint step"),
+    overrides("from-hf: key.sub=value for the run config"),
+)
+def cmd_convert(args: argparse.Namespace) -> None:
+    from flaxlm import convert
+
+    if args.direction == "from-hf":
+        cfg = convert.from_hf(args.src, args.dst, args.overrides)
+        print(f"wrote {args.dst}: {convert.family(cfg.model)} model, checkpoint at step 0")
+    else:
+        convert.to_hf(args.src, args.dst, args.step)
+        print(f"wrote {args.dst}: config.json and model.safetensors")
+
+
+@command(
+    "tokenizer train",
+    "train a SentencePiece model on a config's data",
+    config_file("YAML config file (its data.* is read)"),
+    arg("--vocab-size", type=int, required=True),
+    arg("--output", required=True, help="directory for sentencepiece.model"),
+    arg("--model-type", default="bpe", choices=["bpe", "unigram"]),
+    arg("--max-bytes", type=int, default=200_000_000, help="text to read at most"),
+)
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    from flaxlm.data.train_tokenizer import train_sentencepiece
+
+    path = train_sentencepiece(
+        cfg.data, args.vocab_size, args.output, args.model_type, args.max_bytes
+    )
+    print(f"wrote {path}; train with data.tokenizer=sentencepiece data.tokenizer_path={path}")
+
+
+@command(
+    "data build-tfds",
+    "prepare local text as a versioned TFDS dataset",
+    arg("--train-files", required=True, help="glob of .txt/.jsonl/.tfrecord"),
+    arg("--eval-files", default=None, help="glob for the validation split"),
+    arg("--data-dir", required=True, help="TFDS data directory"),
+    arg("--text-field", default="text"),
+)
+def cmd_data_build_tfds(args: argparse.Namespace) -> None:
+    from flaxlm.data.tfds_builder import build
+
+    path = build(args.train_files, args.data_dir, args.eval_files, args.text_field)
+    print(
+        f"wrote {path}; train with data.corpus=tfds data.tfds_name=flaxlm_text "
+        f"data.tfds_data_dir={args.data_dir}"
+    )
+
+
+@command("bench", "time the train step: tokens/s, MFU, memory (JSON)", config_file(), timing)
+def cmd_bench(args: argparse.Namespace) -> None:
+    cfg = _config(args, join=True)
+    from flaxlm.bench import bench
+
+    record = bench(cfg, args.steps, args.warmup)
+    if _is_first_process():  # every process of a multi-host job times the same steps
+        print(json.dumps(record), flush=True)
+
+
+@command(
+    "sweep",
+    "bench over mesh shapes or model sizes: CSV, JSON, PNG",
+    arg("kind", choices=["mesh", "models"]),
+    config_file(),
+    arg("--meshes", nargs="+", default=[], help="mesh: DATAxFSDPxTENSOR shapes"),
+    arg("--models", nargs="+", default=[], help="models: model preset YAML files"),
+    arg(
+        "--per-device-batch",
+        type=int,
+        default=None,
+        help="mesh: global batch = this x data x fsdp (weak scaling; default: the config's batch)",
+    ),
+    arg("--out", default="runs/sweep", help="directory for KIND.csv/.json/.png"),
+    timing,
+)
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from flaxlm.config import ConfigError
+
+    cfg = _config(args)
+    if args.kind == "mesh" and not args.meshes:
+        raise ConfigError("flaxlm sweep mesh needs --meshes, for example 1x1x1 8x1x1 2x2x2")
+    if args.kind == "models" and not args.models:
+        raise ConfigError("flaxlm sweep models needs --models, a list of model preset files")
+    from flaxlm import distributed, sweep
+
+    distributed.initialize(cfg.distributed)
+    if args.kind == "mesh":
+        points = sweep.mesh_sweep(cfg, args.meshes, args.steps, args.warmup, args.per_device_batch)
+    else:
+        points = sweep.model_sweep(
+            args.config, args.models, args.overrides, args.steps, args.warmup
+        )
+    _stream(points, lambda records: sweep.write_sweep(records, Path(args.out), args.kind))
+
+
+@command(
+    "scaling",
+    "train a ladder of models, fit loss against compute",
+    config_file("ladder YAML (configs/scaling/)", then="key.sub=value overrides for every run"),
+    arg("--out", default="runs/scaling", help="directory for the results"),
+    arg(
+        "--separate-runs",
+        action="store_true",
+        help="one run per (model, budget), each with its own schedule (overrides shared_runs)",
+    ),
+)
+def cmd_scaling(args: argparse.Namespace) -> None:
+    from flaxlm import scaling
+
+    ladder, experiment = scaling.load_ladder(args.config)
+    if args.separate_runs:
+        ladder = dataclasses.replace(ladder, shared_runs=False)
+    runs, skipped = scaling.plan(ladder, experiment, args.overrides)
+    for note in skipped:
+        print(f"skipped {note}", file=sys.stderr)
+
+    def write(records: list[dict]) -> list:
+        fit, paths = scaling.write_results(records, Path(args.out))
+        print(json.dumps({"fit": fit}), flush=True)
+        return paths
+
+    _stream(scaling.run_ladder(runs), write)
+
+
+def _stream(points: Iterable[dict], write: Callable[[list[dict]], list]) -> None:
+    """Prints one JSON line per record as it finishes, then writes them all (first process)."""
+    first = _is_first_process()
+    records = []
+    for record in points:
+        if first:
+            print(json.dumps(record), flush=True)
+        records.append(record)
+    if first:
+        paths = write(records)
+        print(f"wrote {', '.join(map(str, paths))}", file=sys.stderr)
