@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from flaxlm import config
-from flaxlm.data import pipeline
+from flaxlm.data import packing, pipeline
 from flaxlm.data.train_tokenizer import train_sentencepiece
 from flaxlm.mesh import make_mesh
 from flaxlm.train import Trainer
@@ -52,7 +52,7 @@ def pipeline_tokens_per_second(data_cfg, batches: int) -> tuple[float, float]:
     padding = []
     for _ in range(batches):
         batch = next(it)
-        padding.append(pipeline.padding_fraction(batch))
+        padding.append(packing.padding_fraction(batch))
     elapsed = time.perf_counter() - start
     tokens = batches * data_cfg.global_batch_size * data_cfg.seq_len
     return tokens / elapsed, float(np.mean(padding))

@@ -44,9 +44,7 @@ def test_splash_train_step_under_a_mesh_matches_xla(tiny_cfg):
         trainer = Trainer(cfg, make_mesh(cfg))
         state = trainer.init_state(0)
         for step in range(2):
-            state, metrics = trainer.step(
-                state, trainer.global_batch(_fixed_batch(cfg, step))
-            )
+            state, metrics = trainer.step(state, trainer.global_batch(_fixed_batch(cfg, step)))
         results.append([float(metrics["loss"]), float(metrics["grad_norm"])])
     np.testing.assert_allclose(results[1], results[0], rtol=1e-5)
 
@@ -120,9 +118,7 @@ def test_bfloat16_compute_tracks_float32(tiny_cfg):
         state = trainer.init_state(0)
         curve = []
         for step in range(20):
-            state, metrics = trainer.step(
-                state, trainer.global_batch(_fixed_batch(cfg, step % 4))
-            )
+            state, metrics = trainer.step(state, trainer.global_batch(_fixed_batch(cfg, step % 4)))
             curve.append(float(metrics["loss"]))
         losses[dtype] = np.array(curve)
         # Master weights stay float32 whatever the compute dtype.

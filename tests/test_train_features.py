@@ -49,9 +49,7 @@ def test_gradient_accumulation_equals_the_large_batch_step(tiny_cfg):
         trainer = Trainer(cfg, make_mesh(cfg))
         state = trainer.init_state(0)
         for step in range(2):
-            state, metrics = trainer.step(
-                state, trainer.global_batch(_fixed_batch(cfg, step))
-            )
+            state, metrics = trainer.step(state, trainer.global_batch(_fixed_batch(cfg, step)))
         results.append((jax.device_get(metrics), jax.device_get(state.params)))
     (m1, p1), (m2, p2) = results
     for key in ("loss", "grad_norm", "z_loss", "tokens"):
@@ -108,7 +106,5 @@ def test_stop_policy_reports_nonfinite_without_skipping(tiny_cfg):
         **params["final_norm"],
         "scale": params["final_norm"]["scale"] * jnp.inf,
     }
-    _, metrics = trainer.step(
-        state.replace(params=params), trainer.global_batch(_fixed_batch(cfg))
-    )
+    _, metrics = trainer.step(state.replace(params=params), trainer.global_batch(_fixed_batch(cfg)))
     assert not bool(metrics["finite"]) and int(metrics["skipped_steps"]) == 1
