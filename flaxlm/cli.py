@@ -233,7 +233,7 @@ def _scaling(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from flaxlm.evaluate import export_params
+    from flaxlm.run_dir import export_params
 
     step = export_params(args.checkpoint, args.dst, args.step)
     print(f"wrote {args.dst}: parameters of step {step}")
@@ -291,10 +291,9 @@ def _eval(args: argparse.Namespace) -> None:
 
 def _generate(args: argparse.Namespace) -> None:
     from flaxlm.config import ConfigError
-    from flaxlm.data.tokenizer import load_tokenizer
-    from flaxlm.evaluate import load_run
     from flaxlm.generate import SamplingConfig
     from flaxlm.loop import generate_text
+    from flaxlm.run_dir import load_run, load_tokenizer
 
     if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
         raise ConfigError("--temperature and --top-k must be >= 0 and --top-p in (0, 1]")
@@ -311,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from flaxlm.checkpoint import CheckpointSaveError
     from flaxlm.config import ConfigError
-    from flaxlm.loop import NonFiniteLossError
     from flaxlm.preemption import Preempted
+    from flaxlm.run_state import NonFiniteLossError
 
     try:
         commands = {
