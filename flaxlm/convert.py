@@ -339,9 +339,8 @@ def from_hf(
     src: str | Path, dst: str | Path, overrides: list[str] | tuple[str, ...] = ()
 ) -> Config:
     """Converts a Hugging Face model directory into a flaxlm run directory."""
-    from flaxlm.checkpoint import Checkpointer
     from flaxlm.mesh import make_mesh
-    from flaxlm.run_dir import TOKENIZER_DIR, copy_tokenizer_files, write_config
+    from flaxlm.run_dir import TOKENIZER_DIR, copy_tokenizer_files, write_checkpoint, write_config
     from flaxlm.train import Trainer, TrainState
 
     src, dst = Path(src), Path(dst)
@@ -377,10 +376,7 @@ def from_hf(
 
     dst.mkdir(parents=True, exist_ok=True)
     write_config(dst, cfg)
-    checkpointer = Checkpointer(dst, cfg.checkpoint)
-    checkpointer.save(0, state, None, cfg)
-    checkpointer.wait()
-    checkpointer.close()
+    write_checkpoint(dst, 0, state, cfg)
     copy_tokenizer_files(src, dst / TOKENIZER_DIR)
     return cfg
 

@@ -252,8 +252,14 @@ def export_params(run_dir: str | Path, dst: str | Path, step: int | None = None)
     dst.mkdir(parents=True, exist_ok=True)
     (dst / "config.yaml").write_text((Path(run_dir) / "config.yaml").read_text())
     (dst / PARAMS_ONLY).write_text(f"parameters of {Path(run_dir).absolute()} at step {step}\n")
-    checkpointer = Checkpointer(dst, cfg.checkpoint)
-    checkpointer.save(step, {"params": params}, None, cfg)
+    write_checkpoint(dst, step, {"params": params}, cfg)
+    return step
+
+
+def write_checkpoint(run_dir: Path, step: int, state: Any, cfg: Config) -> None:
+    """Saves state (without a data position) as the run's checkpoint at step, and waits until
+    it is on disk."""
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint)
+    checkpointer.save(step, state, None, cfg)
     checkpointer.wait()
     checkpointer.close()
-    return step
