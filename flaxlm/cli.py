@@ -67,7 +67,7 @@ def parser() -> argparse.ArgumentParser:
 _OUTCOMES = (
     ("flaxlm.config.schema", "ConfigError", 2, "error: "),
     ("builtins", "FileNotFoundError", 2, "error: "),
-    ("flaxlm.loop", "NonFiniteLossError", 1, "error: "),
+    ("flaxlm.run_state", "NonFiniteLossError", 1, "error: "),
     ("flaxlm.checkpoint", "CheckpointSaveError", 1, "error: "),
     # 128 + SIGTERM, the status of a process ended by the signal, here after a clean save.
     ("flaxlm.preemption", "Preempted", 143, ""),

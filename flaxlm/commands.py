@@ -150,10 +150,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
         raise ConfigError("--temperature and --top-k must be >= 0 and --top-p in (0, 1]")
-    from flaxlm.data.tokenizer import load_tokenizer
-    from flaxlm.evaluate import load_run
     from flaxlm.generate import SamplingConfig
     from flaxlm.loop import generate_text
+    from flaxlm.run_dir import load_run, load_tokenizer
 
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
     _, trainer, params, _ = load_run(args.checkpoint, args.step, [])
@@ -186,7 +185,7 @@ def cmd_compile(args: argparse.Namespace) -> None:
     arg("dst", help="a new directory"),
 )
 def cmd_export(args: argparse.Namespace) -> None:
-    from flaxlm.evaluate import export_params
+    from flaxlm.run_dir import export_params
 
     step = export_params(args.checkpoint, args.dst, args.step)
     print(f"wrote {args.dst}: parameters of step {step}")

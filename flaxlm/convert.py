@@ -16,7 +16,6 @@ over without permutation.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +25,6 @@ import numpy as np
 
 from flaxlm import config as config_lib
 from flaxlm.config import Config, ConfigError, ModelConfig
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "generation_config.json",
-)
 
 # --------------------------------------------------------------------------------------------
 # Configs
@@ -350,8 +339,8 @@ def from_hf(
     src: str | Path, dst: str | Path, overrides: list[str] | tuple[str, ...] = ()
 ) -> Config:
     """Converts a Hugging Face model directory into a flaxlm run directory."""
-    from flaxlm.checkpoint import Checkpointer
     from flaxlm.mesh import make_mesh
+    from flaxlm.run_dir import TOKENIZER_DIR, copy_tokenizer_files, write_checkpoint, write_config
     from flaxlm.train import Trainer, TrainState
 
     src, dst = Path(src), Path(dst)
@@ -365,7 +354,7 @@ def from_hf(
     # The run trains and evaluates with the model's own tokenizer (copied into dst/tokenizer).
     data = []
     if (src / "tokenizer.json").is_file():
-        data = ["data.tokenizer=hf", f"data.tokenizer_path={(dst / 'tokenizer').absolute()}"]
+        data = ["data.tokenizer=hf", f"data.tokenizer_path={(dst / TOKENIZER_DIR).absolute()}"]
     cfg = config_lib.load(
         None, [*model, f"data.seq_len={data_len}", f"train.run_dir={dst}", *data, *overrides]
     )
@@ -386,12 +375,9 @@ def from_hf(
     state = TrainState(step=zero, params=params, opt_state=opt_state, skipped=zero)
 
     dst.mkdir(parents=True, exist_ok=True)
-    (dst / "config.yaml").write_text(config_lib.to_yaml(cfg))
-    checkpointer = Checkpointer(dst, cfg.checkpoint)
-    checkpointer.save(0, state, None, cfg)
-    checkpointer.wait()
-    checkpointer.close()
-    _copy_tokenizer(src, dst / "tokenizer")
+    write_config(dst, cfg)
+    write_checkpoint(dst, 0, state, cfg)
+    copy_tokenizer_files(src, dst / TOKENIZER_DIR)
     return cfg
 
 
@@ -399,7 +385,7 @@ def to_hf(run_dir: str | Path, dst: str | Path, step: int | None = None) -> None
     """Writes a run's parameters as a Hugging Face model directory."""
     from safetensors.numpy import save_file
 
-    from flaxlm.evaluate import load_run
+    from flaxlm.run_dir import TOKENIZER_DIR, copy_tokenizer_files, load_run
 
     run_dir, dst = Path(run_dir), Path(dst)
     cfg, _, params, _ = load_run(str(run_dir), step, [])
@@ -409,12 +395,4 @@ def to_hf(run_dir: str | Path, dst: str | Path, step: int | None = None) -> None
     dst.mkdir(parents=True, exist_ok=True)
     (dst / "config.json").write_text(json.dumps(hf_config(cfg.model), indent=2))
     save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    _copy_tokenizer(run_dir / "tokenizer", dst)
-
-
-def _copy_tokenizer(src: Path, dst: Path) -> None:
-    present = [name for name in TOKENIZER_FILES if (src / name).is_file()]
-    if present:
-        dst.mkdir(parents=True, exist_ok=True)
-    for name in present:
-        shutil.copy(src / name, dst / name)
+    copy_tokenizer_files(run_dir / TOKENIZER_DIR, dst)

@@ -24,9 +24,9 @@ import numpy as np
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from flaxlm.data.tokenizer import ByteTokenizer, load_tokenizer
-from flaxlm.evaluate import load_run
+from flaxlm.data.tokenizer import ByteTokenizer
 from flaxlm.generate import SamplingConfig, generate
+from flaxlm.run_dir import load_run, load_tokenizer
 
 _BUCKET = 64
 

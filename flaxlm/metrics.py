@@ -1,4 +1,5 @@
-"""Observability: `metrics.jsonl` and TensorBoard, memory in use, and loss-spike detection.
+"""Observability: `metrics.jsonl` and TensorBoard, human progress on stderr, memory in use, and
+loss-spike detection.
 
 Only process 0 writes; the others get a writer that does nothing, so the loop need not care.
 """
@@ -8,10 +9,18 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import jax
+from tqdm import tqdm
+
+
+def log(message: str) -> None:
+    """Human progress goes to stderr (stdout is for results), from process 0 only."""
+    if jax.process_index() == 0:
+        tqdm.write(message, file=sys.stderr)
 
 
 class MetricsWriter:

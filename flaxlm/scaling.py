@@ -37,7 +37,9 @@ from flaxlm.config import Config, ConfigError, Decay
 from flaxlm.data import pipeline
 from flaxlm.evaluate import evaluate
 from flaxlm.flops import analytic_param_count, flops_per_step
+from flaxlm.loop import training_steps
 from flaxlm.mesh import make_mesh
+from flaxlm.run_state import NonFiniteLossError
 from flaxlm.train import Trainer
 
 
@@ -154,27 +156,38 @@ def train_and_evaluate(cfg: Config, eval_steps: Sequence[int]) -> Iterator[dict[
     data = pipeline.train_dataset(cfg.data, cfg.train.seed, pid, count).as_numpy_iterator()
     eval_set = pipeline.eval_batches(cfg.data, pid, count)
     state = trainer.init_state(cfg.train.seed)
-    step = 0
-    for target in sorted(eval_steps):
-        metrics = None
-        while step < target:
-            state, metrics = trainer.step(state, trainer.global_batch(next(data)))
-            step += 1
-        train_loss = float(metrics["loss"]) if metrics is not None else math.nan
-        if metrics is not None and not math.isfinite(train_loss):
-            from flaxlm.loop import NonFiniteLossError
+    targets = sorted(eval_steps)
+    # A target met twice (or step 0) has no step of its own: its train loss is NaN.
+    done = 0
+    while done < len(targets) and targets[done] == 0:
+        yield _evaluation_record(trainer, state, None, 0, eval_set, start)
+        done += 1
+    last = targets[-1] if targets else 0
+    for result in training_steps(trainer, state, data, range(1, last + 1)):
+        metrics = result.metrics
+        while done < len(targets) and targets[done] == result.step:
+            yield _evaluation_record(trainer, result.state, metrics, result.step, eval_set, start)
+            metrics = None
+            done += 1
 
-            raise NonFiniteLossError(
-                f"training diverged at step {step} (loss {train_loss}); lower "
-                "optimizer.learning_rate in the ladder's overrides"
-            )
-        result = evaluate(trainer, state.params, eval_set)
-        yield {
-            "train_loss": train_loss,
-            "eval_loss": result["loss"],
-            "eval_bits_per_byte": result["bits_per_byte"],
-            "seconds": time.perf_counter() - start,
-        }
+
+def _evaluation_record(
+    trainer: Trainer, state, metrics: dict | None, step: int, eval_set, start: float
+) -> dict[str, Any]:
+    """The train loss of the step just taken (NaN if none) and the held-out evaluation."""
+    train_loss = float(metrics["loss"]) if metrics is not None else math.nan
+    if metrics is not None and not math.isfinite(train_loss):
+        raise NonFiniteLossError(
+            f"training diverged at step {step} (loss {train_loss}); lower "
+            "optimizer.learning_rate in the ladder's overrides"
+        )
+    result = evaluate(trainer, state.params, eval_set)
+    return {
+        "train_loss": train_loss,
+        "eval_loss": result["loss"],
+        "eval_bits_per_byte": result["bits_per_byte"],
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def run_ladder(runs: Sequence[PlannedRun]) -> Iterator[dict[str, Any]]:

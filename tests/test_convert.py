@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 from flaxlm import convert  # noqa: E402
 from flaxlm.config import ConfigError  # noqa: E402
-from flaxlm.evaluate import load_run  # noqa: E402
+from flaxlm.run_dir import load_run  # noqa: E402
 
 
 def _gpt2(tmp_path):

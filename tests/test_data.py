@@ -165,7 +165,8 @@ def test_jsonl_without_a_text_field_fails_early_naming_the_line(tmp_path):
 def test_hf_tokenizer_adds_bos_only_when_asked(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-    from flaxlm.data.tokenizer import HFTokenizer, load_tokenizer
+    from flaxlm.data.tokenizer import HFTokenizer
+    from flaxlm.run_dir import load_tokenizer
 
     vocab = {"<s>": 0, "</s>": 1, "a": 2, "b": 3}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="a"))

@@ -213,28 +213,3 @@ def from_config(kind: str, path: str | None) -> Tokenizer:
 
 
 SENTENCEPIECE_FILE = "sentencepiece.model"
-
-
-def save_to_run(tok: Tokenizer, run_dir: str | Path) -> None:
-    """Copies a trained-with tokenizer into RUN_DIR/tokenizer/ for generate and eval."""
-    import shutil
-
-    directory = Path(run_dir) / "tokenizer"
-    if isinstance(tok, SentencePieceTokenizer):
-        directory.mkdir(parents=True, exist_ok=True)
-        shutil.copy(tok.path, directory / SENTENCEPIECE_FILE)
-    elif isinstance(tok, HFTokenizer):
-        directory.mkdir(parents=True, exist_ok=True)
-        for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-            if (tok.directory / name).is_file() and tok.directory != directory:
-                shutil.copy(tok.directory / name, directory / name)
-
-
-def load_tokenizer(run_dir: str | Path) -> Tokenizer:
-    """The run's tokenizer: its `tokenizer/tokenizer.json` or SentencePiece model, else bytes."""
-    directory = Path(run_dir) / "tokenizer"
-    if (directory / "tokenizer.json").is_file():
-        return HFTokenizer(directory)
-    if (directory / SENTENCEPIECE_FILE).is_file():
-        return SentencePieceTokenizer(directory / SENTENCEPIECE_FILE)
-    return ByteTokenizer()
