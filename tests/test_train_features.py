@@ -54,7 +54,11 @@ def test_gradient_accumulation_equals_the_large_batch_step(tiny_cfg):
     (m1, p1), (m2, p2) = results
     for key in ("loss", "grad_norm", "z_loss", "tokens"):
         assert float(m2[key]) == pytest.approx(float(m1[key]), rel=1e-5), key
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6), p1, p2)
+    # Adam normalises each update to about the learning rate (1e-3), so float32 summation-order
+    # noise in a near-zero gradient moves a parameter by up to a few 1e-6: seen 2.9e-6 on an
+    # AMD EPYC host (XLA's CPU kernels sum in another order there). 1% of one step still fails
+    # on any real mismatch between accumulated and large-batch gradients.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), p1, p2)
 
 
 @pytest.mark.parametrize("name", ["adamw", "adafactor"])
