@@ -150,8 +150,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
         raise ConfigError("--temperature and --top-k must be >= 0 and --top-p in (0, 1]")
-    from flaxlm.generate import SamplingConfig
-    from flaxlm.loop import generate_text
+    from flaxlm.generate import SamplingConfig, generate_text
     from flaxlm.run_dir import load_run, load_tokenizer
 
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)

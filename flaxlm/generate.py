@@ -8,7 +8,8 @@ otherwise softmax(logits / T) restricted to the top-k tokens and/or the top-p nu
 seeded key. A row stops after its stop id; the loop stops when every row has.
 
 `left_pad_prompts` (on the host) and `prefill_and_decode` (jitted) are the two halves of `generate`,
-public for benchmarks that time the decoder alone. Names carry their shapes (letters as in
+public for benchmarks that time the decoder alone. `generate_text` is the text-in, text-out form
+that the command line and the training run's sample use. Names carry their shapes (letters as in
 `flaxlm.model`; here T is the padded prompt width and M the number of new tokens).
 """
 
@@ -16,12 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxlm.data.tokenizer import ByteTokenizer, Tokenizer
 from flaxlm.model import Transformer
+
+if TYPE_CHECKING:
+    from flaxlm.train import Trainer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,3 +185,29 @@ def prefill_and_decode(
     carry = (1, variables["cache"], out_BxM, done_B, key)
     _, _, out_BxM, _, _ = jax.lax.while_loop(cond, body, carry)
     return out_BxM
+
+
+def generate_text(
+    trainer: Trainer,
+    params,
+    prompts: list[str],
+    new_tokens: int,
+    sampling: SamplingConfig,
+    stop_strings: tuple[str, ...] = (),
+    tokenizer: Tokenizer | None = None,
+) -> list[str]:
+    """Continues each prompt; a text ends at EOS or just after the first stop string."""
+    tok = tokenizer or ByteTokenizer()
+    ids = [tok.encode(p, add_bos=trainer.cfg.data.add_bos) for p in prompts]
+    with trainer.context():
+        out = generate(
+            trainer.model, params, ids, new_tokens, sampling, stop_id=tok.eos_id, pad_id=tok.pad_id
+        )
+    texts = []
+    for prompt, row in zip(prompts, out, strict=True):
+        text = tok.decode(row)
+        # Stop strings count only in the continuation, after the prompt as the tokenizer decodes it.
+        start = len(tok.decode(tok.encode(prompt, add_bos=trainer.cfg.data.add_bos)))
+        cut = [text.find(s, start) + len(s) for s in stop_strings if s in text[start:]]
+        texts.append(text[: min(cut)] if cut else text)
+    return texts

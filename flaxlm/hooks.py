@@ -12,13 +12,13 @@ notice). Two hooks also answer the step generator right after dispatch: `Checkpo
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 from typing import Any
 
 import jax
 from tqdm import tqdm
 
+from flaxlm import report
 from flaxlm.checkpoint import Checkpointer
 from flaxlm.config import Config, TrainConfig
 from flaxlm.evaluate import evaluate
@@ -166,12 +166,6 @@ class Progress:
 
 def progress_bar(train: TrainConfig, start: int) -> tqdm:
     """The progress bar of a run (process 0, unless train.progress_bar is off)."""
-    return tqdm(
-        total=train.steps,
-        initial=start,
-        desc="train",
-        unit="step",
-        file=sys.stderr,
-        disable=not train.progress_bar or jax.process_index() != 0,
-        dynamic_ncols=True,
+    return report.progress(
+        total=train.steps, initial=start, desc="train", unit="step", show=train.progress_bar
     )

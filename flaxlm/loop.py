@@ -33,9 +33,9 @@ from flaxlm.checkpoint import Checkpointer
 from flaxlm.config import Config
 from flaxlm.data import pipeline
 from flaxlm.data.tokenize import STATS
-from flaxlm.data.tokenizer import ByteTokenizer, Tokenizer
+from flaxlm.data.tokenizer import from_config
 from flaxlm.flops import flops_per_step, param_count, total_peak_flops
-from flaxlm.generate import SamplingConfig, generate
+from flaxlm.generate import SamplingConfig, generate_text
 from flaxlm.hooks import StepResult
 from flaxlm.mesh import make_mesh
 from flaxlm.metrics import MetricsWriter, log
@@ -216,7 +216,7 @@ def _summarize(
     text = None
     if t.sample_prompt:
         sampling = SamplingConfig(temperature=t.sample_temperature, seed=t.seed)
-        tok = pipeline.tokenizer(p.cfg.data)
+        tok = from_config(p.cfg.data)
         text = generate_text(
             p.trainer, state.params, [t.sample_prompt], t.sample_new_tokens, sampling, tokenizer=tok
         )[0]
@@ -240,29 +240,3 @@ def _summarize(
             f"(skipped), {STATS['invalid_utf8_documents']:,} with invalid UTF-8 (replaced)"
         )
     return summary
-
-
-def generate_text(
-    trainer: Trainer,
-    params,
-    prompts: list[str],
-    new_tokens: int,
-    sampling: SamplingConfig,
-    stop_strings: tuple[str, ...] = (),
-    tokenizer: Tokenizer | None = None,
-) -> list[str]:
-    """Continues each prompt; a text ends at EOS or just after the first stop string."""
-    tok = tokenizer or ByteTokenizer()
-    ids = [tok.encode(p, add_bos=trainer.cfg.data.add_bos) for p in prompts]
-    with trainer.context():
-        out = generate(
-            trainer.model, params, ids, new_tokens, sampling, stop_id=tok.eos_id, pad_id=tok.pad_id
-        )
-    texts = []
-    for prompt, row in zip(prompts, out, strict=True):
-        text = tok.decode(row)
-        # Stop strings count only in the continuation, after the prompt as the tokenizer decodes it.
-        start = len(tok.decode(tok.encode(prompt, add_bos=trainer.cfg.data.add_bos)))
-        cut = [text.find(s, start) + len(s) for s in stop_strings if s in text[start:]]
-        texts.append(text[: min(cut)] if cut else text)
-    return texts

@@ -32,18 +32,21 @@ def progress(
     desc: str,
     unit: str,
     total: int | None = None,
+    initial: int = 0,
+    show: bool = True,
 ) -> tqdm:
-    """A progress bar on stderr, disabled in every process but the first."""
+    """A progress bar on stderr, disabled in every process but the first (and where not show)."""
     import jax
 
     return tqdm(
         iterable,
         total=total,
+        initial=initial,
         desc=desc,
         unit=unit,
         file=sys.stderr,
         dynamic_ncols=True,
-        disable=jax.process_index() != 0,
+        disable=not show or jax.process_index() != 0,
     )
 
 

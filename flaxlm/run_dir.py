@@ -21,13 +21,13 @@ import jax
 from flaxlm import config as config_lib
 from flaxlm.checkpoint import Checkpointer
 from flaxlm.config import Config, ConfigError
-from flaxlm.data import pipeline
 from flaxlm.data.tokenizer import (
     SENTENCEPIECE_FILE,
     ByteTokenizer,
     HFTokenizer,
     SentencePieceTokenizer,
     Tokenizer,
+    from_config,
 )
 from flaxlm.mesh import make_mesh
 from flaxlm.train import Trainer
@@ -103,7 +103,7 @@ def check_tokenizer(run_dir: str | Path, cfg: Config) -> Tokenizer:
     A run directory with its own tokenizer (an imported model, or an earlier run) must be fed by
     a pipeline with the same vocabulary: byte ids would be meaningless to it.
     """
-    tok = pipeline.tokenizer(cfg.data)
+    tok = from_config(cfg.data)
     saved = Path(run_dir) / TOKENIZER_DIR
     if (saved / "tokenizer.json").is_file() and cfg.data.tokenizer == "byte":
         raise ConfigError(

@@ -31,13 +31,8 @@ from flaxlm.data.tokenizer import Tokenizer, from_config
 # TensorFlow only feeds data here: keep it off any accelerator that JAX is going to use.
 tf.config.set_visible_devices([], "GPU")
 
-Batch = dict[str, np.ndarray]
+HostBatch = dict[str, np.ndarray]  # one process's rows; train.Batch is the global jax.Array one
 SHARDS_FILE = "num_shards.json"
-
-
-def tokenizer(cfg: DataConfig) -> Tokenizer:
-    """The configured tokenizer, checked against nothing but its own files."""
-    return from_config(cfg.tokenizer, cfg.tokenizer_path)
 
 
 def _options() -> tf.data.Options:
@@ -70,7 +65,7 @@ def shard_dataset(
     cfg: DataConfig, seed: int, shard: int, num_shards: int, tok: Tokenizer | None = None
 ) -> tf.data.Dataset:
     """Endless, shuffled row-blocks (global_batch / V rows) of data shard k of V."""
-    tok = tok or tokenizer(cfg)
+    tok = tok or from_config(cfg)
     docs = _documents(cfg, seed, shard, num_shards)
     ds = tokenize_documents(docs, tok, cfg.add_bos, cfg.add_eos, with_bytes=False)
     ds = pack_documents(ds, cfg.seq_len, cfg.packing)
@@ -117,7 +112,7 @@ def train_iterator(
     v = num_shards or cfg.num_shards or process_count
     check_shards(cfg, v)
     shards = owned_shards(v, process_index, process_count)
-    tok = tokenizer(cfg)
+    tok = from_config(cfg)
     return DataIterator({k: shard_dataset(cfg, seed, k, v, tok) for k in shards}, v)
 
 
@@ -131,7 +126,7 @@ def train_dataset(
     """
     v = cfg.num_shards or process_count
     check_shards(cfg, v)
-    tok = tokenizer(cfg)
+    tok = from_config(cfg)
     parts = [
         shard_dataset(cfg, seed, k, v, tok) for k in owned_shards(v, process_index, process_count)
     ]
@@ -142,7 +137,9 @@ def train_dataset(
     )
 
 
-def eval_batches(cfg: DataConfig, process_index: int = 0, process_count: int = 1) -> list[Batch]:
+def eval_batches(
+    cfg: DataConfig, process_index: int = 0, process_count: int = 1
+) -> list[HostBatch]:
     """The fixed eval set: the first `eval_batches` global batches of the eval split, in order.
 
     Every process packs the whole (small) eval split and keeps its rows of each global batch.
@@ -161,7 +158,7 @@ def eval_batches(cfg: DataConfig, process_index: int = 0, process_count: int = 1
     else:
         weights = [w / sum(w for _, w, _ in parts) for _, w, _ in parts]
         docs = tf.data.Dataset.sample_from_datasets(streams, weights=weights, seed=0)
-    ds = tokenize_documents(docs, tokenizer(cfg), cfg.add_bos, cfg.add_eos)
+    ds = tokenize_documents(docs, from_config(cfg), cfg.add_bos, cfg.add_eos)
     ds = pack_documents(ds, cfg.seq_len, cfg.packing, with_bytes=True)
     ds = ds.batch(cfg.global_batch_size, drop_remainder=True).with_options(_options())
     batches = []
@@ -195,7 +192,7 @@ class DataIterator:
     def __iter__(self) -> DataIterator:
         return self
 
-    def __next__(self) -> Batch:
+    def __next__(self) -> HostBatch:
         blocks = [next(self._iterators[k]) for k in self.shards]
         if len(blocks) == 1:
             return {key: v.numpy() for key, v in blocks[0].items()}

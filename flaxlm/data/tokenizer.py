@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flaxlm.config import BYTE_VOCAB_SIZE
+from flaxlm.config import BYTE_VOCAB_SIZE, ConfigError, DataConfig
 
 
 class ByteTokenizer:
@@ -185,10 +185,10 @@ def _with_specials(ids, nbytes, tok, add_bos: bool, add_eos: bool):
     return [bos + i + eos for i in ids], [zb + b + ze for b in nbytes]
 
 
-def from_config(kind: str, path: str | None) -> Tokenizer:
-    """The data pipeline's tokenizer from `data.tokenizer` and `data.tokenizer_path`."""
-    from flaxlm.config import ConfigError
-
+def from_config(cfg: DataConfig) -> Tokenizer:
+    """The data pipeline's tokenizer from `data.tokenizer` and `data.tokenizer_path`, checked
+    against nothing but its own files."""
+    kind, path = cfg.tokenizer, cfg.tokenizer_path
     if kind == "byte":
         return ByteTokenizer()
     if not path:
