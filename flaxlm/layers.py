@@ -1,0 +1,104 @@
+"""The building blocks shared by the model families: norms, the feed-forward block, and the
+helpers every layer uses (dtypes, initialisers, logical activation constraints).
+
+Shape letters as in `flaxlm.model`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from flaxlm.config import Mlp, ModelConfig, Norm
+
+Array = jax.Array
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def normal_init(std: float) -> nn.initializers.Initializer:
+    return nn.initializers.normal(stddev=std)
+
+
+def constrain(x: Array, names: tuple[str | None, ...]) -> Array:
+    """Activation sharding by logical names (a no-op outside a mesh / rules context)."""
+    return nn.with_logical_constraint(x, names)
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * scale, computed in float32."""
+
+    eps: float
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+            (x.shape[-1],),
+            self.param_dtype,
+        )
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
+    dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+    if cfg.norm == Norm.rmsnorm:
+        return RMSNorm(eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name=name)
+    return nn.LayerNorm(
+        epsilon=cfg.norm_eps,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        use_bias=True,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+        # Statistics in float32 even when activations are bfloat16.
+        force_float32_reductions=True,
+        # Two-pass variance: E[(x-mean)^2] matches reference implementations in float32.
+        use_fast_variance=False,
+        name=name,
+    )
+
+
+class FeedForward(nn.Module):
+    """GELU MLP (GPT-2) or SwiGLU (Llama): down(act(up(x))) or down(silu(gate(x)) * up(x))."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD: Array) -> Array:
+        cfg = self.cfg
+        dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+
+        def dense(name: str, features: int, axes: tuple[str, str], std: float) -> nn.Dense:
+            return nn.Dense(
+                features,
+                use_bias=cfg.use_bias,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                kernel_init=nn.with_logical_partitioning(normal_init(std), axes),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)),
+                name=name,
+            )
+
+        up_BxTxF = dense("up", cfg.d_ff, ("embed", "mlp"), cfg.init_std)(x_BxTxD)
+        if cfg.mlp == Mlp.swiglu:
+            gate_BxTxF = dense("gate", cfg.d_ff, ("embed", "mlp"), cfg.init_std)(x_BxTxD)
+            hidden_BxTxF = nn.silu(gate_BxTxF) * up_BxTxF
+        else:
+            # GPT-2 uses the tanh approximation of GELU.
+            hidden_BxTxF = nn.gelu(up_BxTxF, approximate=True)
+        hidden_BxTxF = constrain(hidden_BxTxF, ("batch", "length", "act_mlp"))
+        hidden_BxTxF = checkpoint_name(hidden_BxTxF, "mlp_hidden")
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        return dense("down", cfg.d_model, ("mlp", "embed"), out_std)(hidden_BxTxF)
