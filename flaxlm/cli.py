@@ -65,7 +65,7 @@ def parser() -> argparse.ArgumentParser:
 # matched in order. Looked up among the modules already imported, so catching them imports
 # nothing heavy: a handler that never imported a module cannot have raised its error.
 _OUTCOMES = (
-    ("flaxlm.config.schema", "ConfigError", 2, "error: "),
+    ("flaxlm.config.enums", "ConfigError", 2, "error: "),
     ("builtins", "FileNotFoundError", 2, "error: "),
     ("flaxlm.run_state", "NonFiniteLossError", 1, "error: "),
     ("flaxlm.checkpoint", "CheckpointSaveError", 1, "error: "),

@@ -1,7 +1,8 @@
 """The typed config tree: schema, YAML composition, command-line overrides and validation.
 
+- `enums`: the choices of config fields and `ConfigError`;
 - `schema`: the frozen dataclasses (model, mesh, data, distributed, optimizer, checkpoint,
-  train) and the enums of their choices;
+  train);
 - `loading`: YAML files with `defaults:` composition and `key.sub=value` overrides through
   OmegaConf, to/from dicts and YAML;
 - `validation`: the checks that need more than types, run by every load before device work.
@@ -9,6 +10,24 @@
 Everything public is importable from `flaxlm.config` itself.
 """
 
+from flaxlm.config.enums import (
+    BYTE_VOCAB_SIZE,
+    AttentionKernel,
+    ConfigError,
+    Corpus,
+    Decay,
+    DistributedInit,
+    DType,
+    Mlp,
+    NanPolicy,
+    Norm,
+    OptimizerName,
+    Packing,
+    Position,
+    Remat,
+    RopeScaling,
+    TokenizerKind,
+)
 from flaxlm.config.loading import (
     from_dict,
     load,
@@ -19,31 +38,15 @@ from flaxlm.config.loading import (
     to_yaml,
 )
 from flaxlm.config.schema import (
-    BYTE_VOCAB_SIZE,
     MESH_AXES,
-    AttentionKernel,
     CheckpointConfig,
     Config,
-    ConfigError,
-    Corpus,
     DataConfig,
-    Decay,
     DistributedConfig,
-    DistributedInit,
-    DType,
     MeshConfig,
-    Mlp,
     ModelConfig,
-    NanPolicy,
-    Norm,
     OptimizerConfig,
-    OptimizerName,
-    Packing,
-    Position,
-    Remat,
-    RopeScaling,
     SourceConfig,
-    TokenizerKind,
     TrainConfig,
 )
 from flaxlm.config.validation import check_divisibility, validate

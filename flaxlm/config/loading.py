@@ -22,7 +22,8 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
-from flaxlm.config.schema import Config, ConfigError, DistributedConfig
+from flaxlm.config.enums import ConfigError
+from flaxlm.config.schema import Config, DistributedConfig
 from flaxlm.config.validation import validate
 
 

@@ -1,4 +1,5 @@
-"""The config schema: frozen dataclasses for each section and the enums of their choices.
+"""The config schema: frozen dataclasses for each section (their choices are the enums of
+`flaxlm.config.enums`).
 
 Comments beside each field say what it means; `flaxlm.config.validation` checks what types
 alone cannot, and `flaxlm.config.loading` fills the tree from YAML files and overrides.
@@ -7,105 +8,23 @@ alone cannot, and `flaxlm.config.loading` fills the tree from YAML files and ove
 from __future__ import annotations
 
 import dataclasses
-import enum
 
-
-class ConfigError(ValueError):
-    """A config that cannot work; the message names the key, the value and the rule."""
-
-
-class Norm(enum.StrEnum):
-    layernorm = "layernorm"
-    rmsnorm = "rmsnorm"
-
-
-class Mlp(enum.StrEnum):
-    gelu = "gelu"
-    swiglu = "swiglu"
-
-
-class Position(enum.StrEnum):
-    learned = "learned"  # GPT-2: a trained table added to the token embeddings
-    sinusoidal = "sinusoidal"  # Vaswani et al.: x + PE(p), nothing trained
-    rope = "rope"  # Llama: rotary embeddings applied to queries and keys
-    none = "none"  # causal attention alone (NoPE)
-
-
-class AttentionKernel(enum.StrEnum):
-    reference = "reference"  # explicit einsum softmax(QK^T/sqrt(d))V: the oracle
-    xla = "xla"  # jax.nn.dot_product_attention, XLA implementation
-    cudnn = "cudnn"  # jax.nn.dot_product_attention, cuDNN flash attention (NVIDIA GPUs)
-    splash = "splash"  # Pallas splash attention (TPUs; runs interpreted elsewhere, for tests)
-
-
-class RopeScaling(enum.StrEnum):
-    none = "none"
-    llama3 = "llama3"  # Llama 3.1+ long-context frequency scaling
-
-
-class Remat(enum.StrEnum):
-    """What the backward pass keeps from the forward pass; the rest is recomputed."""
-
-    none = "none"  # keep everything (fastest, most memory)
-    full = "full"  # keep only block inputs: recompute each block (least memory)
-    save_dots = "save_dots"  # keep matmul outputs, recompute elementwise ops and softmax
-    save_projections = "save_projections"  # keep q/k/v, attention and MLP outputs
-
-
-class OptimizerName(enum.StrEnum):
-    adamw = "adamw"
-    adafactor = "adafactor"
-    lion = "lion"
-
-
-class Decay(enum.StrEnum):
-    cosine = "cosine"  # cosine from the peak to min_lr_ratio x peak at train.steps
-    linear = "linear"  # straight line from the peak to min_lr_ratio x peak
-    wsd = "wsd"  # warmup-stable-decay: the peak, then linear decay over the last decay_fraction
-    constant = "constant"
-
-
-class NanPolicy(enum.StrEnum):
-    stop = "stop"  # stop the run, naming the step and the last good checkpoint
-    skip = "skip"  # drop that update (params and optimizer state unchanged) and count it
-
-
-class DType(enum.StrEnum):
-    """A floating-point dtype, by its NumPy/JAX name (`jnp.dtype(DType.bfloat16)` works)."""
-
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-
-
-class Corpus(enum.StrEnum):
-    python_docs = "python-docs"  # text shipped with the Python interpreter (offline default)
-    files = "files"  # train_files / eval_files globs
-    tfds = "tfds"  # a prepared TFDS dataset
-    mixture = "mixture"  # DataConfig only: the sources of data.mixture, sampled by weight
-
-
-class TokenizerKind(enum.StrEnum):
-    byte = "byte"  # ids 0..255 are the bytes; BOS, EOS and PAD follow (BYTE_VOCAB_SIZE ids)
-    sentencepiece = "sentencepiece"  # a .model file at data.tokenizer_path
-    hf = "hf"  # a Hugging Face tokenizer.json (or its directory) at data.tokenizer_path
-
-
-class Packing(enum.StrEnum):
-    documents = "documents"  # whole documents end to end, attention kept within each
-    concat = "concat"  # plain concatenate and chunk: one segment per row
-
-
-# Ids of the byte tokenizer (flaxlm.data.tokenizer.ByteTokenizer): the 256 byte values, then
-# BOS, EOS and PAD. It lives here so that validation can check model.vocab_size against it
-# without the config package importing the data package.
-BYTE_VOCAB_SIZE = 259
-
-
-class DistributedInit(enum.StrEnum):
-    auto = "auto"  # join when the environment or coordinator_address describes a multi-process job
-    always = "always"  # always call jax.distributed.initialize (it reads the environment)
-    never = "never"
+from flaxlm.config.enums import (
+    AttentionKernel,
+    Corpus,
+    Decay,
+    DistributedInit,
+    DType,
+    Mlp,
+    NanPolicy,
+    Norm,
+    OptimizerName,
+    Packing,
+    Position,
+    Remat,
+    RopeScaling,
+    TokenizerKind,
+)
 
 
 @dataclasses.dataclass(frozen=True)

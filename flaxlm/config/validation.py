@@ -13,22 +13,24 @@ import functools
 import typing
 from typing import Any
 
-from flaxlm.config.schema import (
+from flaxlm.config.enums import (
     BYTE_VOCAB_SIZE,
-    MESH_AXES,
     AttentionKernel,
-    CheckpointConfig,
-    Config,
     ConfigError,
     Corpus,
+    DType,
+    Position,
+    TokenizerKind,
+)
+from flaxlm.config.schema import (
+    MESH_AXES,
+    CheckpointConfig,
+    Config,
     DataConfig,
     DistributedConfig,
-    DType,
     ModelConfig,
     OptimizerConfig,
-    Position,
     SourceFields,
-    TokenizerKind,
     TrainConfig,
 )
 
