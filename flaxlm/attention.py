@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxlm.config import AttentionKernel
-from flaxlm.mesh import current_mesh
+from flaxlm.mesh import current_mesh, divides
 
 
 def attention_mask(q_segment_ids_BxT: jax.Array, kv_segment_ids_BxS: jax.Array) -> jax.Array:
@@ -117,7 +117,7 @@ def splash_attention(
     kv_spec = nn.logical_to_mesh_axes(("batch", None, "act_kv_heads", None))
     seg_spec = PartitionSpec(q_spec[0], None)
     shapes = ((q_spec, q_BxTxNxH), (kv_spec, k_BxSxKxH), (seg_spec, q_BxTxNxH))
-    if not all(_divides(mesh, spec, x.shape) for spec, x in shapes):
+    if not all(divides(mesh, spec, x.shape) for spec, x in shapes):
         # Shapes the mesh does not divide (model.init traces a batch of one): run unsharded.
         return per_shard(*args)
     return jax.shard_map(
@@ -127,17 +127,6 @@ def splash_attention(
         out_specs=q_spec,
         check_vma=False,
     )(*args)
-
-
-def _divides(mesh, spec, shape) -> bool:
-    for dim, axes in zip(shape, spec, strict=False):
-        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        size = 1
-        for name in names:
-            size *= mesh.shape[name]
-        if dim % size:
-            return False
-    return True
 
 
 def dot_product_attention(

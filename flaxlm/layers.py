@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from flaxlm.config import Mlp, ModelConfig, Norm
+from flaxlm.mesh import logical_constraint
 
 Array = jax.Array
 
@@ -28,7 +29,7 @@ def normal_init(std: float) -> nn.initializers.Initializer:
 
 def constrain(x: Array, names: tuple[str | None, ...]) -> Array:
     """Activation sharding by logical names (a no-op outside a mesh / rules context)."""
-    return nn.with_logical_constraint(x, names)
+    return logical_constraint(x, names)
 
 
 class RMSNorm(nn.Module):

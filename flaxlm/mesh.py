@@ -6,8 +6,8 @@ slices, outermost). `MeshConfig.rules` maps logical axis names (as carried by pa
 activations) to mesh axes; this module turns those names into `NamedSharding`s. Going from data
 parallel to FSDP to tensor parallel, or to several slices, is therefore a config change only.
 `current_mesh()` gives the mesh that the caller entered with `with mesh:` (the train step, AOT
-compilation), for code that must know it while tracing: kernels that run per shard, and the
-choice of what to compile for.
+compilation), for code that must know it while tracing: kernels that run per shard, the choice
+of what to compile for, and `logical_constraint`, which pins activations to that mesh.
 """
 
 from __future__ import annotations
@@ -138,3 +138,33 @@ def current_mesh() -> Mesh | None:
 
     mesh = thread_resources.env.physical_mesh
     return None if mesh.empty else mesh
+
+
+def logical_constraint(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """x constrained to the sharding that the logical `names` map to, on the current mesh.
+
+    A no-op outside a `with mesh:` block or a `nn.logical_axis_rules` context, on a one-device
+    mesh, and where the mesh does not divide x (`model.init` traces a batch of one).
+    The mesh is passed explicitly: Flax's `nn.with_logical_constraint` without one acts only
+    under an abstract mesh (`jax.set_mesh`), so inside `with mesh:` it silently does nothing.
+    Setting the abstract mesh instead is no option either: Flax then also constrains every
+    logically partitioned parameter as it is unboxed, and `nn.DenseGeneral` unboxes its kernel
+    while it is still flat (rank 2 against 3 names), which fails to trace.
+    """
+    mesh = current_mesh()
+    rules = nn.get_logical_axis_rules()
+    if mesh is None or mesh.size == 1 or not rules:
+        return x
+    spec = nn.logical_to_mesh_axes(names, rules)
+    if not divides(mesh, spec, x.shape):
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def divides(mesh: Mesh, spec: PartitionSpec, shape: tuple[int, ...]) -> bool:
+    """Whether every dimension of shape is a multiple of the mesh axes spec shards it over."""
+    for dim, axes in zip(shape, spec, strict=False):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        if dim % math.prod(mesh.shape[name] for name in names):
+            return False
+    return True

@@ -23,7 +23,13 @@ import optax
 from jax.sharding import Mesh, PartitionSpec
 
 from flaxlm.config import Config, NanPolicy
-from flaxlm.mesh import batch_sharding, logical_rules, logical_to_sharding, replicated
+from flaxlm.mesh import (
+    batch_sharding,
+    logical_constraint,
+    logical_rules,
+    logical_to_sharding,
+    replicated,
+)
 from flaxlm.model import Transformer
 from flaxlm.optim import learning_rate_schedule, make_optimizer
 
@@ -99,7 +105,7 @@ def _micro_batches(batch: Batch, steps: int) -> Batch:
     def split(x_BxT: jax.Array) -> jax.Array:
         b = x_BxT.shape[0]
         x_AxBaxT = x_BxT.reshape(b // steps, steps, *x_BxT.shape[1:]).swapaxes(0, 1)
-        return nn.with_logical_constraint(x_AxBaxT, (None, "batch", "length"))
+        return logical_constraint(x_AxBaxT, (None, "batch", "length"))
 
     return jax.tree.map(split, batch)
 
