@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxlm.config import AttentionKernel
-from flaxlm.mesh import current_mesh, divides
+from flaxlm.mesh import current_mesh, current_platform, divides
 
 
 def attention_mask(q_segment_ids_BxT: jax.Array, kv_segment_ids_BxS: jax.Array) -> jax.Array:
@@ -86,7 +86,9 @@ def splash_attention(
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     if interpret is None:
-        interpret = jax.devices()[0].platform != "tpu"
+        # The mesh's platform, not this process's: compiling for a TPU topology on a CPU host
+        # must produce the Mosaic kernel, not the interpreter's loop.
+        interpret = current_platform() != "tpu"
 
     def per_shard(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_seg_BxT, kv_seg_BxS):
         _, t, n, h = q_BxTxNxH.shape

@@ -140,6 +140,13 @@ def current_mesh() -> Mesh | None:
     return None if mesh.empty else mesh
 
 
+def current_platform() -> str:
+    """The platform being compiled for: the enclosing mesh's (AOT compilation for a TPU
+    topology runs in a CPU process), else the default backend."""
+    mesh = current_mesh()
+    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
 def logical_constraint(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     """x constrained to the sharding that the logical `names` map to, on the current mesh.
 

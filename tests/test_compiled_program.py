@@ -37,3 +37,26 @@ def test_micro_batches_keep_their_rows_on_every_device(tiny_cfg):
     constraints = _constraints(Trainer(cfg, make_mesh(cfg)))
     # (micro-batches, rows, length): the rows of each micro-batch split over data x fsdp.
     assert any('[{}, {"data", "fsdp"}, {}]' in c for c in constraints)
+
+
+# TPU layouts pad small dimensions to tiles of 128: keep the model's dimensions multiples of it.
+TILED = ("model.d_model=256", "model.d_ff=512", "model.n_heads=2", "model.dtype=bfloat16")
+
+
+def _tpu_trainer(tiny_cfg, topology: str, *overrides: str, family: str = "llama") -> Trainer:
+    pytest.importorskip("libtpu")
+    from flaxlm import aot
+
+    cfg = tiny_cfg(*TILED, *overrides, family=family)
+    return Trainer(cfg, make_mesh(cfg, aot.topology_devices(topology)))
+
+
+def test_splash_for_a_tpu_topology_is_the_mosaic_kernel(tiny_cfg):
+    trainer = _tpu_trainer(
+        tiny_cfg, "v5e:2x2", "model.attention=splash", "data.seq_len=128", "model.max_seq_len=128"
+    )
+    text = trainer.lower_step().as_text()
+    # The TPU kernel, not the Pallas interpreter (a loop over the kernel's grid) that this
+    # CPU process would run.
+    assert "tpu_custom_call" in text
+    assert "stablehlo.while" not in text
