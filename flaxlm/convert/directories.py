@@ -43,7 +43,7 @@ def from_hf(
     if (dst / "checkpoints").exists():
         raise ConfigError(f"{dst} already holds checkpoints; choose a new directory")
     hf = json.loads((src / "config.json").read_text())
-    model = [f"model.{k}={v}" for k, v in model_overrides_from_hf(hf).items()]
+    model = [f"model.{k}={v}" for k, v in model_overrides_from_hf(hf).items() if v is not None]
     data_len = min(hf.get("n_positions") or hf.get("max_position_embeddings"), 1024)
     # The run trains and evaluates with the model's own tokenizer (copied into dst/tokenizer).
     data = []
