@@ -11,6 +11,7 @@ to the same non-zero segment (packed documents never see each other; segment 0 i
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +20,11 @@ from flaxlm.config import AttentionKernel
 from flaxlm.mesh import current_mesh, current_platform, divides
 
 
-def attention_mask(q_segment_ids_BxT: jax.Array, kv_segment_ids_BxS: jax.Array) -> jax.Array:
-    """Boolean mask_Bx1xTxS: causal and within one non-padding segment.
+def attention_mask(
+    q_segment_ids_BxT: jax.Array, kv_segment_ids_BxS: jax.Array, window: int | None = None
+) -> jax.Array:
+    """Boolean mask_Bx1xTxS: causal and within one non-padding segment (and, with a sliding
+    window W, at most W - 1 positions back).
 
     Assumes queries are the last T of the S key positions (T == S for training).
     """
@@ -28,17 +32,26 @@ def attention_mask(q_segment_ids_BxT: jax.Array, kv_segment_ids_BxS: jax.Array) 
     q_pos_Tx1 = jnp.arange(t)[:, None] + (s - t)
     k_pos_1xS = jnp.arange(s)[None, :]
     causal_TxS = k_pos_1xS <= q_pos_Tx1
+    if window is not None:
+        causal_TxS &= q_pos_Tx1 - k_pos_1xS < window
     same_BxTxS = q_segment_ids_BxT[:, :, None] == kv_segment_ids_BxS[:, None, :]
     real_Bx1xS = (kv_segment_ids_BxS != 0)[:, None, :]
     return (causal_TxS[None] & same_BxTxS & real_Bx1xS)[:, None]
 
 
 def reference_attention(
-    q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array, mask_Bx1xTxS: jax.Array
+    q_BxTxNxH: jax.Array,
+    k_BxSxKxH: jax.Array,
+    v_BxSxKxH: jax.Array,
+    mask_Bx1xTxS: jax.Array,
+    weights_fn: Callable[[jax.Array], jax.Array] | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:
     """softmax(Q K^T / sqrt(d_k)) V written out with einsums; the oracle for the other kernels.
 
-    Logits and softmax are computed in float32 whatever the input dtype.
+    Logits and softmax are computed in float32 whatever the input dtype. `weights_fn`, if given,
+    transforms the attention probabilities (attention dropout in training); `softcap` caps the
+    logits as cap * tanh(x / cap) (Gemma 2).
     """
     b, t, n, h = q_BxTxNxH.shape
     kv_heads = k_BxSxKxH.shape[2]
@@ -47,10 +60,15 @@ def reference_attention(
         "btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32
     )
     logits_BxKxGxTxS = logits_BxKxGxTxS / jnp.sqrt(jnp.float32(h))
+    if softcap is not None:
+        logits_BxKxGxTxS = softcap * jnp.tanh(logits_BxKxGxTxS / softcap)
     # The mask broadcasts over (K, G).
     mask_Bx1x1xTxS = mask_Bx1xTxS[:, :, None]
     logits_BxKxGxTxS = jnp.where(mask_Bx1x1xTxS, logits_BxKxGxTxS, jnp.finfo(jnp.float32).min)
-    weights_BxKxGxTxS = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(v_BxSxKxH.dtype)
+    weights_BxKxGxTxS = jax.nn.softmax(logits_BxKxGxTxS, axis=-1)
+    if weights_fn is not None:
+        weights_BxKxGxTxS = weights_fn(weights_BxKxGxTxS)
+    weights_BxKxGxTxS = weights_BxKxGxTxS.astype(v_BxSxKxH.dtype)
     out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", weights_BxKxGxTxS, v_BxSxKxH)
     return out_BxTxKxGxH.reshape(b, t, n, h)
 
@@ -74,8 +92,11 @@ def splash_attention(
     q_segment_ids_BxT: jax.Array,
     kv_segment_ids_BxS: jax.Array,
     interpret: bool | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:
-    """The Pallas splash attention kernel (TPU), on q_BxTxNxH with segment ids.
+    """The Pallas splash attention kernel (TPU), on q_BxTxNxH with segment ids (and a sliding
+    window of W positions: the kernel's local mask, which also skips the blocks outside it).
 
     Splash takes one example at a time in (heads, length, head_dim) layout and does not scale
     by 1/sqrt(d), so q is pre-scaled and the batch vmapped. Off TPU it runs interpreted (slow;
@@ -93,12 +114,17 @@ def splash_attention(
     def per_shard(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_seg_BxT, kv_seg_BxS):
         _, t, n, h = q_BxTxNxH.shape
         s = k_BxSxKxH.shape[1]
-        mask = sm.MultiHeadMask(tuple(sm.CausalMask((t, s)) for _ in range(n)))
+        if window is None:
+            head_mask = sm.CausalMask((t, s))
+        else:
+            head_mask = sm.LocalMask((t, s), window_size=(window - 1, 0), offset=s - t)
+        mask = sm.MultiHeadMask(tuple(head_mask for _ in range(n)))
         kernel = sk.make_splash_mha(
             mask,
             head_shards=1,
             q_seq_shards=1,
             block_sizes=_splash_block_sizes(t, s),
+            attn_logits_soft_cap=softcap,
             interpret=interpret,
         )
         scale = jnp.sqrt(jnp.float32(h)).astype(q_BxTxNxH.dtype)
@@ -138,14 +164,20 @@ def dot_product_attention(
     q_segment_ids_BxT: jax.Array,
     kv_segment_ids_BxS: jax.Array,
     kernel: AttentionKernel = AttentionKernel.xla,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:
-    """Masked multi-head attention with the selected kernel: out_BxTxNxH."""
+    """Masked multi-head attention with the selected kernel: out_BxTxNxH (window: sliding
+    window length, None for the whole causal prefix; softcap: logit soft-capping, which the
+    XLA and cuDNN kernels lack, so they hand it to the reference kernel)."""
     q, k, v = q_BxTxNxH, k_BxSxKxH, v_BxSxKxH
     if kernel == AttentionKernel.splash:
-        return splash_attention(q, k, v, q_segment_ids_BxT, kv_segment_ids_BxS)
-    mask_Bx1xTxS = attention_mask(q_segment_ids_BxT, kv_segment_ids_BxS)
-    if kernel == AttentionKernel.reference:
-        return reference_attention(q, k, v, mask_Bx1xTxS)
+        return splash_attention(
+            q, k, v, q_segment_ids_BxT, kv_segment_ids_BxS, window=window, softcap=softcap
+        )
+    mask_Bx1xTxS = attention_mask(q_segment_ids_BxT, kv_segment_ids_BxS, window)
+    if kernel == AttentionKernel.reference or softcap is not None:
+        return reference_attention(q, k, v, mask_Bx1xTxS, softcap=softcap)
     if kernel == AttentionKernel.xla:
         return jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xTxS, implementation="xla")
     if kernel == AttentionKernel.cudnn:
@@ -164,6 +196,7 @@ def cached_attention(
     kv_segment_ids_BxS: jax.Array,
     start: jax.Array,
     kernel: AttentionKernel = AttentionKernel.xla,
+    softcap: float | None = None,
 ) -> jax.Array:
     """Attention of T new queries at cache positions start.. over a cache of S positions.
 
@@ -176,8 +209,22 @@ def cached_attention(
     same_BxTxS = q_segment_ids_BxT[:, :, None] == kv_segment_ids_BxS[:, None, :]
     real_Bx1xS = (kv_segment_ids_BxS != 0)[:, None, :]
     mask_Bx1xTxS = (causal_TxS[None] & same_BxTxS & real_Bx1xS)[:, None]
-    q, k, v = q_BxTxNxH, k_cache_BxSxKxH, v_cache_BxSxKxH
-    if kernel == AttentionKernel.reference:
-        return reference_attention(q, k, v, mask_Bx1xTxS)
+    return masked_attention(
+        q_BxTxNxH, k_cache_BxSxKxH, v_cache_BxSxKxH, mask_Bx1xTxS, kernel, softcap
+    )
+
+
+def masked_attention(
+    q_BxTxNxH: jax.Array,
+    k_BxSxKxH: jax.Array,
+    v_BxSxKxH: jax.Array,
+    mask_Bx1xTxS: jax.Array,
+    kernel: AttentionKernel = AttentionKernel.xla,
+    softcap: float | None = None,
+) -> jax.Array:
+    """Decode-time attention under an explicit mask (the caches build their own masks)."""
+    q, k, v = q_BxTxNxH, k_BxSxKxH, v_BxSxKxH
+    if kernel == AttentionKernel.reference or softcap is not None:
+        return reference_attention(q, k, v, mask_Bx1xTxS, softcap=softcap)
     # Decoding is memory-bound and its mask is not causal-from-zero: XLA serves every platform.
     return jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xTxS, implementation="xla")

@@ -192,11 +192,13 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 @command(
     "convert",
-    "import or export Hugging Face GPT-2 / Llama models",
+    "import or export Hugging Face GPT-2 / Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 models",
     arg("direction", choices=["from-hf", "to-hf"]),
     arg("src", help="from-hf: a Hugging Face model directory; to-hf: a run directory"),
     arg("dst", help="from-hf: a new run directory; to-hf: a new model directory"),
     arg("--step", type=int, default=None, help="to-hf: checkpoint step"),
+    arg("--dtype", default=None, help="to-hf: float32, bfloat16, ... (default: the params')"),
+    arg("--max-shard-size", type=int, default=5 * 2**30, help="to-hf: bytes per file at most"),
     overrides("from-hf: key.sub=value for the run config"),
 )
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -206,8 +208,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
         cfg = convert.from_hf(args.src, args.dst, args.overrides)
         print(f"wrote {args.dst}: {convert.family(cfg.model)} model, checkpoint at step 0")
     else:
-        convert.to_hf(args.src, args.dst, args.step)
-        print(f"wrote {args.dst}: config.json and model.safetensors")
+        files = convert.to_hf(args.src, args.dst, args.step, args.dtype, args.max_shard_size)
+        print(f"wrote {args.dst}: config.json and {', '.join(files)}")
 
 
 @command(

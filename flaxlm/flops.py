@@ -84,9 +84,11 @@ def analytic_param_count(cfg: ModelConfig) -> int:
     norm = 2 * d if cfg.norm == Norm.layernorm else d
     attention = d * heads * hd + 2 * d * kv * hd + heads * hd * d
     attention += (heads * hd + 2 * kv * hd + d) if bias else 0
-    mlp_in = 2 if cfg.mlp == Mlp.swiglu else 1
+    attention += (heads * hd + 2 * kv * hd) if cfg.qkv_bias and not bias else 0
+    attention += 2 * hd if cfg.qk_norm else 0
+    mlp_in = 2 if cfg.mlp in (Mlp.swiglu, Mlp.geglu) else 1
     mlp = mlp_in * d * ff + ff * d + ((mlp_in * ff + d) if bias else 0)
-    per_layer = attention + mlp + 2 * norm
+    per_layer = attention + mlp + (4 if cfg.post_norms else 2) * norm
     total = cfg.vocab_size * d + cfg.n_layers * per_layer + norm
     if cfg.position == Position.learned:
         total += cfg.max_seq_len * d

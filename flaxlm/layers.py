@@ -7,6 +7,7 @@ Shape letters as in `flaxlm.model`.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import flax.linen as nn
 import jax
@@ -38,24 +39,37 @@ class RMSNorm(nn.Module):
     eps: float
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    # Logical name of the normalised axis: ("head_dim",) for the per-head q/k norms of Qwen3.
+    axes: tuple[str, ...] = ("embed",)
+    # Gemma: multiply by (1 + scale), the scale starting at zero.
+    offset: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         scale = self.param(
             "scale",
-            nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+            nn.with_logical_partitioning(
+                nn.initializers.zeros if self.offset else nn.initializers.ones, self.axes
+            ),
             (x.shape[-1],),
             self.param_dtype,
         )
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+        scale = scale.astype(jnp.float32) + (1.0 if self.offset else 0.0)
+        return (y * scale).astype(self.dtype)
 
 
 def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
     dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     if cfg.norm == Norm.rmsnorm:
-        return RMSNorm(eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name=name)
+        return RMSNorm(
+            eps=cfg.norm_eps,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            offset=cfg.norm_scale_offset,
+            name=name,
+        )
     return nn.LayerNorm(
         epsilon=cfg.norm_eps,
         dtype=dtype,
@@ -72,7 +86,8 @@ def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
 
 
 class FeedForward(nn.Module):
-    """GELU MLP (GPT-2) or SwiGLU (Llama): down(act(up(x))) or down(silu(gate(x)) * up(x))."""
+    """GELU MLP (GPT-2), SwiGLU (Llama) or GeGLU (Gemma): down(act(up(x))) or
+    down(act(gate(x)) * up(x))."""
 
     cfg: ModelConfig
 
@@ -93,9 +108,10 @@ class FeedForward(nn.Module):
             )
 
         up_BxTxF = dense("up", cfg.d_ff, ("embed", "mlp"), cfg.init_std)(x_BxTxD)
-        if cfg.mlp == Mlp.swiglu:
+        if cfg.mlp in (Mlp.swiglu, Mlp.geglu):
             gate_BxTxF = dense("gate", cfg.d_ff, ("embed", "mlp"), cfg.init_std)(x_BxTxD)
-            hidden_BxTxF = nn.silu(gate_BxTxF) * up_BxTxF
+            act = nn.silu if cfg.mlp == Mlp.swiglu else partial(nn.gelu, approximate=True)
+            hidden_BxTxF = act(gate_BxTxF) * up_BxTxF
         else:
             # GPT-2 uses the tanh approximation of GELU.
             hidden_BxTxF = nn.gelu(up_BxTxF, approximate=True)

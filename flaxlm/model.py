@@ -5,6 +5,12 @@ One module covers both families through `ModelConfig`:
 - GPT-2: LayerNorm, GELU MLP, learned absolute positions, biases, tied input/output embeddings.
 - Llama: RMSNorm, SwiGLU MLP, rotary positions, grouped-query attention, no biases, untied output.
 - The classic sinusoidal encoding of Vaswani et al. (x + PE(p)) is a third position choice.
+- Options on the Llama shape give Mistral (sliding window), Qwen2 (q/k/v biases), Qwen3 (q/k
+  norms) and Gemma 2 (GeGLU, (1 + scale) norms, post-norms, embedding scaling, soft-capped
+  logits, alternating local/global layers).
+
+Dropout (embeddings, attention probabilities, residual branches) is on only when `apply` gets a
+"dropout" RNG, which only the train step passes.
 
 Blocks are pre-norm: x + Attn(Norm(x)), then x + MLP(Norm(x)). Every parameter carries logical
 axis names (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`) and the main activations are
@@ -19,6 +25,8 @@ tokens of a decode.
 """
 
 from __future__ import annotations
+
+import math
 
 import flax.linen as nn
 import jax
@@ -38,16 +46,39 @@ class Block(nn.Module):
 
     cfg: ModelConfig
     decode: bool = False
+    # This layer's sliding window (None: the whole causal prefix); see layer_window.
+    window: int | None = None
 
     @nn.compact
     def __call__(self, x_BxTxD: Array, positions_BxT: Array, segment_ids_BxT: Array) -> Array:
-        x_BxTxD = x_BxTxD + Attention(self.cfg, self.decode, name="attn")(
-            make_norm(self.cfg, "attn_norm")(x_BxTxD), positions_BxT, segment_ids_BxT
-        )
-        x_BxTxD = x_BxTxD + FeedForward(self.cfg, name="mlp")(
-            make_norm(self.cfg, "mlp_norm")(x_BxTxD)
-        )
+        cfg = self.cfg
+        attn = Attention(cfg, self.decode, self.window, name="attn")
+        h_BxTxD = attn(make_norm(cfg, "attn_norm")(x_BxTxD), positions_BxT, segment_ids_BxT)
+        if cfg.post_norms:  # Gemma normalises each branch's output too
+            h_BxTxD = make_norm(cfg, "post_attn_norm")(h_BxTxD)
+        x_BxTxD = x_BxTxD + dropout(self, cfg.dropout_residual, h_BxTxD)
+        h_BxTxD = FeedForward(cfg, name="mlp")(make_norm(cfg, "mlp_norm")(x_BxTxD))
+        if cfg.post_norms:
+            h_BxTxD = make_norm(cfg, "post_mlp_norm")(h_BxTxD)
+        x_BxTxD = x_BxTxD + dropout(self, cfg.dropout_residual, h_BxTxD)
         return constrain(x_BxTxD, ("batch", "length", "act_embed"))
+
+
+def layer_window(cfg: ModelConfig, layer: int) -> int | None:
+    """The sliding window of layer `layer`: cfg.sliding_window, except every global_every-th
+    layer, which sees the whole prefix (Gemma 2 alternates local and global layers)."""
+    if cfg.global_every and (layer + 1) % cfg.global_every == 0:
+        return None
+    return cfg.sliding_window
+
+
+def dropout(module: nn.Module, rate: float, x: Array) -> Array:
+    """Inverted dropout while training (a "dropout" RNG is given); the identity otherwise, and
+    always at rate 0 (then nothing is traced: the step is exactly the one without dropout)."""
+    if rate == 0 or not module.has_rng("dropout"):
+        return x
+    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 class ScannedBlock(Block):
@@ -120,17 +151,19 @@ def decoder_stack(
             # Only XLA:CPU has shown the problem; a conditional costs more on accelerators.
             if cfg.residual_grad_barrier and not decode and _platform() == "cpu":
                 x = residual_grad_barrier(x)
-            x = block_cls(cfg, decode, name=f"block_{i}")(x, positions, segment_ids)
+            x = block_cls(cfg, decode, layer_window(cfg, i), name=f"block_{i}")(
+                x, positions, segment_ids
+            )
         return x
     stack = nn.scan(
         block_cls,
         variable_axes={"params": 0, "cache": 0},
-        split_rngs={"params": True},
+        split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast, nn.broadcast),
         length=cfg.n_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
-    x, _ = stack(cfg, decode, name="blocks")(x, positions, segment_ids)
+    x, _ = stack(cfg, decode, cfg.sliding_window, name="blocks")(x, positions, segment_ids)
     return x
 
 
@@ -175,6 +208,8 @@ class Transformer(nn.Module):
             name="embed",
         )
         x_BxTxD = embed(tokens)
+        if cfg.embed_scale:  # Gemma: sqrt(d_model), rounded to the compute dtype as in Gemma
+            x_BxTxD = x_BxTxD * jnp.asarray(math.sqrt(cfg.d_model), dtype)
         if cfg.position == Position.learned:
             pos_table = nn.Embed(
                 cfg.max_seq_len,
@@ -189,6 +224,7 @@ class Transformer(nn.Module):
             x_BxTxD = x_BxTxD + pos_table(positions)
         elif cfg.position == Position.sinusoidal:
             x_BxTxD = x_BxTxD + sinusoidal_encoding(positions, cfg.d_model).astype(dtype)
+        x_BxTxD = dropout(self, cfg.dropout_embed, x_BxTxD)
         x_BxTxD = constrain(x_BxTxD, ("batch", "length", "act_embed"))
 
         x_BxTxD = decoder_stack(cfg, x_BxTxD, positions, segment_ids, self.decode)
@@ -208,4 +244,8 @@ class Transformer(nn.Module):
                 name="lm_head",
             )(x_BxTxD)
         logits_BxTxV = constrain(logits_BxTxV, ("batch", "length", "act_vocab"))
-        return logits_BxTxV.astype(jnp.float32)
+        logits_BxTxV = logits_BxTxV.astype(jnp.float32)
+        if cfg.final_logit_softcap is not None:
+            cap = cfg.final_logit_softcap
+            logits_BxTxV = cap * jnp.tanh(logits_BxTxV / cap)
+        return logits_BxTxV

@@ -1,6 +1,6 @@
 """The self-attention layer: projections, positions, the attention kernel and the decode cache.
 
-Shape letters as in `flaxlm.model`.
+Shape letters as in `flaxlm.model`; C is the number of slots of a sliding-window ring cache.
 """
 
 from __future__ import annotations
@@ -12,9 +12,15 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from flaxlm.attention import cached_attention, dot_product_attention
+from flaxlm.attention import (
+    attention_mask,
+    cached_attention,
+    dot_product_attention,
+    masked_attention,
+    reference_attention,
+)
 from flaxlm.config import ModelConfig, Position
-from flaxlm.layers import constrain, dtype_of, normal_init
+from flaxlm.layers import RMSNorm, constrain, dtype_of, normal_init
 from flaxlm.positions import apply_rope, rope_frequencies
 
 Array = jax.Array
@@ -26,10 +32,14 @@ class Attention(nn.Module):
     With `decode=True` keys and values go into a cache (the "cache" collection, sized by the
     input at `init`), so that each call attends to everything cached so far: a prompt is
     prefilled in one call and each new token then costs one position, not the whole prefix.
+    With a sliding window of W positions the cache is a ring buffer of min(W, S) slots.
+    `window` is this layer's sliding window (None: the whole causal prefix). Attention dropout
+    is on while a "dropout" RNG is given (training) and model.dropout_attn > 0.
     """
 
     cfg: ModelConfig
     decode: bool = False
+    window: int | None = None
 
     @nn.compact
     def __call__(self, x_BxTxD: Array, positions_BxT: Array, segment_ids_BxT: Array) -> Array:
@@ -40,7 +50,7 @@ class Attention(nn.Module):
         def proj(name: str, heads: int, axis: str) -> Array:
             return nn.DenseGeneral(
                 features=(heads, head_dim),
-                use_bias=cfg.use_bias,
+                use_bias=cfg.use_bias or cfg.qkv_bias,
                 dtype=dtype,
                 param_dtype=param_dtype,
                 kernel_init=nn.with_logical_partitioning(
@@ -53,22 +63,41 @@ class Attention(nn.Module):
         q_BxTxNxH = proj("query", cfg.n_heads, "heads")
         k_BxTxKxH = proj("key", cfg.kv_heads, "kv_heads")
         v_BxTxKxH = proj("value", cfg.kv_heads, "kv_heads")
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head, before the rotation
+            norm = lambda name: RMSNorm(  # noqa: E731
+                cfg.norm_eps, dtype, param_dtype, ("head_dim",), cfg.norm_scale_offset, name=name
+            )
+            q_BxTxNxH, k_BxTxKxH = norm("query_norm")(q_BxTxNxH), norm("key_norm")(k_BxTxKxH)
         if cfg.position == Position.rope:
             inv_freq_R = rope_frequencies(cfg)
             q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, inv_freq_R)
             k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, inv_freq_R)
+        if cfg.query_scale is not None:  # the kernels divide by sqrt(head_dim): correct for it
+            q_BxTxNxH = q_BxTxNxH * jnp.asarray(
+                math.sqrt(head_dim / cfg.query_scale), q_BxTxNxH.dtype
+            )
         q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = (
             checkpoint_name(a, "qkv") for a in (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
         )
         q_BxTxNxH = constrain(q_BxTxNxH, ("batch", "length", "act_heads", None))
         k_BxTxKxH = constrain(k_BxTxKxH, ("batch", "length", "act_kv_heads", None))
         v_BxTxKxH = constrain(v_BxTxKxH, ("batch", "length", "act_kv_heads", None))
-        if self.decode:
-            out_BxTxNxH = self._cached_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)
+        qkv = (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
+        if self.decode and self.window is not None:
+            out_BxTxNxH = self._ring_attention(*qkv, segment_ids_BxT)
+        elif self.decode:
+            out_BxTxNxH = self._cached_attention(*qkv, segment_ids_BxT)
+        elif cfg.dropout_attn > 0 and self.has_rng("dropout"):
+            # Dropout needs the probabilities themselves: the explicit kernel.
+            mask_Bx1xTxS = attention_mask(segment_ids_BxT, segment_ids_BxT, self.window)
+            out_BxTxNxH = reference_attention(
+                *qkv, mask_Bx1xTxS, self._attention_dropout, cfg.attn_logit_softcap
+            )
         else:
             out_BxTxNxH = dot_product_attention(
-                q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, segment_ids_BxT, cfg.attention
-            )
+                *qkv, segment_ids_BxT, segment_ids_BxT, cfg.attention, self.window,
+                cfg.attn_logit_softcap,
+            )  # fmt: skip
         out_BxTxNxH = checkpoint_name(
             constrain(out_BxTxNxH, ("batch", "length", "act_heads", None)), "attn_out"
         )
@@ -87,6 +116,12 @@ class Attention(nn.Module):
             name="out",
         )(out_BxTxNxH)
 
+    def _attention_dropout(self, weights: Array) -> Array:
+        """Inverted dropout on the attention probabilities (a fresh mask per layer and step)."""
+        rate = self.cfg.dropout_attn
+        keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, weights.shape)
+        return jnp.where(keep, weights / (1.0 - rate), 0.0)
+
     def _cached_attention(
         self, q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array, segment_ids_BxT: Array
     ) -> Array:
@@ -102,19 +137,67 @@ class Attention(nn.Module):
             "cache", "cached_segment_ids", jnp.zeros, segment_ids_BxT.shape, jnp.int32
         )
         index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
-        kernel = self.cfg.attention
+        kernel, softcap = self.cfg.attention, self.cfg.attn_logit_softcap
         if not initialized:  # init only sizes the cache
             return dot_product_attention(
-                q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, segment_ids_BxT, kernel
-            )
+                q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, segment_ids_BxT, kernel,
+                softcap=softcap,
+            )  # fmt: skip
         start = index.value
         k_BxSxKxH = _write_at(k_cache, k_BxTxKxH, start)
         v_BxSxKxH = _write_at(v_cache, v_BxTxKxH, start)
         segments_BxS = _write_at(segments, segment_ids_BxT, start)
         index.value = start + q_BxTxNxH.shape[1]
         return cached_attention(
-            q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, segments_BxS, start, kernel
+            q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, segments_BxS, start, kernel, softcap
         )
+
+    def _ring_attention(
+        self, q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array, segment_ids_BxT: Array
+    ) -> Array:
+        """Sliding-window decoding over a ring buffer of C = min(W, S) slots.
+
+        The T new queries attend over the C cached slots followed by the T new keys (every
+        position older than C slots back is outside every query's window); then the newest
+        min(T, C) keys overwrite the oldest slots. Each slot remembers its absolute position.
+        """
+        b, t, kv_heads, h = k_BxTxKxH.shape
+        initialized = self.has_variable("cache", "cached_key")
+        c = min(self.window, t)  # at init T is the whole S
+        shape_BxCxKxH = (b, c, kv_heads, h)
+        k_cache = self.variable("cache", "cached_key", jnp.zeros, shape_BxCxKxH, k_BxTxKxH.dtype)
+        v_cache = self.variable("cache", "cached_value", jnp.zeros, shape_BxCxKxH, v_BxTxKxH.dtype)
+        segments = self.variable("cache", "cached_segment_ids", jnp.zeros, (b, c), jnp.int32)
+        slot_pos = self.variable("cache", "cached_positions", jnp.zeros, (c,), jnp.int32)
+        index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        if not initialized:  # init only sizes the cache
+            return dot_product_attention(
+                q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, segment_ids_BxT,
+                window=self.window, softcap=self.cfg.attn_logit_softcap,
+            )  # fmt: skip
+        c = k_cache.value.shape[1]
+        start = index.value
+        q_pos_T = start + jnp.arange(t)
+        k_BxSxKxH = jnp.concatenate([k_cache.value, k_BxTxKxH.astype(k_cache.value.dtype)], 1)
+        v_BxSxKxH = jnp.concatenate([v_cache.value, v_BxTxKxH.astype(v_cache.value.dtype)], 1)
+        kv_seg_BxS = jnp.concatenate([segments.value, segment_ids_BxT], 1)
+        kv_pos_S = jnp.concatenate([slot_pos.value, q_pos_T])
+        back_TxS = q_pos_T[:, None] - kv_pos_S[None, :]
+        local_TxS = (back_TxS >= 0) & (back_TxS < self.window)
+        same_BxTxS = segment_ids_BxT[:, :, None] == kv_seg_BxS[:, None, :]
+        mask_Bx1xTxS = (local_TxS[None] & same_BxTxS & (kv_seg_BxS != 0)[:, None, :])[:, None]
+        # The newest min(T, C) positions go to slots position % C (distinct: consecutive).
+        keep = min(t, c)
+        slots = (start + t - keep + jnp.arange(keep)) % c
+        k_cache.value = k_cache.value.at[:, slots].set(k_BxSxKxH[:, -keep:])
+        v_cache.value = v_cache.value.at[:, slots].set(v_BxSxKxH[:, -keep:])
+        segments.value = segments.value.at[:, slots].set(segment_ids_BxT[:, -keep:])
+        slot_pos.value = slot_pos.value.at[slots].set(q_pos_T[-keep:])
+        index.value = start + t
+        return masked_attention(
+            q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, self.cfg.attention,
+            self.cfg.attn_logit_softcap,
+        )  # fmt: skip
 
 
 def _write_at(cache: nn.Variable, new_BxT: Array, start: Array) -> Array:

@@ -65,24 +65,28 @@ def token_losses(logits_BxTxV: jax.Array, batch: Batch) -> tuple[jax.Array, jax.
 
 
 def forward_losses(
-    params, model: Transformer, batch: Batch
+    params, model: Transformer, batch: Batch, dropout_key: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The model's logits_BxTxV on a batch, with its per-token losses and their weights."""
+    """The model's logits_BxTxV on a batch, with its per-token losses and their weights.
+
+    With a dropout_key the model's dropout is on (training); without, it is deterministic.
+    """
+    rngs = {} if dropout_key is None else {"dropout": dropout_key}
     logits_BxTxV = model.apply(
-        {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"]
+        {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"], rngs=rngs
     )
     return logits_BxTxV, *token_losses(logits_BxTxV, batch)
 
 
 def loss_sums(
-    params, model: Transformer, batch: Batch, z_loss: float
+    params, model: Transformer, batch: Batch, z_loss: float, dropout_key: jax.Array | None = None
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The training objective summed (not averaged) over the batch's predicted tokens.
 
     Sums make micro-batches add up exactly to the whole batch; the caller divides by the total
     token count once.
     """
-    logits_BxTxV, losses_BxTm1, weights_BxTm1 = forward_losses(params, model, batch)
+    logits_BxTxV, losses_BxTm1, weights_BxTm1 = forward_losses(params, model, batch, dropout_key)
     nats = (losses_BxTm1 * weights_BxTm1).sum()
     aux = {"nats": nats, "tokens": weights_BxTm1.sum()}
     objective = nats
@@ -111,23 +115,35 @@ def _micro_batches(batch: Batch, steps: int) -> Batch:
 
 
 def gradients(
-    params, model: Transformer, batch: Batch, z_loss: float, accum_steps: int
+    params,
+    model: Transformer,
+    batch: Batch,
+    z_loss: float,
+    accum_steps: int,
+    dropout_key: jax.Array | None = None,
 ) -> tuple[Any, dict[str, jax.Array]]:
-    """Gradients of the per-token mean objective, accumulated over micro-batches if asked."""
+    """Gradients of the per-token mean objective, accumulated over micro-batches if asked
+    (micro-batch i draws its dropout masks from fold_in(dropout_key, i))."""
     grad_fn = jax.grad(loss_sums, has_aux=True)
     if accum_steps == 1:
-        grads, aux = grad_fn(params, model, batch, z_loss)
+        grads, aux = grad_fn(params, model, batch, z_loss, dropout_key)
     else:
 
-        def add(carry, micro):
-            grads, aux = grad_fn(params, model, micro, z_loss)
+        def micro_key(i):
+            return None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+
+        def add(carry, micro_i):
+            micro, i = micro_i
+            grads, aux = grad_fn(params, model, micro, z_loss, micro_key(i))
             return jax.tree.map(jnp.add, carry, (grads, aux)), None
 
         micro = _micro_batches(batch, accum_steps)
         first = jax.tree.map(lambda x: x[0], micro)
-        shapes = jax.eval_shape(lambda p, b: grad_fn(p, model, b, z_loss), params, first)
+        shapes = jax.eval_shape(
+            lambda p, b: grad_fn(p, model, b, z_loss, micro_key(0)), params, first
+        )
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-        (grads, aux), _ = jax.lax.scan(add, zeros, micro)
+        (grads, aux), _ = jax.lax.scan(add, zeros, (micro, jnp.arange(accum_steps)))
     count = jnp.maximum(aux["tokens"], 1.0)
     return jax.tree.map(lambda g: g / count, grads), {**aux, "count": count}
 
@@ -142,8 +158,13 @@ def train_step(
     z_loss: float = 0.0,
     accum_steps: int = 1,
     skip_nonfinite: bool = False,
+    dropout_seed: int | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    grads, aux = gradients(state.params, model, batch, z_loss, accum_steps)
+    # Dropout masks are a function of (seed, step): a resumed run draws the same ones.
+    dropout_key = None
+    if dropout_seed is not None:
+        dropout_key = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
+    grads, aux = gradients(state.params, model, batch, z_loss, accum_steps, dropout_key)
     loss = aux["nats"] / aux["count"]
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -218,6 +239,11 @@ def optimizer_state_specs(opt_state, params, param_specs):
     return jax.tree_util.tree_map_with_path(spec_for, opt_state)
 
 
+def _has_dropout(cfg: Config) -> bool:
+    m = cfg.model
+    return max(m.dropout_embed, m.dropout_attn, m.dropout_residual) > 0
+
+
 @dataclasses.dataclass
 class Trainer:
     """A model, optimizer and mesh with compiled steps and the shardings of their state."""
@@ -259,6 +285,7 @@ class Trainer:
             z_loss=cfg.optimizer.z_loss,
             accum_steps=cfg.optimizer.grad_accum_steps,
             skip_nonfinite=cfg.train.nan_policy == NanPolicy.skip,
+            dropout_seed=cfg.train.seed if _has_dropout(cfg) else None,
         )
         self._jit_step = jax.jit(
             step_fn,

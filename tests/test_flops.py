@@ -20,6 +20,10 @@ PUBLISHED = {
     "llama3.2-3b": 3_212_749_824,
     "llama3-8b": 8_030_261_248,
     "llama3-70b": 70_553_706_496,
+    "mistral-7b": 7_241_732_096,
+    "qwen2.5-0.5b": 494_032_768,
+    "qwen3-0.6b": 596_049_920,
+    "gemma2-2b": 2_614_341_888,
 }
 
 
@@ -45,6 +49,7 @@ def test_analytic_count_matches_the_model_for_every_option(family, scan):
         ["model.tie_embeddings=false"],
         ["model.position=sinusoidal"],
         ["model.use_bias=true"],
+        ["model.use_bias=false", "model.qkv_bias=true", "model.qk_norm=true"],
     ):
         cfg = _preset(family, f"model.scan_layers={scan}", *extra)
         shapes = jax.eval_shape(

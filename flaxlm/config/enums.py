@@ -18,6 +18,7 @@ class Norm(enum.StrEnum):
 class Mlp(enum.StrEnum):
     gelu = "gelu"
     swiglu = "swiglu"
+    geglu = "geglu"  # Gemma: down(gelu_tanh(gate(x)) * up(x))
 
 
 class Position(enum.StrEnum):

@@ -51,6 +51,31 @@ class ModelConfig:
     rope_original_max_len: int = 8192
     tie_embeddings: bool = True
     use_bias: bool = True
+    # Biases on the query/key/value projections only (Qwen2); use_bias puts them everywhere.
+    qkv_bias: bool = False
+    # RMSNorm over each query and key head before the rotary embedding (Qwen3).
+    qk_norm: bool = False
+    # Each token attends to itself and the sliding_window - 1 tokens before it (Mistral);
+    # None: the whole causal prefix. Decoding then keeps a ring buffer of that many positions.
+    sliding_window: int | None = None
+    # Dropout rates, active only in training (eval and generation are deterministic): on the
+    # embeddings, on the attention probabilities, and on each residual branch's output.
+    # With a sliding window: every global_every-th layer (layers k-1, 2k-1, ...) attends to the
+    # whole prefix, the others through the window (Gemma 2: 2); 0: every layer uses the window.
+    global_every: int = 0
+    # Gemma: RMSNorm multiplies by (1 + scale) (scales start at 0); embeddings are multiplied by
+    # sqrt(d_model); each residual branch's output is normalised too (post_norms); attention
+    # logits are scaled by 1/sqrt(query_scale) instead of 1/sqrt(head_dim) and soft-capped as
+    # cap * tanh(x / cap), like the output logits (None: no cap).
+    norm_scale_offset: bool = False
+    embed_scale: bool = False
+    post_norms: bool = False
+    query_scale: float | None = None
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    dropout_embed: float = 0.0
+    dropout_attn: float = 0.0
+    dropout_residual: float = 0.0
     attention: AttentionKernel = AttentionKernel.xla
     # nn.scan over layers: one compiled block whatever the depth (compile time flat in depth);
     # parameters then carry a leading `layers` axis.

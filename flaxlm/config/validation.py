@@ -107,6 +107,25 @@ def _validate_model(m: ModelConfig, d: DataConfig) -> None:
         _require(
             m.d_model % 2 == 0, f"sinusoidal positions need an even model.d_model, got {m.d_model}"
         )
+    _require(
+        m.sliding_window is None or m.sliding_window > 0,
+        f"model.sliding_window={m.sliding_window} must be positive (or null for full attention)",
+    )
+    _require(
+        m.global_every >= 0 and (m.global_every == 0 or m.sliding_window is not None),
+        f"model.global_every={m.global_every} needs model.sliding_window (and must be >= 0)",
+    )
+    _require(
+        m.global_every == 0 or not m.scan_layers,
+        "model.global_every alternates the attention of layers, which nn.scan cannot do; "
+        "set model.scan_layers=false",
+    )
+    for key in ("query_scale", "attn_logit_softcap", "final_logit_softcap"):
+        value = getattr(m, key)
+        _require(value is None or value > 0, f"model.{key}={value} must be positive or null")
+    for key in ("dropout_embed", "dropout_attn", "dropout_residual"):
+        rate = getattr(m, key)
+        _require(0.0 <= rate < 1.0, f"model.{key}={rate} must be in [0, 1)")
     if m.attention == AttentionKernel.cudnn:
         _require(
             m.dtype in (DType.bfloat16, DType.float16),

@@ -1,4 +1,5 @@
-"""Hugging Face GPT-2 / Llama checkpoints to flaxlm run directories and back.
+"""Hugging Face checkpoints (GPT-2, Llama, Mistral, Qwen2, Qwen3, Gemma 2) to flaxlm run
+directories and back.
 
 `from_hf(SRC, DST)` reads a local Hugging Face model directory (config.json and *.safetensors)
 and writes DST as a flaxlm run directory: `config.yaml`, a step-0 checkpoint (parameters plus a

@@ -7,26 +7,12 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flaxlm import config as config_lib
 from flaxlm.config import Config, ConfigError
 from flaxlm.convert.hf_config import hf_config, model_overrides_from_hf
-from flaxlm.convert.params import check_shapes, params_from_hf, params_to_hf
-
-
-def _read_safetensors(src: Path) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
-
-    files = sorted(src.glob("*.safetensors"))
-    if not files:
-        raise ConfigError(f"{src} has no *.safetensors files (PyTorch .bin files are not read)")
-    tensors = {}
-    for path in files:
-        with safe_open(str(path), framework="flax") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                tensors[key] = np.asarray(f.get_tensor(key).astype(jnp.float32))
-    return tensors
+from flaxlm.convert.safetensors_io import LazySafetensors, write_sharded
+from flaxlm.convert.streaming import hf_tensors, place_params
 
 
 def from_hf(
@@ -43,24 +29,24 @@ def from_hf(
     if (dst / "checkpoints").exists():
         raise ConfigError(f"{dst} already holds checkpoints; choose a new directory")
     hf = json.loads((src / "config.json").read_text())
-    model = [f"model.{k}={v}" for k, v in model_overrides_from_hf(hf).items()]
+    model = [f"model.{k}={v}" for k, v in model_overrides_from_hf(hf).items() if v is not None]
     data_len = min(hf.get("n_positions") or hf.get("max_position_embeddings"), 1024)
     # The run trains and evaluates with the model's own tokenizer (copied into dst/tokenizer).
     data = []
     if (src / "tokenizer.json").is_file():
         data = ["data.tokenizer=hf", f"data.tokenizer_path={(dst / TOKENIZER_DIR).absolute()}"]
+    tensors = LazySafetensors(src)
+    # Parameters keep the checkpoint's dtype (bfloat16 stays bfloat16) unless overridden.
+    dtypes = {tensors.dtype(k) for k in tensors if tensors.dtype(k).kind in "fV"}
+    if dtypes and all(d.name == "bfloat16" for d in dtypes):
+        model.append("model.param_dtype=bfloat16")
     cfg = config_lib.load(
         None, [*model, f"data.seq_len={data_len}", f"train.run_dir={dst}", *data, *overrides]
     )
 
     trainer = Trainer(cfg, make_mesh(cfg))
-    params = params_from_hf(_read_safetensors(src), cfg.model)
-    check_shapes(params, trainer.abstract_state.params)
-    params = jax.tree.map(
-        lambda x, a: jax.device_put(x.astype(a.dtype), a.sharding),
-        params,
-        trainer.abstract_state.params,
-    )
+    with trainer.context():
+        params = place_params(tensors, cfg.model, trainer.abstract_state.params)
     with trainer.context():
         opt_state = jax.jit(trainer.tx.init, out_shardings=trainer.state_shardings.opt_state)(
             params
@@ -75,18 +61,25 @@ def from_hf(
     return cfg
 
 
-def to_hf(run_dir: str | Path, dst: str | Path, step: int | None = None) -> None:
-    """Writes a run's parameters as a Hugging Face model directory."""
-    from safetensors.numpy import save_file
-
+def to_hf(
+    run_dir: str | Path,
+    dst: str | Path,
+    step: int | None = None,
+    dtype: str | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> list[str]:
+    """Writes a run's parameters as a Hugging Face model directory: safetensors shards of at
+    most max_shard_bytes (with model.safetensors.index.json when there are several) in `dtype`
+    (default: the parameters' own), converted one layer at a time. Returns the file names."""
     from flaxlm.run_dir import TOKENIZER_DIR, copy_tokenizer_files, load_run
 
     run_dir, dst = Path(run_dir), Path(dst)
     cfg, _, params, _ = load_run(str(run_dir), step, [])
-    tensors = params_to_hf(
-        jax.tree.map(lambda x: np.asarray(x, np.float32), jax.device_get(params)), cfg.model
-    )
+    out_dtype = jnp.dtype(dtype or cfg.model.param_dtype)
     dst.mkdir(parents=True, exist_ok=True)
-    (dst / "config.json").write_text(json.dumps(hf_config(cfg.model), indent=2))
-    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    config = hf_config(cfg.model)
+    config["torch_dtype"] = config["dtype"] = out_dtype.name
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    files = write_sharded(hf_tensors(params, cfg.model, out_dtype), dst, max_shard_bytes)
     copy_tokenizer_files(run_dir / TOKENIZER_DIR, dst)
+    return files

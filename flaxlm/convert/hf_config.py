@@ -1,84 +1,61 @@
-"""Model configs between Hugging Face config.json and flaxlm's `model` section."""
+"""Model configs between Hugging Face config.json and flaxlm's `model` section, and the table of
+family modules (one per layer layout: `flaxlm.convert.gpt2`, `flaxlm.convert.llama`, ...).
+
+A family module provides MODEL_TYPES (the config.json model_types it reads), STRIP_PREFIX /
+EXPORT_PREFIX (a prefix removed from tensor names on import and added on export),
+`layer_prefix(i)`, `overrides_from_hf(hf)`, `hf_config(cfg)`, `top_from_hf(t, cfg)` /
+`top_to_hf(params, cfg)` for the parameters outside the blocks, and the per-layer
+`layer_from_hf(t, prefix, cfg)` / `layer_to_hf(layer, prefix, cfg)`.
+"""
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any
 
 from flaxlm.config import ConfigError, ModelConfig
+from flaxlm.convert import gemma, gpt2, llama
+
+MODULES: tuple[ModuleType, ...] = (gpt2, llama, gemma)
+
+
+def module_for_model_type(kind: str | None) -> ModuleType:
+    for module in MODULES:
+        if kind in module.MODEL_TYPES:
+            return module
+    known = ", ".join(t for m in MODULES for t in m.MODEL_TYPES)
+    raise ConfigError(f"model_type {kind!r} is not supported; flaxlm converts {known}")
 
 
 def model_overrides_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     """The flaxlm `model` section for a Hugging Face config.json."""
-    kind = hf.get("model_type")
-    if kind == "gpt2":
-        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ConfigError(f"GPT-2 activation {hf['activation_function']!r} is not supported")
-        d = hf["n_embd"]
-        return {
-            "vocab_size": hf["vocab_size"],
-            "d_model": d,
-            "n_layers": hf["n_layer"],
-            "n_heads": hf["n_head"],
-            "d_ff": hf.get("n_inner") or 4 * d,
-            "max_seq_len": hf["n_positions"],
-            "norm": "layernorm",
-            "norm_eps": hf.get("layer_norm_epsilon", 1e-5),
-            "mlp": "gelu",
-            "position": "learned",
-            "tie_embeddings": True,
-            "use_bias": True,
-        }
-    if kind == "llama":
-        if hf.get("attention_bias") or hf.get("mlp_bias"):
-            raise ConfigError("Llama checkpoints with attention or MLP biases are not supported")
-        # transformers 5 nests rope settings under rope_parameters; 4.x had rope_theta and
-        # rope_scaling at the top level. Accept both.
-        rope = dict(hf.get("rope_parameters") or {})
-        scaling = hf.get("rope_scaling") or rope
-        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-        out = {
-            "vocab_size": hf["vocab_size"],
-            "d_model": hf["hidden_size"],
-            "n_layers": hf["num_hidden_layers"],
-            "n_heads": hf["num_attention_heads"],
-            "n_kv_heads": hf.get("num_key_value_heads") or hf["num_attention_heads"],
-            "head_dim": hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-            "d_ff": hf["intermediate_size"],
-            "max_seq_len": hf["max_position_embeddings"],
-            "norm": "rmsnorm",
-            "norm_eps": hf.get("rms_norm_eps", 1e-5),
-            "mlp": "swiglu",
-            "position": "rope",
-            "rope_theta": float(theta),
-            "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-            "use_bias": False,
-        }
-        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-        if rope_type == "llama3":
-            out.update(
-                rope_scaling="llama3",
-                rope_scaling_factor=float(scaling["factor"]),
-                rope_low_freq_factor=float(scaling["low_freq_factor"]),
-                rope_high_freq_factor=float(scaling["high_freq_factor"]),
-                rope_original_max_len=int(scaling["original_max_position_embeddings"]),
-            )
-        elif rope_type not in ("default", None):
-            raise ConfigError(f"Llama rope scaling {rope_type!r} is not supported (only llama3)")
-        return out
-    raise ConfigError(f"model_type {kind!r} is not supported; flaxlm converts gpt2 and llama")
+    return module_for_model_type(hf.get("model_type")).overrides_from_hf(hf)
 
 
 def family(cfg: ModelConfig) -> str:
-    """'gpt2' or 'llama' when cfg has exactly that architecture, else a ConfigError."""
-    gpt2 = dict(
+    """The Hugging Face model_type of cfg's architecture ('gpt2', 'llama', 'mistral', 'qwen2',
+    'qwen3', 'gemma2'), else a ConfigError."""
+    gpt2_shape = dict(
         norm="layernorm", mlp="gelu", position="learned", tie_embeddings=True, use_bias=True
     )
-    llama = dict(norm="rmsnorm", mlp="swiglu", position="rope", use_bias=False)
-    for name, shape in (("gpt2", gpt2), ("llama", llama)):
-        if all(getattr(cfg, k) == v for k, v in shape.items()):
-            if name == "gpt2" and cfg.kv_heads != cfg.n_heads:
-                raise ConfigError("GPT-2 has no grouped-query attention; set model.n_kv_heads=null")
-            return name
+    llama_shape = dict(norm="rmsnorm", mlp="swiglu", position="rope", use_bias=False)
+    if all(getattr(cfg, k) == v for k, v in gpt2_shape.items()):
+        if cfg.kv_heads != cfg.n_heads:
+            raise ConfigError("GPT-2 has no grouped-query attention; set model.n_kv_heads=null")
+        if cfg.qk_norm or cfg.sliding_window:
+            raise ConfigError("GPT-2 has no q/k norm or sliding window")
+        return "gpt2"
+    gemma_shape = {**llama_shape, "mlp": "geglu", "post_norms": True}
+    if all(getattr(cfg, k) == v for k, v in gemma_shape.items()):
+        return "gemma2"
+    gemma_only = (
+        "norm_scale_offset", "embed_scale", "post_norms", "global_every", "query_scale",
+        "attn_logit_softcap", "final_logit_softcap",
+    )  # fmt: skip
+    if all(getattr(cfg, k) == v for k, v in llama_shape.items()) and not any(
+        getattr(cfg, k) for k in gemma_only
+    ):
+        return llama.family_of(cfg)
     raise ConfigError(
         "the model is neither GPT-2 shaped (layernorm, gelu, learned positions, biases, tied "
         "embeddings) nor Llama shaped (rmsnorm, swiglu, rope, no biases); it has no Hugging "
@@ -86,52 +63,9 @@ def family(cfg: ModelConfig) -> str:
     )
 
 
+def module_for(cfg: ModelConfig) -> ModuleType:
+    return module_for_model_type(family(cfg))
+
+
 def hf_config(cfg: ModelConfig) -> dict[str, Any]:
-    if family(cfg) == "gpt2":
-        return {
-            "architectures": ["GPT2LMHeadModel"],
-            "model_type": "gpt2",
-            "vocab_size": cfg.vocab_size,
-            "n_embd": cfg.d_model,
-            "n_layer": cfg.n_layers,
-            "n_head": cfg.n_heads,
-            "n_inner": cfg.d_ff,
-            "n_positions": cfg.max_seq_len,
-            "layer_norm_epsilon": cfg.norm_eps,
-            "activation_function": "gelu_new",
-            "tie_word_embeddings": True,
-            "resid_pdrop": 0.0,
-            "embd_pdrop": 0.0,
-            "attn_pdrop": 0.0,
-        }
-    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    if cfg.rope_scaling == "llama3":
-        rope = {
-            "rope_type": "llama3",
-            "rope_theta": cfg.rope_theta,
-            "factor": cfg.rope_scaling_factor,
-            "low_freq_factor": cfg.rope_low_freq_factor,
-            "high_freq_factor": cfg.rope_high_freq_factor,
-            "original_max_position_embeddings": cfg.rope_original_max_len,
-        }
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.kv_heads,
-        "head_dim": cfg.dim_per_head,
-        "intermediate_size": cfg.d_ff,
-        "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm_eps,
-        "hidden_act": "silu",
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_bias": False,
-        "mlp_bias": False,
-        # Both spellings, so that transformers 4.x and 5.x read the same rope settings.
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": rope if cfg.rope_scaling == "llama3" else None,
-        "rope_parameters": rope,
-    }
+    return module_for(cfg).hf_config(cfg)

@@ -1,0 +1,128 @@
+"""Streaming safetensors: a lazy, memory-mapped view of (sharded) checkpoint files, and a writer
+of sharded files with their index, one shard in memory at a time.
+
+The format is an 8-byte little-endian header length, a JSON header naming each tensor's dtype,
+shape and byte range, then the raw bytes. Reading maps the files and hands out NumPy views, so
+a tensor costs memory only when its bytes are touched, and bfloat16 stays bfloat16 (ml_dtypes).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from flaxlm.config import ConfigError
+
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_,
+}  # fmt: skip
+_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+INDEX = "model.safetensors.index.json"
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(size)), 8 + size
+
+
+class LazySafetensors(Mapping):
+    """name -> read-only NumPy array (a view of the memory-mapped file) over every
+    *.safetensors file of a directory; nothing is read until a tensor is indexed."""
+
+    def __init__(self, src: str | Path):
+        files = sorted(Path(src).glob("*.safetensors"))
+        if not files:
+            raise ConfigError(f"{src} has no *.safetensors files (PyTorch .bin files are not read)")
+        self._where: dict[str, tuple[Path, dict, int]] = {}
+        self._maps: dict[Path, np.memmap] = {}
+        for path in files:
+            header, start = _header(path)
+            for name, info in header.items():
+                if name != "__metadata__":
+                    self._where[name] = (path, info, start)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        path, info, start = self._where[name]
+        if path not in self._maps:
+            self._maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
+        begin, end = info["data_offsets"]
+        raw = self._maps[path][start + begin : start + end]
+        return raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+    def dtype(self, name: str) -> np.dtype:
+        return np.dtype(_DTYPES[self._where[name][1]["dtype"]])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def _write_file(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    header, offset = {}, 0
+    for name, array in tensors.items():
+        size = array.nbytes
+        header[name] = {
+            "dtype": _NAMES[array.dtype],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for array in tensors.values():
+            f.write(np.ascontiguousarray(array).tobytes())
+
+
+def write_sharded(
+    tensors: Iterable[tuple[str, np.ndarray]], dst: str | Path, max_shard_bytes: int
+) -> list[str]:
+    """Writes (name, array) pairs, consumed lazily, as shards of at most max_shard_bytes (a
+    larger tensor gets a shard of its own) with `model.safetensors.index.json`; a single shard
+    is plain `model.safetensors`. Only the shard being filled is held in memory."""
+    dst = Path(dst)
+    names: list[str] = []
+    current: dict[str, np.ndarray] = {}
+    size, total, weight_map = 0, 0, {}
+
+    def flush() -> None:
+        nonlocal current, size
+        if current:
+            name = f"part-{len(names):05d}.safetensors"
+            _write_file(dst / name, current)
+            names.append(name)
+            weight_map.update({k: name for k in current})
+        current, size = {}, 0
+
+    for name, array in tensors:
+        if current and size + array.nbytes > max_shard_bytes:
+            flush()
+        current[name] = np.ascontiguousarray(array)
+        size += array.nbytes
+        total += array.nbytes
+    flush()
+    final = [f"model-{i + 1:05d}-of-{len(names):05d}.safetensors" for i in range(len(names))]
+    if len(names) == 1:
+        final = ["model.safetensors"]
+    for old, new in zip(names, final, strict=True):
+        (dst / old).rename(dst / new)
+    if len(names) > 1:
+        rename = dict(zip(names, final, strict=True))
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {k: rename[v] for k, v in sorted(weight_map.items())},
+        }
+        (dst / INDEX).write_text(json.dumps(index, indent=2))
+    return final
