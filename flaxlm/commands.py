@@ -187,7 +187,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from flaxlm.run_dir import export_params
 
     step = export_params(args.checkpoint, args.dst, args.step)
-    print(f"wrote {args.dst}: parameters of step {step}")
+    print(f"wrote {args.dst}: parameters and tokenizer of step {step}")
 
 
 @command(
@@ -206,8 +206,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
         cfg = convert.from_hf(args.src, args.dst, args.overrides)
         print(f"wrote {args.dst}: {convert.family(cfg.model)} model, checkpoint at step 0")
     else:
-        convert.to_hf(args.src, args.dst, args.step)
-        print(f"wrote {args.dst}: config.json and model.safetensors")
+        step = convert.to_hf(args.src, args.dst, args.step)
+        print(f"wrote {args.dst}: config.json, model.safetensors and the tokenizer of step {step}")
 
 
 @command(

@@ -10,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxlm import config as config_lib
+from flaxlm import fs
 from flaxlm.config import Config, ConfigError
+from flaxlm.convert.byte_tokenizer import write_byte_tokenizer
 from flaxlm.convert.hf_config import hf_config, model_overrides_from_hf
 from flaxlm.convert.params import check_shapes, params_from_hf, params_to_hf
 
@@ -37,7 +39,7 @@ def from_hf(
     from flaxlm.run_dir import TOKENIZER_DIR, copy_tokenizer_files, write_checkpoint, write_config
     from flaxlm.train import Trainer, TrainState
 
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(fs.expand(src)), fs.as_path(dst)
     if not (src / "config.json").is_file():
         raise ConfigError(f"{src} is not a Hugging Face model directory: it has no config.json")
     if (dst / "checkpoints").exists():
@@ -48,7 +50,7 @@ def from_hf(
     # The run trains and evaluates with the model's own tokenizer (copied into dst/tokenizer).
     data = []
     if (src / "tokenizer.json").is_file():
-        data = ["data.tokenizer=hf", f"data.tokenizer_path={(dst / TOKENIZER_DIR).absolute()}"]
+        data = ["data.tokenizer=hf", f"data.tokenizer_path={dst / TOKENIZER_DIR}"]
     cfg = config_lib.load(
         None, [*model, f"data.seq_len={data_len}", f"train.run_dir={dst}", *data, *overrides]
     )
@@ -75,18 +77,22 @@ def from_hf(
     return cfg
 
 
-def to_hf(run_dir: str | Path, dst: str | Path, step: int | None = None) -> None:
-    """Writes a run's parameters as a Hugging Face model directory."""
+def to_hf(run_dir: str | Path, dst: str | Path, step: int | None = None) -> int:
+    """Writes a run's parameters as a Hugging Face model directory, with its tokenizer (a
+    byte-level `tokenizer.json` for a byte run); returns the exported step."""
     from safetensors.numpy import save_file
 
     from flaxlm.run_dir import TOKENIZER_DIR, copy_tokenizer_files, load_run
 
-    run_dir, dst = Path(run_dir), Path(dst)
-    cfg, _, params, _ = load_run(str(run_dir), step, [])
+    run_dir = fs.as_path(run_dir)
+    cfg, _, params, step = load_run(run_dir, step, [])
     tensors = params_to_hf(
         jax.tree.map(lambda x: np.asarray(x, np.float32), jax.device_get(params)), cfg.model
     )
-    dst.mkdir(parents=True, exist_ok=True)
-    (dst / "config.json").write_text(json.dumps(hf_config(cfg.model), indent=2))
-    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    with fs.staged(dst) as local:
+        (local / "config.json").write_text(json.dumps(hf_config(cfg.model), indent=2))
+        save_file(tensors, str(local / "model.safetensors"), metadata={"format": "pt"})
+        if cfg.data.tokenizer == "byte":
+            write_byte_tokenizer(local)
     copy_tokenizer_files(run_dir / TOKENIZER_DIR, dst)
+    return step
