@@ -11,6 +11,7 @@ parameters, and copies tokenizer files in and out of it.
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,6 +58,7 @@ def check_trainable(run_dir: Path, cfg: Config) -> Tokenizer:
     Refuses a parameters-only export, a directory of another model and a tokenizer that does not
     fit the model or the run.
     """
+    check_writable(run_dir, "train.run_dir")
     if (fs.as_path(run_dir) / PARAMS_ONLY).exists():
         raise ConfigError(
             f"{run_dir} is a parameters-only export (flaxlm export): it has no optimizer state "
@@ -65,6 +67,25 @@ def check_trainable(run_dir: Path, cfg: Config) -> Tokenizer:
     tokenizer = check_tokenizer(run_dir, cfg)
     check_same_model(run_dir, cfg)
     return tokenizer
+
+
+def check_writable(directory: Path, what: str) -> None:
+    """Refuses a directory that is a file, lies under a file, or cannot be written (read-only,
+    no permission), before any work is done."""
+    p = fs.as_path(directory)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{what}={directory} is a file, not a directory; choose another {what}")
+    probe = p / f".flaxlm-write-test-{uuid.uuid4().hex}"
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        reason = e.strerror or str(e) or type(e).__name__
+        raise ConfigError(
+            f"cannot write to {what}={directory} ({reason}); make it writable or choose another "
+            f"{what}"
+        ) from None
 
 
 def write_run_files(run_dir: Path, cfg: Config, tokenizer: Tokenizer) -> None:
@@ -256,8 +277,9 @@ def export_params(run_dir: str | Path, dst: str | Path, step: int | None = None)
     third of the size of a full AdamW checkpoint. Returns the exported step.
     """
     dst, src = fs.as_path(dst), fs.as_path(run_dir)
-    if dst.exists() and any(dst.iterdir()):
+    if dst.exists() and dst.is_dir() and any(dst.iterdir()):
         raise ConfigError(f"{dst} exists and is not empty; choose a new directory")
+    check_writable(dst, "the export directory")
     cfg, _, params, step = load_run(src, step)
     dst.mkdir(parents=True, exist_ok=True)
     (dst / "config.yaml").write_text((src / "config.yaml").read_text())

@@ -10,8 +10,9 @@ from test_convert import _bpe_tokenizer, _gpt2
 
 from flaxlm import config, convert, loop
 from flaxlm.config import ConfigError
+from flaxlm.data.tokenizer import HFTokenizer
 from flaxlm.evaluate import evaluate_run
-from flaxlm.run_dir import export_params
+from flaxlm.run_dir import export_params, load_tokenizer
 
 
 def _overrides(corpus_cache, *extra):
@@ -51,6 +52,10 @@ def test_continued_pretraining_of_an_imported_model_and_a_new_run_from_it(
 
     # An export is a source too, and a chosen step.
     export_params("gpt2", "export")
+    assert load_tokenizer("export").encode("Once upon") == load_tokenizer("gpt2").encode(
+        "Once upon"
+    )
+    assert isinstance(load_tokenizer("export"), HFTokenizer)  # not the byte fallback
     cfg = config.load(
         "gpt2/config.yaml",
         _overrides(corpus_cache, "train.run_dir=cont2", "train.init_from=export",
