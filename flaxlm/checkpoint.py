@@ -16,7 +16,10 @@ so a checkpoint restores onto any mesh.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +28,48 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from flaxlm import fs
 from flaxlm.config import CheckpointConfig, Config, ConfigError, portable, to_dict
-from flaxlm.data.pipeline import DataIterator, saved_num_shards
+from flaxlm.data.pipeline import SHARDS_FILE, DataIterator
 
 
 class DataIteratorHandler(ocp.CheckpointHandler):
-    """Saves the positions of the data shards this process owns (`shard_<k>/` each)."""
+    """Saves the positions of the data shards this process owns (`shard_<k>/` each).
+
+    tf.data writes its iterator checkpoints to local files only here: on an object store the
+    position is written to a local temporary directory and uploaded (and downloaded to read).
+    """
 
     def save(self, directory: epath.Path, args: DataIteratorSave) -> None:
-        args.iterator.save(os.fspath(directory))
+        if not fs.is_remote(directory):
+            args.iterator.save(os.fspath(directory))
+            return
+        local = Path(tempfile.mkdtemp(prefix="flaxlm-data-"))
+        try:
+            args.iterator.save(local)
+            fs.upload_tree(local, directory)
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
 
     def restore(self, directory: epath.Path, args: DataIteratorRestore) -> DataIterator:
-        args.iterator.restore(os.fspath(directory))
+        if not fs.is_remote(directory):
+            args.iterator.restore(os.fspath(directory))
+            return args.iterator
+        local = Path(tempfile.mkdtemp(prefix="flaxlm-data-"))
+        try:
+            fs.download_tree(directory, local)
+            args.iterator.restore(local)
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
         return args.iterator
+
+
+def saved_num_shards(directory: epath.Path) -> int | None:
+    """The number of data shards recorded in a saved data position (any file system), or None."""
+    path = directory / SHARDS_FILE
+    if not path.is_file():
+        return None
+    return int(json.loads(path.read_text())["num_shards"])
 
 
 @ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
@@ -69,7 +101,7 @@ class Checkpointer:
     """The checkpoint manager of one run directory."""
 
     def __init__(self, run_dir: str | os.PathLike, cfg: CheckpointConfig):
-        self.directory = Path(run_dir).absolute() / "checkpoints"
+        self.directory = fs.as_path(run_dir) / "checkpoints"
         self.every_steps = cfg.every_steps
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.max_to_keep,
@@ -167,7 +199,7 @@ class Checkpointer:
             ) from error
         return None
 
-    def _quarantine(self, step: int) -> Path:
+    def _quarantine(self, step: int) -> epath.Path:
         source = self.directory / str(step)
         target = self.directory / f"corrupt-{step}"
         n = 1
@@ -181,6 +213,28 @@ class Checkpointer:
         # The manager caches its step list; rebuild it so the step is gone from it.
         self._manager.reload()
         return target
+
+    def check_param_shapes(self, step: int, abstract_params: Any, what: str) -> None:
+        """Refuses a checkpoint whose parameters differ in name or shape from abstract_params,
+        naming the first difference (before anything is read)."""
+        saved = self._manager.item_metadata(step)["state"]["params"]
+        got = {
+            jax.tree_util.keystr(p): tuple(v.shape)
+            for p, v in jax.tree_util.tree_leaves_with_path(saved)
+        }
+        for p, v in jax.tree_util.tree_leaves_with_path(abstract_params):
+            name = jax.tree_util.keystr(p)
+            if name not in got:
+                raise ConfigError(
+                    f"{what} (step {step}) has no parameter {name}: it holds another model; "
+                    "use the model config it was trained with (its config.yaml)"
+                )
+            if got[name] != tuple(v.shape):
+                raise ConfigError(
+                    f"{what} (step {step}): parameter {name} has shape {got[name]} there but "
+                    f"{tuple(v.shape)} in this run's model config; use the model config it was "
+                    "trained with (its config.yaml)"
+                )
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         """Restores only the parameters (for evaluation and generation)."""

@@ -187,7 +187,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from flaxlm.run_dir import export_params
 
     step = export_params(args.checkpoint, args.dst, args.step)
-    print(f"wrote {args.dst}: parameters of step {step}")
+    print(f"wrote {args.dst}: parameters and tokenizer of step {step}")
 
 
 @command(
@@ -208,8 +208,10 @@ def cmd_convert(args: argparse.Namespace) -> None:
         cfg = convert.from_hf(args.src, args.dst, args.overrides)
         print(f"wrote {args.dst}: {convert.family(cfg.model)} model, checkpoint at step 0")
     else:
-        files = convert.to_hf(args.src, args.dst, args.step, args.dtype, args.max_shard_size)
-        print(f"wrote {args.dst}: config.json and {', '.join(files)}")
+        step, files = convert.to_hf(
+            args.src, args.dst, args.step, args.dtype, args.max_shard_size
+        )
+        print(f"wrote {args.dst}: config.json, {', '.join(files)} and the tokenizer of step {step}")
 
 
 @command(

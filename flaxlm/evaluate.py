@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from flaxlm import fs
 from flaxlm.data import pipeline
 from flaxlm.run_dir import check_tokenizer, load_run, open_run
 from flaxlm.train import Trainer
@@ -48,20 +49,21 @@ def evaluate_all_steps(run_dir: str | Path, overrides: Sequence[str] = ()) -> li
         results.append({"step": step, **evaluate(trainer, params, batches)})
     checkpointer.close()
     if jax.process_index() == 0:
-        _write_table_and_plot(Path(run_dir) / "eval", results)
+        target = fs.as_path(run_dir) / "eval"
+        with fs.staged(target) as local:
+            _write_table_and_plot(local, results, target.parent.name)
     return results
 
 
-def _write_table_and_plot(directory: Path, results: list[dict[str, Any]]) -> None:
+def _write_table_and_plot(directory: Path, results: list[dict[str, Any]], run_name: str) -> None:
     from flaxlm import report
 
-    directory.mkdir(parents=True, exist_ok=True)
     report.write_csv(results, directory / "table.csv")
     with report.figure(directory / "eval_loss.png", dpi=100, figsize=(6, 4)) as ax:
         ax.plot([r["step"] for r in results], [r["loss"] for r in results], marker="o")
         ax.set_xlabel("step")
         ax.set_ylabel("eval loss (nats per token)")
-        ax.set_title(f"eval loss of {directory.parent.name}")
+        ax.set_title(f"eval loss of {run_name}")
         ax.grid(alpha=0.3)
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import jax
 
-from flaxlm import hooks
+from flaxlm import fs, hooks
 from flaxlm.checkpoint import Checkpointer
 from flaxlm.config import Config
 from flaxlm.data import pipeline
@@ -40,7 +40,8 @@ from flaxlm.hooks import StepResult
 from flaxlm.mesh import make_mesh
 from flaxlm.metrics import MetricsWriter, log
 from flaxlm.preemption import PreemptionWatcher
-from flaxlm.run_dir import check_trainable, write_run_files
+from flaxlm.run_dir import check_init_source, check_trainable, init_state_from, write_run_files
+from flaxlm.run_lock import RunLock
 from flaxlm.run_state import RunState, Throughput
 from flaxlm.train import Trainer, TrainState
 
@@ -119,9 +120,21 @@ def run(cfg: Config) -> RunSummary:
     """Trains cfg in its run directory (resuming it if it holds checkpoints); see above."""
     started = time.perf_counter()
     t = cfg.train
-    run_dir = Path(t.run_dir)
+    run_dir = fs.as_path(t.run_dir)
     tokenizer = check_trainable(run_dir, cfg)
+    check_init_source(cfg)
     mesh = make_mesh(cfg)
+    # Taken before anything writes to the directory (or cleans up its half-written saves).
+    lock = RunLock(run_dir).acquire() if jax.process_index() == 0 else None
+    try:
+        return _run_locked(cfg, run_dir, tokenizer, mesh, started)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(cfg: Config, run_dir: Any, tokenizer: Any, mesh: Any, started: float) -> RunSummary:
+    t = cfg.train
     write_run_files(run_dir, cfg, tokenizer)
 
     trainer = Trainer(cfg, mesh)
@@ -173,14 +186,16 @@ def _train(p: _Parts, started: float) -> RunSummary:
     p.checkpointer.wait()
     summary = _summarize(p, run, state, start, first_eval, final_eval, started)
     if jax.process_index() == 0:
-        (Path(t.run_dir) / "summary.json").write_text(json.dumps(summary.to_json(), indent=2))
-    log(f"trained {t.steps - start} steps; summary in {Path(t.run_dir) / 'summary.json'}")
+        (fs.as_path(t.run_dir) / "summary.json").write_text(json.dumps(summary.to_json(), indent=2))
+    log(f"trained {t.steps - start} steps; summary in {fs.as_path(t.run_dir) / 'summary.json'}")
     return summary
 
 
 def _restore_or_init(p: _Parts) -> TrainState:
     """The newest readable checkpoint's state (and data position), or a fresh state."""
     restored = p.checkpointer.restore_latest_good(p.trainer.abstract_state, p.data, log=log)
+    if restored is None and p.cfg.train.init_from:
+        return init_state_from(p.trainer, p.cfg, log=log)
     if restored is None:
         return p.trainer.init_state(p.cfg.train.seed)
     step, state = restored

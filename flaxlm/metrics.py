@@ -9,12 +9,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
 from tqdm import tqdm
+
+from flaxlm import fs
+
+# How often a run directory on an object store gets the new metrics (object stores cannot
+# append: the files are written locally and uploaded whole), and always at the end.
+UPLOAD_EVERY_SECONDS = 30.0
 
 
 def log(message: str) -> None:
@@ -24,21 +33,32 @@ def log(message: str) -> None:
 
 
 class MetricsWriter:
+    """Appends to RUN_DIR/metrics.jsonl and RUN_DIR/tensorboard/ (local or on an object store,
+    where a local copy is uploaded every UPLOAD_EVERY_SECONDS and at close)."""
+
     def __init__(self, run_dir: str | os.PathLike, tensorboard: bool = True):
         self._active = jax.process_index() == 0
         self._jsonl = None
         self._tb = None
+        self._remote = None
         if not self._active:
             return
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        path = run_dir / "metrics.jsonl"
+        target = fs.as_path(run_dir)
+        target.mkdir(parents=True, exist_ok=True)
+        local = Path(os.fspath(target))
+        if fs.is_remote(target):
+            self._remote, self._uploaded = target, time.monotonic()
+            local = Path(tempfile.mkdtemp(prefix="flaxlm-metrics-"))
+            if (target / "metrics.jsonl").is_file():  # a resumed run continues the file
+                fs.copy_file(target / "metrics.jsonl", local / "metrics.jsonl")
+        self._local = local
+        path = local / "metrics.jsonl"
         _drop_partial_last_line(path)
         self._jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115
         if tensorboard:
             from flax.metrics.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+            self._tb = SummaryWriter(str(local / "tensorboard"))
 
     def write(self, step: int, record: dict[str, Any]) -> None:
         if not self._active:
@@ -51,12 +71,22 @@ class MetricsWriter:
                 if isinstance(value, int | float) and math.isfinite(value):
                     self._tb.scalar(key, value, step)
             self._tb.flush()
+        if self._remote is not None and time.monotonic() - self._uploaded > UPLOAD_EVERY_SECONDS:
+            self._upload()
+
+    def _upload(self) -> None:
+        fs.upload_tree(self._local, self._remote)
+        self._uploaded = time.monotonic()
 
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+        if self._remote is not None:
+            self._upload()
+            shutil.rmtree(self._local, ignore_errors=True)
+            self._remote = None
 
 
 def _jsonable(value: Any) -> Any:

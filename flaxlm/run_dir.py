@@ -11,14 +11,15 @@ parameters, and copies tokenizer files in and out of it.
 from __future__ import annotations
 
 import dataclasses
-import shutil
+import uuid
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from flaxlm import config as config_lib
+from flaxlm import fs
 from flaxlm.checkpoint import Checkpointer
 from flaxlm.config import Config, ConfigError
 from flaxlm.data.tokenizer import (
@@ -30,7 +31,9 @@ from flaxlm.data.tokenizer import (
     from_config,
 )
 from flaxlm.mesh import make_mesh
-from flaxlm.train import Trainer
+from flaxlm.train import Trainer, TrainState
+
+Path = fs.PathLike  # any run-directory path: local (relative, ~, $VAR) or gs://
 
 PARAMS_ONLY = "PARAMS_ONLY"  # marker file of a parameters-only export
 TOKENIZER_DIR = "tokenizer"
@@ -55,7 +58,8 @@ def check_trainable(run_dir: Path, cfg: Config) -> Tokenizer:
     Refuses a parameters-only export, a directory of another model and a tokenizer that does not
     fit the model or the run.
     """
-    if (run_dir / PARAMS_ONLY).exists():
+    check_writable(run_dir, "train.run_dir")
+    if (fs.as_path(run_dir) / PARAMS_ONLY).exists():
         raise ConfigError(
             f"{run_dir} is a parameters-only export (flaxlm export): it has no optimizer state "
             "to resume; train in the original run directory or a new one"
@@ -65,23 +69,42 @@ def check_trainable(run_dir: Path, cfg: Config) -> Tokenizer:
     return tokenizer
 
 
+def check_writable(directory: Path, what: str) -> None:
+    """Refuses a directory that is a file, lies under a file, or cannot be written (read-only,
+    no permission), before any work is done."""
+    p = fs.as_path(directory)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{what}={directory} is a file, not a directory; choose another {what}")
+    probe = p / f".flaxlm-write-test-{uuid.uuid4().hex}"
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        reason = e.strerror or str(e) or type(e).__name__
+        raise ConfigError(
+            f"cannot write to {what}={directory} ({reason}); make it writable or choose another "
+            f"{what}"
+        ) from None
+
+
 def write_run_files(run_dir: Path, cfg: Config, tokenizer: Tokenizer) -> None:
     """Creates run_dir with the run's config (without its process layout) and tokenizer copy;
     process 0 only."""
     if jax.process_index() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        fs.as_path(run_dir).mkdir(parents=True, exist_ok=True)
         write_config(run_dir, config_lib.portable(cfg))
         save_tokenizer(tokenizer, run_dir)
 
 
 def write_config(run_dir: Path, cfg: Config) -> None:
     """Writes cfg as the run's `config.yaml`."""
-    (run_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
+    (fs.as_path(run_dir) / "config.yaml").write_text(config_lib.to_yaml(cfg))
 
 
 def check_same_model(run_dir: Path, cfg: Config) -> None:
     """A run directory belongs to one model: refuse to resume it with another architecture."""
-    saved_path = run_dir / "config.yaml"
+    saved_path = fs.as_path(run_dir) / "config.yaml"
     if not saved_path.exists():
         return
     saved = config_lib.load(saved_path)
@@ -104,7 +127,7 @@ def check_tokenizer(run_dir: str | Path, cfg: Config) -> Tokenizer:
     a pipeline with the same vocabulary: byte ids would be meaningless to it.
     """
     tok = from_config(cfg.data)
-    saved = Path(run_dir) / TOKENIZER_DIR
+    saved = fs.as_path(run_dir) / TOKENIZER_DIR
     if (saved / "tokenizer.json").is_file() and cfg.data.tokenizer == "byte":
         raise ConfigError(
             f"{run_dir} holds a model with its own tokenizer ({saved / 'tokenizer.json'}), but "
@@ -132,47 +155,55 @@ def check_tokenizer(run_dir: str | Path, cfg: Config) -> Tokenizer:
 
 def save_tokenizer(tok: Tokenizer, run_dir: str | Path) -> None:
     """Copies a trained-with tokenizer into RUN_DIR/tokenizer/ for generate and eval."""
-    directory = Path(run_dir) / TOKENIZER_DIR
+    directory = fs.as_path(run_dir) / TOKENIZER_DIR
     if isinstance(tok, SentencePieceTokenizer):
         directory.mkdir(parents=True, exist_ok=True)
-        shutil.copy(tok.path, directory / SENTENCEPIECE_FILE)
+        fs.copy_file(tok.path, directory / SENTENCEPIECE_FILE)
     elif isinstance(tok, HFTokenizer):
         directory.mkdir(parents=True, exist_ok=True)
+        # The tokenizer may already be the run's own copy (an imported model trained on).
         for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-            if (tok.directory / name).is_file() and tok.directory != directory:
-                shutil.copy(tok.directory / name, directory / name)
+            if (tok.directory / name).is_file():
+                fs.copy_file(tok.directory / name, directory / name)
 
 
 def load_tokenizer(run_dir: str | Path) -> Tokenizer:
     """The run's tokenizer: its `tokenizer/tokenizer.json` or SentencePiece model, else bytes."""
-    directory = Path(run_dir) / TOKENIZER_DIR
+    directory = fs.as_path(run_dir) / TOKENIZER_DIR
     if (directory / "tokenizer.json").is_file():
-        return HFTokenizer(directory)
+        return HFTokenizer(fs.local_copy(directory))
     if (directory / SENTENCEPIECE_FILE).is_file():
-        return SentencePieceTokenizer(directory / SENTENCEPIECE_FILE)
+        return SentencePieceTokenizer(fs.local_copy(directory / SENTENCEPIECE_FILE))
     return ByteTokenizer()
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> None:
     """Copies the Hugging Face tokenizer files present in src into dst."""
+    src, dst = fs.as_path(src), fs.as_path(dst)
     present = [name for name in TOKENIZER_FILES if (src / name).is_file()]
     if present:
         dst.mkdir(parents=True, exist_ok=True)
     for name in present:
-        shutil.copy(src / name, dst / name)
+        fs.copy_file(src / name, dst / name)
 
 
 def with_run_tokenizer(cfg: Config, run_dir: str | Path) -> Config:
     """cfg reading the copy of its tokenizer in RUN_DIR/tokenizer/ when the configured file is
     gone (a run directory moved to another machine keeps working)."""
     d = cfg.data
-    if d.tokenizer == "byte" or (d.tokenizer_path and Path(d.tokenizer_path).expanduser().exists()):
+    if d.tokenizer == "byte" or (
+        d.tokenizer_path
+        and not fs.is_remote(d.tokenizer_path)
+        and fs.as_path(d.tokenizer_path).exists()
+    ):
         return cfg
-    copy = Path(run_dir) / TOKENIZER_DIR
+    copy = fs.as_path(run_dir) / TOKENIZER_DIR
     copy = copy / SENTENCEPIECE_FILE if d.tokenizer == "sentencepiece" else copy / "tokenizer.json"
     if not copy.is_file():
         return cfg  # the pipeline's own error names the missing path
-    data = dataclasses.replace(d, tokenizer_path=str(copy))
+    # Tokenizer libraries read local files: a run directory on an object store is downloaded.
+    local = fs.local_copy(copy.parent) / copy.name
+    data = dataclasses.replace(d, tokenizer_path=str(local))
     return dataclasses.replace(cfg, data=data)
 
 
@@ -211,7 +242,7 @@ def open_run(
 ) -> tuple[Config, Trainer, Checkpointer]:
     """The config saved in a run directory, a trainer on the local devices, and its (open)
     checkpointer, which has at least one checkpoint; the caller closes it."""
-    path = Path(run_dir) / "config.yaml"
+    path = fs.as_path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a flaxlm run directory: it has no config.yaml")
     cfg, devices = _local_mesh_config(path, overrides)
@@ -245,13 +276,18 @@ def export_params(run_dir: str | Path, dst: str | Path, step: int | None = None)
     DST becomes a directory that `eval` and `generate` take like a run directory, at about a
     third of the size of a full AdamW checkpoint. Returns the exported step.
     """
-    dst = Path(dst)
-    if dst.exists() and any(dst.iterdir()):
+    dst, src = fs.as_path(dst), fs.as_path(run_dir)
+    if dst.exists() and dst.is_dir() and any(dst.iterdir()):
         raise ConfigError(f"{dst} exists and is not empty; choose a new directory")
-    cfg, _, params, step = load_run(run_dir, step)
+    check_writable(dst, "the export directory")
+    cfg, _, params, step = load_run(src, step)
     dst.mkdir(parents=True, exist_ok=True)
-    (dst / "config.yaml").write_text((Path(run_dir) / "config.yaml").read_text())
-    (dst / PARAMS_ONLY).write_text(f"parameters of {Path(run_dir).absolute()} at step {step}\n")
+    (dst / "config.yaml").write_text((src / "config.yaml").read_text())
+    (dst / PARAMS_ONLY).write_text(f"parameters of {src} at step {step}\n")
+    if (src / TOKENIZER_DIR).is_dir():  # generate and eval on the export need it
+        for f in (src / TOKENIZER_DIR).iterdir():
+            (dst / TOKENIZER_DIR).mkdir(parents=True, exist_ok=True)
+            fs.copy_file(f, dst / TOKENIZER_DIR / f.name)
     write_checkpoint(dst, step, {"params": params}, cfg)
     return step
 
@@ -263,3 +299,60 @@ def write_checkpoint(run_dir: Path, step: int, state: Any, cfg: Config) -> None:
     checkpointer.save(step, state, None, cfg)
     checkpointer.wait()
     checkpointer.close()
+
+
+# -- starting from another run's parameters ------------------------------------------------------
+
+
+def check_init_source(cfg: Config) -> None:
+    """Refuses a train.init_from that is not a run directory (before any device work), or whose
+    tokenizer differs from the run's data tokenizer."""
+    source = cfg.train.init_from
+    if not source:
+        return
+    src = fs.as_path(source)
+    if not (src / "config.yaml").is_file():
+        raise ConfigError(
+            f"train.init_from={source} is not a flaxlm run directory, export or imported model "
+            "(it has no config.yaml); import a Hugging Face model with `flaxlm convert from-hf "
+            "SRC DST` and give DST"
+        )
+    saved = config_lib.load(src / "config.yaml")
+    if saved.data.tokenizer != cfg.data.tokenizer:
+        raise ConfigError(
+            f"train.init_from={source} was trained with data.tokenizer={saved.data.tokenizer} but "
+            f"this run has data.tokenizer={cfg.data.tokenizer}; set data.tokenizer="
+            f"{saved.data.tokenizer} data.tokenizer_path={saved.data.tokenizer_path} (its copy "
+            f"is in {src / TOKENIZER_DIR})"
+        )
+
+
+def init_state_from(trainer: Trainer, cfg: Config, log=print) -> Any:
+    """A fresh train state (step 0, new optimizer state) holding the parameters of the run
+    directory train.init_from at train.init_from_step (default: its latest checkpoint),
+    restored straight into this run's shardings; a shape mismatch names the parameter."""
+    source, step = cfg.train.init_from, cfg.train.init_from_step
+    src = fs.as_path(source)
+    saved = config_lib.load(src / "config.yaml")
+    checkpointer = Checkpointer(src, saved.checkpoint)
+    try:
+        steps = checkpointer.all_steps()
+        if not steps:
+            raise ConfigError(f"train.init_from={source} has no checkpoints")
+        step = max(steps) if step is None else step
+        if step not in steps:
+            raise ConfigError(
+                f"train.init_from_step={step}: {source} has checkpoints at steps {steps}"
+            )
+        abstract = trainer.abstract_state.params
+        checkpointer.check_param_shapes(step, abstract, f"train.init_from={source}")
+        params = checkpointer.restore_params(step, abstract)
+    finally:
+        checkpointer.close()
+    with trainer.context():
+        opt_state = jax.jit(trainer.tx.init, out_shardings=trainer.state_shardings.opt_state)(
+            params
+        )
+    log(f"initialised from {src} (step {step}): parameters only, fresh optimizer, step 0")
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(step=zero, params=params, opt_state=opt_state, skipped=zero)

@@ -60,7 +60,7 @@ def test_sharded_bf16_checkpoint_converts_both_ways_bit_for_bit(tmp_path, scan):
     assert run_cfg.model.param_dtype == "bfloat16"
     assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(ml_dtypes.bfloat16)}
 
-    files = convert.to_hf(tmp_path / "run", tmp_path / "out", max_shard_bytes=60_000)
+    _, files = convert.to_hf(tmp_path / "run", tmp_path / "out", max_shard_bytes=60_000)
     assert len(files) > 1 and (tmp_path / "out" / INDEX).is_file()
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     original = model.state_dict()
@@ -69,6 +69,6 @@ def test_sharded_bf16_checkpoint_converts_both_ways_bit_for_bit(tmp_path, scan):
         assert value.dtype == torch.bfloat16, name
         assert torch.equal(value, original[name]), name
 
-    files = convert.to_hf(tmp_path / "run", tmp_path / "f32", dtype="float32")
+    _, files = convert.to_hf(tmp_path / "run", tmp_path / "f32", dtype="float32")
     assert files == ["model.safetensors"]
     assert LazySafetensors(tmp_path / "f32")["lm_head.weight"].dtype == np.float32

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
 import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from etils import epath
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
@@ -26,17 +28,31 @@ from flaxlm.config.enums import ConfigError
 from flaxlm.config.schema import Config, DistributedConfig
 from flaxlm.config.validation import validate
 
+# Keys that name a file or directory: `~` and environment variables in them are expanded.
+_PATH_KEYS = {
+    "data": ("train_files", "eval_files", "tfds_data_dir", "tokenizer_path", "cache_dir"),
+    "train": ("run_dir", "init_from"),
+}
+_SOURCE_PATH_KEYS = ("train_files", "eval_files", "tfds_data_dir")
 
-def _read_yaml_tree(path: Path, chain: tuple[Path, ...] = ()) -> list[Any]:
-    """Returns the OmegaConf nodes of `path` and its `defaults`, in merge order."""
-    path = path.resolve()
+
+def expand_path(path: str) -> str:
+    """path with `~` and `$VAR` expanded (also inside gs:// URLs)."""
+    return os.path.expanduser(os.path.expandvars(path))
+
+
+def _read_yaml_tree(path: Any, chain: tuple[Any, ...] = ()) -> list[Any]:
+    """Returns the OmegaConf nodes of `path` (local or gs://) and its `defaults`, in merge
+    order."""
+    text = expand_path(os.fspath(path))
+    path = epath.Path(text) if "://" in text else epath.Path(Path(text).resolve())
     if path in chain:
         cycle = " -> ".join(str(p) for p in (*chain, path))
         raise ConfigError(f"config files include each other in a cycle: {cycle}")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        node = OmegaConf.load(path)
+        node = OmegaConf.create(path.read_text())
     except Exception as e:  # yaml errors carry the line number
         raise ConfigError(f"cannot parse config file {path}: {e}") from e
     defaults = node.pop("defaults", [])
@@ -63,7 +79,24 @@ def _merge(nodes: Sequence[Any], overrides: Sequence[str], source: str) -> Confi
         where = f"config key {key!r}" if key else "config"
         raise ConfigError(f"{where} (from {source}): {first_line}") from None
     assert isinstance(cfg, Config)
-    return cfg
+    return _expand_paths(cfg)
+
+
+def _expand_paths(cfg: Config) -> Config:
+    """cfg with `~` and environment variables expanded in every key that names a path."""
+
+    def expanded(section: Any, keys: Sequence[str]) -> dict[str, Any]:
+        return {
+            k: expand_path(getattr(section, k))
+            for k in keys
+            if hasattr(section, k) and isinstance(getattr(section, k), str)
+        }
+
+    data = dataclasses.replace(cfg.data, **expanded(cfg.data, _PATH_KEYS["data"]))
+    mixture = [dataclasses.replace(s, **expanded(s, _SOURCE_PATH_KEYS)) for s in data.mixture]
+    data = dataclasses.replace(data, mixture=mixture)
+    train = dataclasses.replace(cfg.train, **expanded(cfg.train, _PATH_KEYS["train"]))
+    return dataclasses.replace(cfg, data=data, train=train)
 
 
 def _enum_choices(e: OmegaConfBaseException) -> str | None:

@@ -268,6 +268,10 @@ class CheckpointConfig:
 class TrainConfig:
     steps: int = 1000
     run_dir: str = "runs/default"
+    # Start a new run from the parameters of another run directory, an export or an imported
+    # model (fresh optimizer, step 0); init_from_step picks its checkpoint (None: the latest).
+    init_from: str | None = None
+    init_from_step: int | None = None
     seed: int = 0
     log_every: int = 10
     # 0 disables periodic evaluation (the run still evaluates at the start and the end).

@@ -9,7 +9,9 @@ import jax
 import jax.numpy as jnp
 
 from flaxlm import config as config_lib
+from flaxlm import fs
 from flaxlm.config import Config, ConfigError
+from flaxlm.convert.byte_tokenizer import write_byte_tokenizer
 from flaxlm.convert.hf_config import hf_config, model_overrides_from_hf
 from flaxlm.convert.safetensors_io import LazySafetensors, write_sharded
 from flaxlm.convert.streaming import hf_tensors, place_params
@@ -23,7 +25,7 @@ def from_hf(
     from flaxlm.run_dir import TOKENIZER_DIR, copy_tokenizer_files, write_checkpoint, write_config
     from flaxlm.train import Trainer, TrainState
 
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(fs.expand(src)), fs.as_path(dst)
     if not (src / "config.json").is_file():
         raise ConfigError(f"{src} is not a Hugging Face model directory: it has no config.json")
     if (dst / "checkpoints").exists():
@@ -34,7 +36,7 @@ def from_hf(
     # The run trains and evaluates with the model's own tokenizer (copied into dst/tokenizer).
     data = []
     if (src / "tokenizer.json").is_file():
-        data = ["data.tokenizer=hf", f"data.tokenizer_path={(dst / TOKENIZER_DIR).absolute()}"]
+        data = ["data.tokenizer=hf", f"data.tokenizer_path={dst / TOKENIZER_DIR}"]
     tensors = LazySafetensors(src)
     # Parameters keep the checkpoint's dtype (bfloat16 stays bfloat16) unless overridden.
     dtypes = {tensors.dtype(k) for k in tensors if tensors.dtype(k).kind in "fV"}
@@ -67,19 +69,23 @@ def to_hf(
     step: int | None = None,
     dtype: str | None = None,
     max_shard_bytes: int = 5 * 2**30,
-) -> list[str]:
+) -> tuple[int, list[str]]:
     """Writes a run's parameters as a Hugging Face model directory: safetensors shards of at
     most max_shard_bytes (with model.safetensors.index.json when there are several) in `dtype`
-    (default: the parameters' own), converted one layer at a time. Returns the file names."""
+    (default: the parameters' own), converted one layer at a time, and the run's tokenizer (a
+    byte-level `tokenizer.json` for a byte run). Returns the exported step and the files."""
     from flaxlm.run_dir import TOKENIZER_DIR, copy_tokenizer_files, load_run
 
-    run_dir, dst = Path(run_dir), Path(dst)
-    cfg, _, params, _ = load_run(str(run_dir), step, [])
+    run_dir = fs.as_path(run_dir)
+    cfg, _, params, step = load_run(run_dir, step, [])
     out_dtype = jnp.dtype(dtype or cfg.model.param_dtype)
-    dst.mkdir(parents=True, exist_ok=True)
     config = hf_config(cfg.model)
     config["torch_dtype"] = config["dtype"] = out_dtype.name
-    (dst / "config.json").write_text(json.dumps(config, indent=2))
-    files = write_sharded(hf_tensors(params, cfg.model, out_dtype), dst, max_shard_bytes)
+    with fs.staged(dst) as local:
+        local.mkdir(parents=True, exist_ok=True)
+        (local / "config.json").write_text(json.dumps(config, indent=2))
+        files = write_sharded(hf_tensors(params, cfg.model, out_dtype), local, max_shard_bytes)
+        if cfg.data.tokenizer == "byte":
+            write_byte_tokenizer(local)
     copy_tokenizer_files(run_dir / TOKENIZER_DIR, dst)
-    return files
+    return step, files
