@@ -99,6 +99,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     from flaxlm.loop import run
 
     s = run(cfg)
+    if not _is_first_process():  # every process trains; one prints the result
+        return
+    if s.start_step == s.end_step and s.wall_seconds == 0.0:
+        print(f"already complete at step {s.end_step}; nothing trained", flush=True)
+        return
     lines = [f"trained steps {s.start_step}..{s.end_step} in {s.wall_seconds:.0f} s"]
     if s.tokens_per_second:
         lines.append(f"throughput: {s.tokens_per_second:,.0f} tokens/s (median step)")

@@ -28,7 +28,7 @@ from typing import Any
 
 import jax
 
-from flaxlm import hooks
+from flaxlm import hooks, resume
 from flaxlm.checkpoint import Checkpointer
 from flaxlm.config import Config
 from flaxlm.data import pipeline
@@ -101,6 +101,14 @@ class RunSummary:
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def already_complete(cls, saved: dict[str, Any]) -> RunSummary:
+        """The summary of a run found complete: its saved results, no step trained now."""
+        known = {f.name: saved.get(f.name) for f in dataclasses.fields(cls)}
+        known.update(start_step=saved["end_step"], first_eval=None, wall_seconds=0.0)
+        known.update(tokens_per_second=None, median_step_seconds=None)
+        return cls(**known)
+
 
 @dataclasses.dataclass
 class _Parts:
@@ -120,6 +128,10 @@ def run(cfg: Config) -> RunSummary:
     started = time.perf_counter()
     t = cfg.train
     run_dir = Path(t.run_dir)
+    plan = resume.plan(run_dir, cfg, log)
+    if plan.complete is not None:
+        return RunSummary.already_complete(plan.complete)
+    cfg, t = plan.cfg, plan.cfg.train
     tokenizer = check_trainable(run_dir, cfg)
     mesh = make_mesh(cfg)
     write_run_files(run_dir, cfg, tokenizer)

@@ -136,6 +136,10 @@ def _validate_optimizer(o: OptimizerConfig, d: DataConfig) -> None:
     _require(o.z_loss >= 0, f"optimizer.z_loss={o.z_loss} must be >= 0")
     _require(o.learning_rate > 0, f"optimizer.learning_rate={o.learning_rate} must be positive")
     _require(o.warmup_steps >= 0, f"optimizer.warmup_steps={o.warmup_steps} must be >= 0")
+    _require(
+        o.decay_steps is None or o.decay_steps > 0,
+        f"optimizer.decay_steps={o.decay_steps} must be positive (or null: train.steps)",
+    )
     _require(0 <= o.min_lr_ratio <= 1, f"optimizer.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
 
 
