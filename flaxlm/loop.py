@@ -138,19 +138,24 @@ def run(cfg: Config) -> RunSummary:
 
     trainer = Trainer(cfg, mesh)
     checkpointer = Checkpointer(run_dir, cfg.checkpoint)
-    # A resumed run keeps the data shards of its checkpoints, whatever the process count now.
-    data = pipeline.train_iterator(
-        cfg.data, t.seed, jax.process_index(), jax.process_count(), checkpointer.data_shards()
-    )
-    eval_set = pipeline.eval_batches(cfg.data, jax.process_index(), jax.process_count())
-    writer = MetricsWriter(run_dir, t.tensorboard)
-    watcher = PreemptionWatcher()
+    writer = watcher = None
+    # Everything opened after the checkpoint manager closes with it, even when the data
+    # pipeline refuses its files: its background threads must not outlive a clean error.
     try:
+        # A resumed run keeps the data shards of its checkpoints, whatever the process count.
+        data = pipeline.train_iterator(
+            cfg.data, t.seed, jax.process_index(), jax.process_count(), checkpointer.data_shards()
+        )
+        eval_set = pipeline.eval_batches(cfg.data, jax.process_index(), jax.process_count())
+        writer = MetricsWriter(run_dir, t.tensorboard)
+        watcher = PreemptionWatcher()
         parts = _Parts(cfg, trainer, data, eval_set, checkpointer, writer, watcher)
         return _train(parts, started)
     finally:
-        watcher.close()
-        writer.close()
+        if watcher is not None:
+            watcher.close()
+        if writer is not None:
+            writer.close()
         checkpointer.close()
 
 

@@ -237,9 +237,11 @@ def _validate_source(src: SourceFields, where: str) -> None:
         f"{where}.corpus='{src.corpus}' is not python-docs, files, tfds",
     )
     if src.corpus == Corpus.files:
+        # Training needs train_files, evaluation eval_files: the pipeline names the missing one.
         _require(
-            bool(src.train_files),
-            f"{where}.corpus=files needs {where}.train_files (a glob of .txt/.jsonl/.tfrecord)",
+            bool(src.train_files or src.eval_files),
+            f"{where}.corpus=files needs {where}.train_files (training) or {where}.eval_files "
+            "(evaluation), globs of .txt/.jsonl/.tfrecord",
         )
     if src.corpus == Corpus.tfds:
         _require(bool(src.tfds_name), f"{where}.corpus=tfds needs {where}.tfds_name (e.g. lm1b)")

@@ -23,10 +23,34 @@ def _read_safetensors(src: Path) -> dict[str, np.ndarray]:
         raise ConfigError(f"{src} has no *.safetensors files (PyTorch .bin files are not read)")
     tensors = {}
     for path in files:
-        with safe_open(str(path), framework="flax") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                tensors[key] = np.asarray(f.get_tensor(key).astype(jnp.float32))
+        try:
+            with safe_open(str(path), framework="flax") as f:
+                for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                    tensors[key] = np.asarray(f.get_tensor(key).astype(jnp.float32))
+        except Exception as e:  # safetensors raises its own errors for a damaged header
+            raise ConfigError(
+                f"cannot read {path} ({type(e).__name__}: {str(e)[:200]}); the file is truncated "
+                "or not safetensors: download it again"
+            ) from None
     return tensors
+
+
+def _read_hf_config(path: Path) -> dict:
+    """config.json as a dict; an unreadable or incomplete one is named with what is missing."""
+    try:
+        hf = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); download it again") from None
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{path} holds a {type(hf).__name__}, not a JSON object")
+    try:
+        model_overrides_from_hf(hf)
+    except KeyError as e:
+        raise ConfigError(
+            f"{path} has no {e.args[0]!r}, which a {hf.get('model_type')} config needs; the file "
+            "is incomplete"
+        ) from None
+    return hf
 
 
 def from_hf(
@@ -42,7 +66,7 @@ def from_hf(
         raise ConfigError(f"{src} is not a Hugging Face model directory: it has no config.json")
     if (dst / "checkpoints").exists():
         raise ConfigError(f"{dst} already holds checkpoints; choose a new directory")
-    hf = json.loads((src / "config.json").read_text())
+    hf = _read_hf_config(src / "config.json")
     model = [f"model.{k}={v}" for k, v in model_overrides_from_hf(hf).items()]
     data_len = min(hf.get("n_positions") or hf.get("max_position_embeddings"), 1024)
     # The run trains and evaluates with the model's own tokenizer (copied into dst/tokenizer).

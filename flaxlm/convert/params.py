@@ -94,10 +94,61 @@ def _llama_layer_to_hf(layer: dict, p: str, cfg: ModelConfig) -> dict[str, np.nd
     }
 
 
+def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The Hugging Face tensor names and shapes a model of cfg has (GPT-2 names without their
+    "transformer." prefix)."""
+    d, v, f = cfg.d_model, cfg.vocab_size, cfg.d_ff
+    q, kv = cfg.n_heads * cfg.dim_per_head, cfg.kv_heads * cfg.dim_per_head
+    if family(cfg) == "gpt2":
+        shapes = {"wte.weight": (v, d), "wpe.weight": (cfg.max_seq_len, d)}
+        shapes |= {"ln_f.weight": (d,), "ln_f.bias": (d,)}
+        layer = {
+            "ln_1.weight": (d,), "ln_1.bias": (d,), "ln_2.weight": (d,), "ln_2.bias": (d,),
+            "attn.c_attn.weight": (d, 3 * q), "attn.c_attn.bias": (3 * q,),
+            "attn.c_proj.weight": (q, d), "attn.c_proj.bias": (d,),
+            "mlp.c_fc.weight": (d, f), "mlp.c_fc.bias": (f,),
+            "mlp.c_proj.weight": (f, d), "mlp.c_proj.bias": (d,),
+        }  # fmt: skip
+        prefix = "h.{}."
+    else:
+        shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
+        if not cfg.tie_embeddings:
+            shapes["lm_head.weight"] = (v, d)
+        layer = {
+            "input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
+            "self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d),
+            "self_attn.v_proj.weight": (kv, d), "self_attn.o_proj.weight": (d, q),
+            "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d),
+            "mlp.down_proj.weight": (d, f),
+        }  # fmt: skip
+        prefix = "model.layers.{}."
+    for i in range(cfg.n_layers):
+        shapes |= {prefix.format(i) + name: shape for name, shape in layer.items()}
+    return shapes
+
+
+def check_hf_tensors(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> None:
+    """Every tensor the config implies must be there with its shape, checked before any is
+    indexed or reshaped; names the first that is missing or of another shape."""
+    for name, shape in hf_shapes(cfg).items():
+        if name not in tensors:
+            raise ConfigError(
+                f"the safetensors files have no tensor {name!r} (a {family(cfg)} model of "
+                f"{cfg.n_layers} layers needs it); the checkpoint is incomplete or of another "
+                "architecture than its config.json"
+            )
+        if tuple(tensors[name].shape) != shape:
+            raise ConfigError(
+                f"tensor {name!r} has shape {tuple(tensors[name].shape)} but config.json implies "
+                f"{shape}; the weights belong to another model than config.json describes"
+            )
+
+
 def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
     """flaxlm params (numpy) from Hugging Face tensors; layers stacked when cfg.scan_layers."""
     # Older GPT-2 checkpoints have no "transformer." prefix; some carry attention-mask buffers.
     t = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    check_hf_tensors(t, cfg)
     if family(cfg) == "gpt2":
         layers = [_gpt2_layer_from_hf(t, f"h.{i}.", cfg) for i in range(cfg.n_layers)]
         params = {
