@@ -87,6 +87,23 @@ def _config(args: argparse.Namespace, join: bool = False) -> Config:
     return cfg
 
 
+def _json(value: object) -> str:
+    """One line of strict JSON: non-finite floats (a degenerate fit, a diverged loss) become
+    null, since NaN and Infinity are not JSON."""
+    import math
+
+    def clean(v: object) -> object:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(value), allow_nan=False)
+
+
 def _is_first_process() -> bool:
     import jax
 
@@ -99,6 +116,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     from flaxlm.loop import run
 
     s = run(cfg)
+    if not _is_first_process():  # every process trains; one prints the result
+        return
+    if s.start_step == s.end_step and s.wall_seconds == 0.0:
+        print(f"already complete at step {s.end_step}; nothing trained", flush=True)
+        return
     lines = [f"trained steps {s.start_step}..{s.end_step} in {s.wall_seconds:.0f} s"]
     if s.tokens_per_second:
         lines.append(f"throughput: {s.tokens_per_second:,.0f} tokens/s (median step)")
@@ -128,9 +150,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     if args.all_steps:
         for result in evaluate_all_steps(args.checkpoint, args.overrides):
-            print(json.dumps(result), flush=True)
+            print(_json(result), flush=True)
     else:
-        print(json.dumps(evaluate_run(args.checkpoint, args.step, args.overrides)), flush=True)
+        print(_json(evaluate_run(args.checkpoint, args.step, args.overrides)), flush=True)
 
 
 @command(
@@ -138,7 +160,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     "continue a prompt with a trained model",
     checkpoint,
     arg("--prompt", required=True, action="append", help="repeat for a batch"),
-    arg("--max-new-tokens", type=int, default=100),
+    arg(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="new tokens at most (default: 100, or what the context leaves)",
+    ),
     arg("--temperature", type=float, default=0.0, help="0 is greedy"),
     arg("--top-k", type=int, default=0, help="sample among the k likeliest (0: all)"),
     arg("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)"),
@@ -150,14 +177,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
         raise ConfigError("--temperature and --top-k must be >= 0 and --top-p in (0, 1]")
-    from flaxlm.generate import SamplingConfig, generate_text
+    if args.max_new_tokens is not None and args.max_new_tokens < 0:
+        raise ConfigError(f"--max-new-tokens={args.max_new_tokens} must be >= 0")
+    from flaxlm.generate import SamplingConfig, check_room, generate_text
     from flaxlm.run_dir import load_run, load_tokenizer
 
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
-    _, trainer, params, _ = load_run(args.checkpoint, args.step, [])
     tokenizer = load_tokenizer(args.checkpoint)
+    _, trainer, params, _ = load_run(args.checkpoint, args.step, [])
+    new_tokens = check_room(trainer, args.prompt, args.max_new_tokens, tokenizer)
     texts = generate_text(
-        trainer, params, args.prompt, args.max_new_tokens, sampling, tuple(args.stop), tokenizer
+        trainer, params, args.prompt, new_tokens, sampling, tuple(args.stop), tokenizer
     )
     print("\n\n".join(texts), flush=True)
 
@@ -174,7 +204,7 @@ def cmd_compile(args: argparse.Namespace) -> None:
     from flaxlm import aot
 
     print(f"compiling for {args.slices} x {args.topology} ...", file=sys.stderr, flush=True)
-    print(json.dumps(aot.compile_report(cfg, args.topology, args.slices)), flush=True)
+    print(_json(aot.compile_report(cfg, args.topology, args.slices)), flush=True)
 
 
 @command(
@@ -208,9 +238,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
         cfg = convert.from_hf(args.src, args.dst, args.overrides)
         print(f"wrote {args.dst}: {convert.family(cfg.model)} model, checkpoint at step 0")
     else:
-        step, files = convert.to_hf(
-            args.src, args.dst, args.step, args.dtype, args.max_shard_size
-        )
+        step, files = convert.to_hf(args.src, args.dst, args.step, args.dtype, args.max_shard_size)
         print(f"wrote {args.dst}: config.json, {', '.join(files)} and the tokenizer of step {step}")
 
 
@@ -258,7 +286,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     record = bench(cfg, args.steps, args.warmup)
     if _is_first_process():  # every process of a multi-host job times the same steps
-        print(json.dumps(record), flush=True)
+        print(_json(record), flush=True)
 
 
 @command(
@@ -320,7 +348,7 @@ def cmd_scaling(args: argparse.Namespace) -> None:
 
     def write(records: list[dict]) -> list:
         fit, paths = scaling.write_results(records, Path(args.out))
-        print(json.dumps({"fit": fit}), flush=True)
+        print(_json({"fit": fit}), flush=True)
         return paths
 
     _stream(scaling.run_ladder(runs), write)
@@ -332,7 +360,7 @@ def _stream(points: Iterable[dict], write: Callable[[list[dict]], list]) -> None
     records = []
     for record in points:
         if first:
-            print(json.dumps(record), flush=True)
+            print(_json(record), flush=True)
         records.append(record)
     if first:
         paths = write(records)

@@ -6,7 +6,7 @@ so runs with different vocabularies compare on it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,9 @@ import numpy as np
 
 from flaxlm import fs
 from flaxlm.data import pipeline
+from flaxlm.metrics import log
 from flaxlm.run_dir import check_tokenizer, load_run, open_run
+from flaxlm.run_params import check_model
 from flaxlm.train import Trainer
 
 
@@ -38,21 +40,28 @@ def evaluate(
     }
 
 
-def evaluate_all_steps(run_dir: str | Path, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """Evaluates every checkpoint of a run; writes `eval/table.csv` and `eval/eval_loss.png`."""
+def evaluate_all_steps(
+    run_dir: str | Path, overrides: Sequence[str] = ()
+) -> Iterator[dict[str, Any]]:
+    """Evaluates every checkpoint of a run, yielding each result as it comes; then writes
+    `eval/table.csv` and `eval/eval_loss.png` and says where."""
     cfg, trainer, checkpointer = open_run(run_dir, overrides)
-    check_tokenizer(run_dir, cfg)
-    batches = pipeline.eval_batches(cfg.data, jax.process_index(), jax.process_count())
-    results = []
-    for step in checkpointer.all_steps():
-        params = checkpointer.restore_params(step, trainer.abstract_state.params)
-        results.append({"step": step, **evaluate(trainer, params, batches)})
-    checkpointer.close()
+    try:
+        check_tokenizer(run_dir, cfg)
+        batches = pipeline.eval_batches(cfg.data, jax.process_index(), jax.process_count())
+        results = []
+        for step in checkpointer.all_steps():
+            check_model(checkpointer, step, cfg, run_dir)
+            params = checkpointer.restore_params(step, trainer.abstract_state.params)
+            results.append({"step": step, **evaluate(trainer, params, batches)})
+            yield results[-1]
+    finally:
+        checkpointer.close()
     if jax.process_index() == 0:
         target = fs.as_path(run_dir) / "eval"
         with fs.staged(target) as local:
             _write_table_and_plot(local, results, target.parent.name)
-    return results
+        log(f"wrote {target / 'table.csv'} and {target / 'eval_loss.png'}")
 
 
 def _write_table_and_plot(directory: Path, results: list[dict[str, Any]], run_name: str) -> None:

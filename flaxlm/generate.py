@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxlm.config import ConfigError
 from flaxlm.data.tokenizer import ByteTokenizer, Tokenizer
 from flaxlm.model import Transformer
 
@@ -185,6 +186,37 @@ def prefill_and_decode(
     carry = (1, variables["cache"], out_BxM, done_B, key)
     _, _, out_BxM, _, _ = jax.lax.while_loop(cond, body, carry)
     return out_BxM
+
+
+def check_room(
+    trainer: Trainer,
+    prompts: list[str],
+    new_tokens: int | None,
+    tokenizer: Tokenizer | None = None,
+    default: int = 100,
+) -> int:
+    """The number of tokens to generate: new_tokens, or for None the default clipped to the
+    room the longest prompt leaves. Refuses (ConfigError) prompts that leave no room and an
+    explicit new_tokens past the model's context, rather than clipping it silently."""
+    context = trainer.cfg.model.max_seq_len
+    if new_tokens is not None and new_tokens < 0:
+        raise ConfigError(f"--max-new-tokens={new_tokens} must be >= 0")
+    tok = tokenizer or ByteTokenizer()
+    longest = max(len(tok.encode(p, add_bos=trainer.cfg.data.add_bos)) for p in prompts)
+    if longest >= context:
+        raise ConfigError(
+            f"a prompt is {longest} tokens long; the model's context (model.max_seq_len) is "
+            f"{context} tokens: shorten the prompt to at most {context - 1} tokens"
+        )
+    if new_tokens is None:
+        return min(default, context - longest)
+    if longest + new_tokens > context:
+        raise ConfigError(
+            f"--max-new-tokens={new_tokens} after a {longest}-token prompt goes past the model's "
+            f"context of {context} tokens (model.max_seq_len); use --max-new-tokens "
+            f"{context - longest} or less, or a shorter prompt"
+        )
+    return new_tokens
 
 
 def generate_text(

@@ -28,7 +28,7 @@ from typing import Any
 
 import jax
 
-from flaxlm import fs, hooks
+from flaxlm import fs, hooks, resume
 from flaxlm.checkpoint import Checkpointer
 from flaxlm.config import Config
 from flaxlm.data import pipeline
@@ -102,6 +102,14 @@ class RunSummary:
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def already_complete(cls, saved: dict[str, Any]) -> RunSummary:
+        """The summary of a run found complete: its saved results, no step trained now."""
+        known = {f.name: saved.get(f.name) for f in dataclasses.fields(cls)}
+        known.update(start_step=saved["end_step"], first_eval=None, wall_seconds=0.0)
+        known.update(tokens_per_second=None, median_step_seconds=None)
+        return cls(**known)
+
 
 @dataclasses.dataclass
 class _Parts:
@@ -121,6 +129,10 @@ def run(cfg: Config) -> RunSummary:
     started = time.perf_counter()
     t = cfg.train
     run_dir = fs.as_path(t.run_dir)
+    plan = resume.plan(run_dir, cfg, log)
+    if plan.complete is not None:
+        return RunSummary.already_complete(plan.complete)
+    cfg, t = plan.cfg, plan.cfg.train
     tokenizer = check_trainable(run_dir, cfg)
     check_init_source(cfg)
     mesh = make_mesh(cfg)
@@ -139,19 +151,24 @@ def _run_locked(cfg: Config, run_dir: Any, tokenizer: Any, mesh: Any, started: f
 
     trainer = Trainer(cfg, mesh)
     checkpointer = Checkpointer(run_dir, cfg.checkpoint)
-    # A resumed run keeps the data shards of its checkpoints, whatever the process count now.
-    data = pipeline.train_iterator(
-        cfg.data, t.seed, jax.process_index(), jax.process_count(), checkpointer.data_shards()
-    )
-    eval_set = pipeline.eval_batches(cfg.data, jax.process_index(), jax.process_count())
-    writer = MetricsWriter(run_dir, t.tensorboard)
-    watcher = PreemptionWatcher()
+    writer = watcher = None
+    # Everything opened after the checkpoint manager closes with it, even when the data
+    # pipeline refuses its files: its background threads must not outlive a clean error.
     try:
+        # A resumed run keeps the data shards of its checkpoints, whatever the process count.
+        data = pipeline.train_iterator(
+            cfg.data, t.seed, jax.process_index(), jax.process_count(), checkpointer.data_shards()
+        )
+        eval_set = pipeline.eval_batches(cfg.data, jax.process_index(), jax.process_count())
+        writer = MetricsWriter(run_dir, t.tensorboard)
+        watcher = PreemptionWatcher()
         parts = _Parts(cfg, trainer, data, eval_set, checkpointer, writer, watcher)
         return _train(parts, started)
     finally:
-        watcher.close()
-        writer.close()
+        if watcher is not None:
+            watcher.close()
+        if writer is not None:
+            writer.close()
         checkpointer.close()
 
 

@@ -3,7 +3,9 @@
 Optimizers: AdamW, Adafactor and Lion, each behind global-norm clipping, with weight decay on
 matrices only (not on biases or norm scales, whose scale is not a capacity knob). Schedules:
 linear warmup, then cosine or linear decay to `min_lr_ratio` x peak, warmup-stable-decay (constant,
-then a linear decay over the last `decay_fraction` of the steps), or constant.
+then a linear decay over the last `decay_fraction` of the steps), or constant. The schedule
+spans `optimizer.decay_steps` steps when set (a resumed run keeps its horizon), else the run's
+`train.steps`; past its horizon it stays at its floor.
 """
 
 from __future__ import annotations
@@ -14,7 +16,13 @@ import optax
 from flaxlm.config import Decay, OptimizerConfig, OptimizerName
 
 
+def horizon(cfg: OptimizerConfig, train_steps: int) -> int:
+    """The step at which the schedule reaches its floor: decay_steps, else train.steps."""
+    return cfg.decay_steps if cfg.decay_steps is not None else train_steps
+
+
 def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    total_steps = horizon(cfg, total_steps)
     peak, floor = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
     warmup = optax.linear_schedule(0.0, peak, max(cfg.warmup_steps, 1))
     after_warmup = max(total_steps - cfg.warmup_steps, 1)

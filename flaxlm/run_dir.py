@@ -31,6 +31,7 @@ from flaxlm.data.tokenizer import (
     from_config,
 )
 from flaxlm.mesh import make_mesh
+from flaxlm.run_params import restore_params
 from flaxlm.train import Trainer, TrainState
 
 Path = fs.PathLike  # any run-directory path: local (relative, ~, $VAR) or gs://
@@ -260,13 +261,15 @@ def load_run(
     """The config saved in a run directory, a trainer on the local devices, and its params."""
     cfg, trainer, checkpointer = open_run(run_dir, overrides)
     steps = checkpointer.all_steps()
-    if step is None:
-        step = max(steps)
-    elif step not in steps:
+    if step is not None and step not in steps:
         checkpointer.close()
         raise ConfigError(f"{run_dir} has no checkpoint at step {step}; it has steps {steps}")
-    params = checkpointer.restore_params(step, trainer.abstract_state.params)
-    checkpointer.close()
+    try:
+        params, step = restore_params(
+            checkpointer, trainer.abstract_state.params, cfg, run_dir, step
+        )
+    finally:
+        checkpointer.close()
     return cfg, trainer, params, step
 
 

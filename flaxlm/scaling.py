@@ -298,13 +298,18 @@ def fit_power_law(compute: Sequence[float], loss: Sequence[float]) -> dict[str, 
         "E": float(E),
         "A": float(a * c0**alpha),
         "alpha": float(alpha),
-        "E_stderr": float(errors[0]),
-        "alpha_stderr": float(errors[2]),
+        # A degenerate fit (as many points as parameters) has no finite error: null, not Infinity.
+        "E_stderr": _finite_or_none(errors[0]),
+        "alpha_stderr": _finite_or_none(errors[2]),
         "compute_reference": c0,
         "A_at_reference": float(a),
         "rms_residual": float(np.sqrt(np.mean(residuals**2))),
         "points": len(c),
     }
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
 
 
 def plot(records: Sequence[dict[str, Any]], fit: dict[str, float], path: Path) -> None:

@@ -56,7 +56,8 @@ class OptimizerName(enum.StrEnum):
 
 
 class Decay(enum.StrEnum):
-    cosine = "cosine"  # cosine from the peak to min_lr_ratio x peak at train.steps
+    # cosine from the peak to min_lr_ratio x peak at optimizer.decay_steps (default train.steps)
+    cosine = "cosine"
     linear = "linear"  # straight line from the peak to min_lr_ratio x peak
     wsd = "wsd"  # warmup-stable-decay: the peak, then linear decay over the last decay_fraction
     constant = "constant"

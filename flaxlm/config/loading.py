@@ -55,6 +55,13 @@ def _read_yaml_tree(path: Any, chain: tuple[Any, ...] = ()) -> list[Any]:
         node = OmegaConf.create(path.read_text())
     except Exception as e:  # yaml errors carry the line number
         raise ConfigError(f"cannot parse config file {path}: {e}") from e
+    if OmegaConf.is_dict(node) and not node and not chain:
+        raise ConfigError(f"config file {path} is empty; start from configs/base.yaml")
+    if not OmegaConf.is_dict(node):
+        raise ConfigError(
+            f"config file {path} holds a {type(node).__name__.removesuffix('Config').lower()} at "
+            "its top level; it must be a mapping of sections (model:, data:, train:, ...)"
+        )
     defaults = node.pop("defaults", [])
     if isinstance(defaults, str) or not OmegaConf.is_list(defaults):
         defaults = [defaults] if defaults else []

@@ -237,8 +237,12 @@ class OptimizerConfig:
     learning_rate: float = 3e-4
     warmup_steps: int = 100
     decay: Decay = Decay.cosine
+    # The schedule's horizon: the step at which it reaches its floor (None: train.steps, fixed
+    # when the run starts and saved with it, so that raising train.steps on resume continues at
+    # the floor instead of stretching the schedule mid-run).
+    decay_steps: int | None = None
     min_lr_ratio: float = 0.1
-    # wsd only: the fraction of train.steps spent decaying at the end.
+    # wsd only: the fraction of the horizon (decay_steps) spent decaying at the end.
     decay_fraction: float = 0.2
     b1: float = 0.9
     b2: float = 0.95

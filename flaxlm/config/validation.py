@@ -155,6 +155,10 @@ def _validate_optimizer(o: OptimizerConfig, d: DataConfig) -> None:
     _require(o.z_loss >= 0, f"optimizer.z_loss={o.z_loss} must be >= 0")
     _require(o.learning_rate > 0, f"optimizer.learning_rate={o.learning_rate} must be positive")
     _require(o.warmup_steps >= 0, f"optimizer.warmup_steps={o.warmup_steps} must be >= 0")
+    _require(
+        o.decay_steps is None or o.decay_steps > 0,
+        f"optimizer.decay_steps={o.decay_steps} must be positive (or null: train.steps)",
+    )
     _require(0 <= o.min_lr_ratio <= 1, f"optimizer.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
 
 
@@ -252,9 +256,11 @@ def _validate_source(src: SourceFields, where: str) -> None:
         f"{where}.corpus='{src.corpus}' is not python-docs, files, tfds",
     )
     if src.corpus == Corpus.files:
+        # Training needs train_files, evaluation eval_files: the pipeline names the missing one.
         _require(
-            bool(src.train_files),
-            f"{where}.corpus=files needs {where}.train_files (a glob of .txt/.jsonl/.tfrecord)",
+            bool(src.train_files or src.eval_files),
+            f"{where}.corpus=files needs {where}.train_files (training) or {where}.eval_files "
+            "(evaluation), globs of .txt/.jsonl/.tfrecord",
         )
     if src.corpus == Corpus.tfds:
         _require(bool(src.tfds_name), f"{where}.corpus=tfds needs {where}.tfds_name (e.g. lm1b)")

@@ -17,6 +17,24 @@ from flaxlm.convert.safetensors_io import LazySafetensors, write_sharded
 from flaxlm.convert.streaming import hf_tensors, place_params
 
 
+def _read_hf_config(path: Path) -> dict:
+    """config.json as a dict; an unreadable or incomplete one is named with what is missing."""
+    try:
+        hf = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); download it again") from None
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{path} holds a {type(hf).__name__}, not a JSON object")
+    try:
+        model_overrides_from_hf(hf)
+    except KeyError as e:
+        raise ConfigError(
+            f"{path} has no {e.args[0]!r}, which a {hf.get('model_type')} config needs; the file "
+            "is incomplete"
+        ) from None
+    return hf
+
+
 def from_hf(
     src: str | Path, dst: str | Path, overrides: list[str] | tuple[str, ...] = ()
 ) -> Config:
@@ -30,7 +48,7 @@ def from_hf(
         raise ConfigError(f"{src} is not a Hugging Face model directory: it has no config.json")
     if (dst / "checkpoints").exists():
         raise ConfigError(f"{dst} already holds checkpoints; choose a new directory")
-    hf = json.loads((src / "config.json").read_text())
+    hf = _read_hf_config(src / "config.json")
     model = [f"model.{k}={v}" for k, v in model_overrides_from_hf(hf).items() if v is not None]
     data_len = min(hf.get("n_positions") or hf.get("max_position_embeddings"), 1024)
     # The run trains and evaluates with the model's own tokenizer (copied into dst/tokenizer).

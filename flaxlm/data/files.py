@@ -10,6 +10,7 @@ through this module.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import json
 import os
@@ -22,6 +23,7 @@ from flaxlm.data.corpus import build_python_docs
 
 TFRECORD_SUFFIXES = (".tfrecord", ".tfrecords")
 TEXT_SUFFIXES = (".txt", ".jsonl")
+_UTF8_CHECK_BYTES = 1 << 20  # how much of each JSON-lines file is checked to be UTF-8
 
 
 class Source(Protocol):
@@ -80,8 +82,23 @@ def _local_glob(pattern: str) -> list[str]:
     return glob.glob(os.path.expanduser(pattern), recursive=True)
 
 
+def _check_utf8(path: str, key: str) -> None:
+    """The head of a text file must be UTF-8: JSON in another encoding (Latin-1, UTF-16) would
+    otherwise be read as mangled or empty documents."""
+    with tf.io.gfile.GFile(path, "rb") as f:
+        head = f.read(_UTF8_CHECK_BYTES)
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{key}: {path} is not UTF-8 text (byte {head[e.start]:#04x} at offset {e.start}); "
+            "convert it, for example `iconv -f latin1 -t utf-8 IN > OUT`"
+        ) from None
+
+
 def _check_jsonl(path: str, key: str, field: str) -> None:
     """The first record of a JSON-lines file must carry its text in a string field."""
+    _check_utf8(path, key)
     with tf.io.gfile.GFile(path, "rb") as f:
         for number, raw in enumerate(f, 1):
             line = raw.decode("utf-8", errors="replace")
@@ -115,7 +132,9 @@ def _check_tfrecord(path: str, key: str, field: str) -> None:
 def _jsonl_texts(path: tf.Tensor, field: str) -> tf.data.Dataset:
     def parse(raw: bytes) -> bytes:
         try:
-            text = json.loads(raw.decode("utf-8")).get(field, "")
+            # Bytes past the checked head that are not UTF-8 are replaced (and counted), not
+            # dropped with the whole document.
+            text = json.loads(raw.decode("utf-8", errors="replace")).get(field, "")
         except (ValueError, AttributeError):
             text = ""  # a malformed line is skipped (as an empty document, counted), not fatal
         if not isinstance(text, str):

@@ -54,10 +54,17 @@ class HFTokenizer:
 
         directory = Path(directory)
         self.directory = directory
-        self._tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
-        self.vocab_size = self._tok.get_vocab_size()
-        self.eos_id = self._special_id(directory, "eos")
-        self.bos_id = self._special_id(directory, "bos")
+        try:
+            self._tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+            self.vocab_size = self._tok.get_vocab_size()
+            self.eos_id = self._special_id(directory, "eos")
+            self.bos_id = self._special_id(directory, "bos")
+        except Exception as e:  # tokenizers raises bare Exceptions for unreadable files
+            raise ConfigError(
+                f"cannot read the Hugging Face tokenizer in {directory} ({_first_line(e)}); the "
+                "tokenizer.json (or its tokenizer_config.json / generation_config.json) is "
+                "truncated or corrupt: copy it again from the model directory"
+            ) from None
         self.pad_id = 0  # padding is never attended to; any id will do
 
     def _special_id(self, directory: Path, which: str) -> int | None:
@@ -113,7 +120,14 @@ class SentencePieceTokenizer:
         import sentencepiece as spm
 
         self.path = Path(model_file)
-        self._sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        except Exception as e:  # sentencepiece raises RuntimeError/OSError for a bad model
+            raise ConfigError(
+                f"cannot read the SentencePiece model {model_file} ({_first_line(e)}); the file "
+                "is truncated or not a SentencePiece .model: train one again with `flaxlm "
+                "tokenizer train` or point data.tokenizer_path at the right file"
+            ) from None
         self.vocab_size = self._sp.get_piece_size()
         self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
         self.eos_id = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
@@ -183,6 +197,11 @@ def _with_specials(ids, nbytes, tok, add_bos: bool, add_eos: bool):
     eos = [tok.eos_id] if add_eos and tok.eos_id is not None else []
     zb, ze = [0] * len(bos), [0] * len(eos)
     return [bos + i + eos for i in ids], [zb + b + ze for b in nbytes]
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
 
 
 def from_config(cfg: DataConfig) -> Tokenizer:
