@@ -11,7 +11,9 @@ notice). Two hooks also answer the step generator right after dispatch: `Checkpo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +24,18 @@ from flaxlm import report
 from flaxlm.checkpoint import Checkpointer
 from flaxlm.config import Config, TrainConfig
 from flaxlm.evaluate import evaluate
+from flaxlm.goodput import Ledger
 from flaxlm.metrics import MetricsWriter, log
 from flaxlm.preemption import Preempted, PreemptionWatcher
 from flaxlm.run_state import RunState
 from flaxlm.train import Trainer, TrainState
+from flaxlm.watchdog import Watchdog
+
+Phase = Callable[[str], contextlib.AbstractContextManager]
+
+
+def no_phase(name: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
 
 
 @dataclasses.dataclass
@@ -76,14 +86,38 @@ class ReadMetrics:
         self.run.defer(result.step, result.metrics)
 
 
+class Timekeeping:
+    """Every step (after the previous one's metrics are read): tells the hang watchdog that the
+    loop progresses and books the step in the goodput ledger. `phase(name)` brackets the work
+    between steps (restore, evaluation, checkpoint) for both."""
+
+    def __init__(self, ledger: Ledger, watchdog: Watchdog):
+        self.ledger, self.watchdog = ledger, watchdog
+
+    def __call__(self, result: StepResult) -> None:
+        self.watchdog.beat(result.step)
+        self.ledger.step(result.step, result.data_wait_seconds)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        with self.ledger.phase(name), self.watchdog.phase(name):
+            yield
+
+
 class Evaluate:
     """Evaluates every `every` steps (the last step's evaluation is the run's final one)."""
 
     def __init__(
-        self, trainer: Trainer, eval_set: Any, writer: MetricsWriter, every: int, last: int
+        self,
+        trainer: Trainer,
+        eval_set: Any,
+        writer: MetricsWriter,
+        every: int,
+        last: int,
+        phase: Phase = no_phase,
     ):
         self.trainer, self.eval_set, self.writer = trainer, eval_set, writer
-        self.every, self.last = every, last
+        self.every, self.last, self.phase = every, last, phase
 
     def __call__(self, result: StepResult) -> None:
         if _every(result.step, self.every) and result.step != self.last:
@@ -91,7 +125,8 @@ class Evaluate:
 
     def run(self, params: Any, step: int) -> dict[str, float]:
         """Evaluates params now and records the result as step's."""
-        result = evaluate(self.trainer, params, self.eval_set)
+        with self.phase("evaluation"):
+            result = evaluate(self.trainer, params, self.eval_set)
         self.writer.write(step, {f"eval_{k}": v for k, v in result.items()})
         log(f"step {step}: eval loss {result['loss']:.4f}, {result['bits_per_byte']:.4f} bits/byte")
         return result

@@ -18,6 +18,7 @@ finite.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -28,21 +29,23 @@ from typing import Any
 
 import jax
 
-from flaxlm import hooks
+from flaxlm import hooks, spikes
 from flaxlm.checkpoint import Checkpointer
-from flaxlm.config import Config
+from flaxlm.config import Config, SpikePolicy
 from flaxlm.data import pipeline
 from flaxlm.data.tokenize import STATS
 from flaxlm.data.tokenizer import from_config
 from flaxlm.flops import flops_per_step, param_count, total_peak_flops
 from flaxlm.generate import SamplingConfig, generate_text
+from flaxlm.goodput import Ledger
 from flaxlm.hooks import StepResult
 from flaxlm.mesh import make_mesh
 from flaxlm.metrics import MetricsWriter, log
 from flaxlm.preemption import PreemptionWatcher
 from flaxlm.run_dir import check_trainable, write_run_files
-from flaxlm.run_state import RunState, Throughput
+from flaxlm.run_state import RunState, Throughput, Window
 from flaxlm.train import Trainer, TrainState
+from flaxlm.watchdog import Watchdog
 
 
 def training_steps(
@@ -113,6 +116,7 @@ class _Parts:
     checkpointer: Checkpointer
     writer: MetricsWriter
     watcher: PreemptionWatcher
+    timekeeping: hooks.Timekeeping  # the hang watchdog and the goodput ledger
 
 
 def run(cfg: Config) -> RunSummary:
@@ -120,6 +124,7 @@ def run(cfg: Config) -> RunSummary:
     started = time.perf_counter()
     t = cfg.train
     run_dir = Path(t.run_dir)
+    watchdog = Watchdog(t, jax.process_index())
     tokenizer = check_trainable(run_dir, cfg)
     mesh = make_mesh(cfg)
     write_run_files(run_dir, cfg, tokenizer)
@@ -133,10 +138,14 @@ def run(cfg: Config) -> RunSummary:
     eval_set = pipeline.eval_batches(cfg.data, jax.process_index(), jax.process_count())
     writer = MetricsWriter(run_dir, t.tensorboard)
     watcher = PreemptionWatcher()
+    ledger = Ledger(run_dir, jax.process_index() == 0, _process_start_time())
+    timekeeping = hooks.Timekeeping(ledger, watchdog)
     try:
-        parts = _Parts(cfg, trainer, data, eval_set, checkpointer, writer, watcher)
+        parts = _Parts(cfg, trainer, data, eval_set, checkpointer, writer, watcher, timekeeping)
         return _train(parts, started)
     finally:
+        ledger.save(force=True)
+        watchdog.close()
         watcher.close()
         writer.close()
         checkpointer.close()
@@ -145,37 +154,112 @@ def run(cfg: Config) -> RunSummary:
 def _train(p: _Parts, started: float) -> RunSummary:
     """The driver: restore or initialise, evaluate, run the steps through the hooks, sum up."""
     t = p.cfg.train
-    state = _restore_or_init(p)
-    start = int(jax.device_get(state.step))
+    phase = p.timekeeping.phase
+    with phase("restore"):
+        state = _restore_or_init(p)
+        start = int(jax.device_get(state.step))
     throughput = _throughput(p.cfg, p.trainer, state)
-    evaluation = hooks.Evaluate(p.trainer, p.eval_set, p.writer, t.eval_every, t.steps)
+    evaluation = hooks.Evaluate(p.trainer, p.eval_set, p.writer, t.eval_every, t.steps, phase)
     first_eval = evaluation.run(state.params, 0) if start == 0 else None
     progress = hooks.progress_bar(t, start)
     skipped = int(jax.device_get(state.skipped))
     run = RunState(t, throughput, p.writer, p.checkpointer, skipped, progress)
+    run.phase = phase
     preemption = hooks.Preemption(p.watcher, p.checkpointer, progress)
     checkpoint = hooks.Checkpoint(p.checkpointer, run, p.data, p.cfg, preemption)
     # In this order: the previous step's metrics are read (and logged) before this step is
     # evaluated, and a checkpoint is on its way before a preemption stops the run.
     on_step = [hooks.ReadMetrics(run), evaluation, checkpoint, hooks.Progress(progress), preemption]
+    on_step.insert(1, p.timekeeping)  # right after the previous step's metrics are read
     profiler = hooks.Profiler(t.profile_steps, Path(t.run_dir))
-    steps = range(start + 1, t.steps + 1)
-    for result in training_steps(p.trainer, state, p.data, steps, checkpoint.saves, profiler):
-        for hook in on_step:
-            hook(result)
-        state = result.state
-    run.read_pending()
+    state = _run_steps(p, run, state, start, on_step, checkpoint.saves, profiler)
     progress.close()
 
     final_eval = first_eval
     if start < t.steps or final_eval is None:
         final_eval = evaluation.run(state.params, t.steps)
-    p.checkpointer.wait()
-    summary = _summarize(p, run, state, start, first_eval, final_eval, started)
+    with phase("checkpoint"):
+        p.checkpointer.wait()
+    with phase("other"):
+        summary = _summarize(p, run, state, start, first_eval, final_eval, started)
+    p.timekeeping.ledger.finish(t.steps)
     if jax.process_index() == 0:
         (Path(t.run_dir) / "summary.json").write_text(json.dumps(summary.to_json(), indent=2))
     log(f"trained {t.steps - start} steps; summary in {Path(t.run_dir) / 'summary.json'}")
     return summary
+
+
+def _run_steps(
+    p: _Parts,
+    run: RunState,
+    state: TrainState,
+    start: int,
+    on_step: list[Callable[[StepResult], None]],
+    saves: Callable[[int], bool],
+    profiler: hooks.Profiler,
+) -> TrainState:
+    """Runs the steps after start through the hooks; a loss spike that train.on_spike acts on
+    rolls the run back to its last checkpoint and goes on from there without the spike's data."""
+    skips = spikes.load(p.cfg.train.run_dir)
+    while True:
+        data = spikes.BatchStream(p.data, skips["skipped_batches"], start)
+        steps = range(start + 1, p.cfg.train.steps + 1)
+        results = training_steps(p.trainer, state, data, steps, saves, profiler)
+        try:
+            # Closed on a spike, so that no batch is being drawn while the data is restored.
+            with contextlib.closing(results):
+                for result in results:
+                    for hook in on_step:
+                        hook(result)
+                    state = result.state
+                run.read_pending()
+            return state
+        except spikes.LossSpike as spike:
+            state, start = _roll_back(p, run, skips, spike)
+
+
+def _roll_back(
+    p: _Parts, run: RunState, skips: dict, spike: spikes.LossSpike
+) -> tuple[TrainState, int]:
+    """Restores the newest checkpoint and records the batches to leave out from now on."""
+    t = p.cfg.train
+    if len(skips["events"]) >= spikes.MAX_ROLLBACKS:
+        raise spikes.SpikeError(
+            f"{spike}; the run was rolled back {len(skips['events'])} times already "
+            f"({Path(t.run_dir) / spikes.FILE}). Lower optimizer.learning_rate, raise "
+            "train.spike_factor or set train.on_spike=log."
+        )
+    with p.timekeeping.phase("restore"):
+        p.checkpointer.wait()
+        restored = p.checkpointer.latest_step()
+        if restored is None:
+            raise spikes.SpikeError(
+                f"{spike} before the first checkpoint: nothing to roll back to. Save earlier "
+                "(checkpoint.every_steps) or set train.on_spike=log."
+            )
+        whole = t.on_spike == SpikePolicy.rollback
+        batches = spikes.window(spike.step, restored, skips["skipped_batches"], whole)
+        first = jax.process_index() == 0
+        spikes.record(t.run_dir, skips, spike, restored, batches, write=first)
+        state = p.checkpointer.restore(restored, p.trainer.abstract_state, p.data)
+    run.pending, run.window = None, Window()
+    run.progress.n = restored
+    p.timekeeping.ledger.high_water = max(p.timekeeping.ledger.high_water, spike.step)
+    log(
+        f"{spike}: restored step {restored} and left out data batches {batches} "
+        f"(train.on_spike={t.on_spike.value}; recorded in {Path(t.run_dir) / spikes.FILE})"
+    )
+    return state, restored
+
+
+def _process_start_time() -> float:
+    """When this process started (wall clock): the ledger counts its startup too."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except ImportError:  # psutil comes with the stack, but is not essential
+        return time.time()
 
 
 def _restore_or_init(p: _Parts) -> TrainState:

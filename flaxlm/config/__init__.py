@@ -26,6 +26,7 @@ from flaxlm.config.enums import (
     Position,
     Remat,
     RopeScaling,
+    SpikePolicy,
     TokenizerKind,
 )
 from flaxlm.config.loading import (
@@ -76,6 +77,7 @@ __all__ = [
     "Remat",
     "RopeScaling",
     "SourceConfig",
+    "SpikePolicy",
     "TokenizerKind",
     "TrainConfig",
     "check_divisibility",
