@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from tqdm import tqdm
 
 from flaxlm import report
@@ -157,8 +159,9 @@ class Preemption:
 
 
 class Checkpoint:
-    """Saves every `checkpoint.every_steps` steps, at the last step and on preemption, and only
-    steps known to be finite: the pending metrics are read before the save."""
+    """Saves every `checkpoint.every_steps` steps, once `checkpoint.every_minutes` have passed
+    since the last save, at the last step and on preemption, and only steps known to be finite:
+    the pending metrics are read before the save."""
 
     def __init__(
         self,
@@ -167,17 +170,36 @@ class Checkpoint:
         data: Any,
         cfg: Config,
         preemption: Preemption,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.checkpointer, self.run, self.data, self.cfg = checkpointer, run, data, cfg
-        self.preemption = preemption
+        self.preemption, self.clock = preemption, clock
         self.saving: int | None = None
+        self.last_save = clock()
 
     def saves(self, step: int) -> bool:
         """Whether step will be saved; asked right after its dispatch, before any prefetch."""
         preempted = self.preemption.requested(step)
         due = _every(step, self.checkpointer.every_steps) or step == self.cfg.train.steps
+        due = due or self._minutes_passed()
         self.saving = step if due or preempted else None
+        if self.saving == step:
+            self.last_save = self.clock()
         return self.saving == step
+
+    def _minutes_passed(self) -> bool:
+        """Whether checkpoint.every_minutes have passed since the last save. Hosts' clocks and
+        paces differ, so on several processes the first one decides for all (one tiny
+        collective per step, only when every_minutes is set)."""
+        minutes = self.cfg.checkpoint.every_minutes
+        if minutes <= 0:
+            return False
+        due = self.clock() - self.last_save >= 60 * minutes
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            due = bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
+        return due
 
     def __call__(self, result: StepResult) -> None:
         if self.saving != result.step:

@@ -31,7 +31,7 @@ import jax
 
 from flaxlm import hooks, spikes
 from flaxlm.checkpoint import Checkpointer
-from flaxlm.config import Config, SpikePolicy
+from flaxlm.config import Config, SpikePolicy, to_dict
 from flaxlm.data import pipeline
 from flaxlm.data.tokenize import STATS
 from flaxlm.data.tokenizer import from_config
@@ -136,7 +136,7 @@ def run(cfg: Config) -> RunSummary:
         cfg.data, t.seed, jax.process_index(), jax.process_count(), checkpointer.data_shards()
     )
     eval_set = pipeline.eval_batches(cfg.data, jax.process_index(), jax.process_count())
-    writer = MetricsWriter(run_dir, t.tensorboard)
+    writer = MetricsWriter(run_dir, t.tensorboard, t.wandb, to_dict(cfg))
     watcher = PreemptionWatcher()
     ledger = Ledger(run_dir, jax.process_index() == 0, _process_start_time())
     timekeeping = hooks.Timekeeping(ledger, watchdog)

@@ -1,7 +1,10 @@
-"""Observability: `metrics.jsonl` and TensorBoard, human progress on stderr, memory in use, and
-loss-spike detection.
+"""Observability: `metrics.jsonl`, TensorBoard and (optionally) Weights & Biases, human progress
+on stderr, memory in use, and loss-spike detection.
 
-Only process 0 writes; the others get a writer that does nothing, so the loop need not care.
+Every metrics.jsonl record carries its `step` and a `timestamp` (Unix seconds). TensorBoard and
+W&B get the same scalars grouped by kind: `eval/` (the eval_* keys, without the prefix), `perf/`
+(throughput, timings, memory) and `train/` (the rest). Only process 0 writes; the others get a
+writer that does nothing, so the loop need not care.
 """
 
 from __future__ import annotations
@@ -10,11 +13,14 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
 from tqdm import tqdm
+
+from flaxlm.config import WandbConfig, WandbMode
 
 
 def log(message: str) -> None:
@@ -23,11 +29,42 @@ def log(message: str) -> None:
         tqdm.write(message, file=sys.stderr)
 
 
+# Keys that describe the machine's performance rather than the model's training.
+PERF_KEYS = frozenset(
+    {
+        "tokens_per_second",
+        "step_seconds",
+        "data_wait_seconds",
+        "compute_seconds",
+        "mfu",
+        "device_memory_bytes",
+        "host_memory_bytes",
+        "checkpoint_blocking_seconds",
+    }
+)
+
+
+def scalar_name(key: str) -> str:
+    """The grouped name of a metric in TensorBoard and W&B (eval/loss, perf/mfu, train/loss)."""
+    if key.startswith("eval_"):
+        return "eval/" + key.removeprefix("eval_")
+    if key in PERF_KEYS or key.endswith("_seconds"):
+        return "perf/" + key
+    return "train/" + key
+
+
 class MetricsWriter:
-    def __init__(self, run_dir: str | os.PathLike, tensorboard: bool = True):
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        tensorboard: bool = True,
+        wandb: WandbConfig | None = None,
+        config: dict[str, Any] | None = None,
+    ):
         self._active = jax.process_index() == 0
         self._jsonl = None
         self._tb = None
+        self._wandb = None
         if not self._active:
             return
         run_dir = Path(run_dir)
@@ -39,24 +76,36 @@ class MetricsWriter:
             from flax.metrics.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+        if wandb is not None and wandb.project and wandb.mode != WandbMode.disabled:
+            from flaxlm.trackers import open_wandb
+
+            self._wandb = open_wandb(run_dir, wandb, config or {})
 
     def write(self, step: int, record: dict[str, Any]) -> None:
         if not self._active:
             return
         clean = {k: _jsonable(v) for k, v in record.items()}
-        self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        self._jsonl.write(json.dumps({"step": step, **clean, "timestamp": time.time()}) + "\n")
         self._jsonl.flush()
+        scalars = {
+            scalar_name(key): value
+            for key, value in clean.items()
+            if isinstance(value, int | float) and math.isfinite(value)
+        }
         if self._tb is not None:
-            for key, value in clean.items():
-                if isinstance(value, int | float) and math.isfinite(value):
-                    self._tb.scalar(key, value, step)
+            for name, value in scalars.items():
+                self._tb.scalar(name, value, step)
             self._tb.flush()
+        if self._wandb is not None and scalars:
+            self._wandb.log(scalars, step=step)
 
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
 
 
 def _jsonable(value: Any) -> Any:

@@ -28,6 +28,7 @@ from flaxlm.config.enums import (
     RopeScaling,
     SpikePolicy,
     TokenizerKind,
+    WandbMode,
 )
 from flaxlm.config.loading import (
     from_dict,
@@ -50,6 +51,7 @@ from flaxlm.config.schema import (
     SourceConfig,
     TrainConfig,
 )
+from flaxlm.config.trackers import WandbConfig
 from flaxlm.config.validation import check_divisibility, validate
 
 __all__ = [
@@ -80,6 +82,8 @@ __all__ = [
     "SpikePolicy",
     "TokenizerKind",
     "TrainConfig",
+    "WandbConfig",
+    "WandbMode",
     "check_divisibility",
     "from_dict",
     "load",

@@ -72,6 +72,12 @@ class SpikePolicy(enum.StrEnum):
     rollback = "rollback"  # restore it; leave out every batch from it to the spike
 
 
+class WandbMode(enum.StrEnum):
+    online = "online"  # sync to the W&B server while training
+    offline = "offline"  # write under RUN_DIR/wandb; `wandb sync` uploads it later
+    disabled = "disabled"
+
+
 class DType(enum.StrEnum):
     """A floating-point dtype, by its NumPy/JAX name (`jnp.dtype(DType.bfloat16)` works)."""
 

@@ -26,6 +26,7 @@ from flaxlm.config.enums import (
     SpikePolicy,
     TokenizerKind,
 )
+from flaxlm.config.trackers import WandbConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,6 +274,7 @@ class TrainConfig:
     hang_timeout_s: float = 0.0
     hang_allowance_s: float = 1800.0
     hang_checkpoint_s: float = 1800.0
+    wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
 
 
 @dataclasses.dataclass(frozen=True)
