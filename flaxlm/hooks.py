@@ -107,7 +107,8 @@ class Timekeeping:
 
 
 class Evaluate:
-    """Evaluates every `every` steps (the last step's evaluation is the run's final one)."""
+    """Evaluates every `every` steps (the last step's evaluation is the run's final one), and
+    each domain of a mixture by itself (`domains`: eval batches by name)."""
 
     def __init__(
         self,
@@ -117,9 +118,11 @@ class Evaluate:
         every: int,
         last: int,
         phase: Phase = no_phase,
+        domains: dict[str, Any] | None = None,
     ):
         self.trainer, self.eval_set, self.writer = trainer, eval_set, writer
         self.every, self.last, self.phase = every, last, phase
+        self.domains = domains or {}
 
     def __call__(self, result: StepResult) -> None:
         if _every(result.step, self.every) and result.step != self.last:
@@ -129,7 +132,16 @@ class Evaluate:
         """Evaluates params now and records the result as step's."""
         with self.phase("evaluation"):
             result = evaluate(self.trainer, params, self.eval_set)
-        self.writer.write(step, {f"eval_{k}": v for k, v in result.items()})
+            per_domain = {
+                name: evaluate(self.trainer, params, b) for name, b in self.domains.items()
+            }
+        record = {f"eval_{k}": v for k, v in result.items()}
+        for name, r in per_domain.items():
+            record |= {
+                f"eval_loss/{name}": r["loss"],
+                f"eval_bits_per_byte/{name}": r["bits_per_byte"],
+            }
+        self.writer.write(step, record)
         log(f"step {step}: eval loss {result['loss']:.4f}, {result['bits_per_byte']:.4f} bits/byte")
         return result
 

@@ -35,6 +35,7 @@ from flaxlm.config import Config, SpikePolicy, to_dict
 from flaxlm.data import pipeline
 from flaxlm.data.tokenize import STATS
 from flaxlm.data.tokenizer import from_config
+from flaxlm.domains import eval_sets as domain_eval_sets
 from flaxlm.flops import flops_per_step, param_count, total_peak_flops
 from flaxlm.generate import SamplingConfig, generate_text
 from flaxlm.goodput import Ledger
@@ -117,6 +118,7 @@ class _Parts:
     writer: MetricsWriter
     watcher: PreemptionWatcher
     timekeeping: hooks.Timekeeping  # the hang watchdog and the goodput ledger
+    domains: dict[str, Any]  # a mixture's components' eval sets by name ({} otherwise)
 
 
 def run(cfg: Config) -> RunSummary:
@@ -141,7 +143,10 @@ def run(cfg: Config) -> RunSummary:
     ledger = Ledger(run_dir, jax.process_index() == 0, _process_start_time())
     timekeeping = hooks.Timekeeping(ledger, watchdog)
     try:
-        parts = _Parts(cfg, trainer, data, eval_set, checkpointer, writer, watcher, timekeeping)
+        domains = domain_eval_sets(cfg.data, jax.process_index(), jax.process_count())
+        parts = _Parts(
+            cfg, trainer, data, eval_set, checkpointer, writer, watcher, timekeeping, domains
+        )
         return _train(parts, started)
     finally:
         ledger.save(force=True)
@@ -159,7 +164,9 @@ def _train(p: _Parts, started: float) -> RunSummary:
         state = _restore_or_init(p)
         start = int(jax.device_get(state.step))
     throughput = _throughput(p.cfg, p.trainer, state)
-    evaluation = hooks.Evaluate(p.trainer, p.eval_set, p.writer, t.eval_every, t.steps, phase)
+    evaluation = hooks.Evaluate(
+        p.trainer, p.eval_set, p.writer, t.eval_every, t.steps, phase, p.domains
+    )
     first_eval = evaluation.run(state.params, 0) if start == 0 else None
     progress = hooks.progress_bar(t, start)
     skipped = int(jax.device_get(state.skipped))

@@ -42,7 +42,8 @@ def _train(run_dir, corpus_cache, patch: str, *overrides: str) -> subprocess.Com
         "train", "--config", str(CONFIGS / "tiny.yaml"), f"train.run_dir={run_dir}",
         f"data.cache_dir={corpus_cache}", "train.progress_bar=false", "train.log_every=1",
         "train.eval_every=0", "train.sample_prompt=", "train.tensorboard=false",
-        "train.steps=30", "checkpoint.every_steps=5", *overrides,
+        "train.steps=30", "checkpoint.every_steps=5", f"train.spike_factor={SPIKE_FACTOR}",
+        *overrides,
     ]  # fmt: skip
     code = (
         "import sys\nimport numpy as np\nimport flaxlm.spikes as S\ndraw = S.BatchStream.__next__\n"
@@ -56,6 +57,10 @@ def _train(run_dir, corpus_cache, patch: str, *overrides: str) -> subprocess.Com
     return proc
 
 
+# After 20 steps the running average lags the falling loss (5.14 against 4.4 at step 23), and an
+# untrained token costs about ln(vocab) = 5.7: the poisoned batch is 1.11 x the average, the
+# clean ones at most 0.95 x.
+SPIKE_FACTOR = 1.06
 # Batch 24 of the data stream is garbage: a token the text never has, over and over.
 POISON = """
 def poisoned(self):

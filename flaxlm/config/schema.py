@@ -178,6 +178,9 @@ class SourceConfig(SourceFields):
 
     # Relative sampling weight of this component's documents (normalised over the mixture).
     weight: float = 1.0
+    # Its name in the per-domain eval metrics (eval_loss/<name>); default: the TFDS name, the
+    # corpus, or the train files' name.
+    name: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -268,6 +268,11 @@ def _validate_data(d: DataConfig, m: ModelConfig) -> None:
             where = f"data.mixture[{i}]"
             _validate_source(component, where)
             _require(component.weight > 0, f"{where}.weight={component.weight} must be > 0")
+        names = [m.name for m in d.mixture if m.name]
+        _require(
+            len(names) == len(set(names)),
+            f"data.mixture names {names} repeat; give each component its own name",
+        )
     else:
         _validate_source(d, "data")
     if d.tokenizer != TokenizerKind.byte:
