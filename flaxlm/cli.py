@@ -69,6 +69,7 @@ _OUTCOMES = (
     ("builtins", "FileNotFoundError", 2, "error: "),
     ("flaxlm.run_state", "NonFiniteLossError", 1, "error: "),
     ("flaxlm.checkpoint", "CheckpointSaveError", 1, "error: "),
+    ("flaxlm.spikes", "SpikeError", 1, "error: "),
     # 128 + SIGTERM, the status of a process ended by the signal, here after a clean save.
     ("flaxlm.preemption", "Preempted", 143, ""),
 )

@@ -354,6 +354,23 @@ def cmd_scaling(args: argparse.Namespace) -> None:
     _stream(scaling.run_ladder(runs), write)
 
 
+@command(
+    "goodput",
+    "where a run's wall time went, across its restarts (also writes RUN_DIR/goodput.png)",
+    arg("run_dir", help="run directory"),
+)
+def cmd_goodput(args: argparse.Namespace) -> None:
+    from flaxlm import goodput
+
+    record = goodput.load(args.run_dir)
+    if record is None:
+        raise FileNotFoundError(f"{Path(args.run_dir) / goodput.FILE} does not exist; train first")
+    print(json.dumps(record), flush=True)
+    print("\n".join(goodput.summary_lines(record)), file=sys.stderr)
+    path = goodput.plot(record, Path(args.run_dir) / "goodput.png")
+    print(f"wrote {path}", file=sys.stderr)
+
+
 def _stream(points: Iterable[dict], write: Callable[[list[dict]], list]) -> None:
     """Prints one JSON line per record as it finishes, then writes them all (first process)."""
     first = _is_first_process()

@@ -11,21 +11,33 @@ notice). Two hooks also answer the step generator right after dispatch: `Checkpo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from tqdm import tqdm
 
 from flaxlm import report
 from flaxlm.checkpoint import Checkpointer
 from flaxlm.config import Config, TrainConfig
 from flaxlm.evaluate import evaluate
+from flaxlm.goodput import Ledger
 from flaxlm.metrics import MetricsWriter, log
 from flaxlm.preemption import Preempted, PreemptionWatcher
 from flaxlm.run_state import RunState
 from flaxlm.train import Trainer, TrainState
+from flaxlm.watchdog import Watchdog
+
+Phase = Callable[[str], contextlib.AbstractContextManager]
+
+
+def no_phase(name: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
 
 
 @dataclasses.dataclass
@@ -76,14 +88,41 @@ class ReadMetrics:
         self.run.defer(result.step, result.metrics)
 
 
+class Timekeeping:
+    """Every step (after the previous one's metrics are read): tells the hang watchdog that the
+    loop progresses and books the step in the goodput ledger. `phase(name)` brackets the work
+    between steps (restore, evaluation, checkpoint) for both."""
+
+    def __init__(self, ledger: Ledger, watchdog: Watchdog):
+        self.ledger, self.watchdog = ledger, watchdog
+
+    def __call__(self, result: StepResult) -> None:
+        self.watchdog.beat(result.step)
+        self.ledger.step(result.step, result.data_wait_seconds)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        with self.ledger.phase(name), self.watchdog.phase(name):
+            yield
+
+
 class Evaluate:
-    """Evaluates every `every` steps (the last step's evaluation is the run's final one)."""
+    """Evaluates every `every` steps (the last step's evaluation is the run's final one), and
+    each domain of a mixture by itself (`domains`: eval batches by name)."""
 
     def __init__(
-        self, trainer: Trainer, eval_set: Any, writer: MetricsWriter, every: int, last: int
+        self,
+        trainer: Trainer,
+        eval_set: Any,
+        writer: MetricsWriter,
+        every: int,
+        last: int,
+        phase: Phase = no_phase,
+        domains: dict[str, Any] | None = None,
     ):
         self.trainer, self.eval_set, self.writer = trainer, eval_set, writer
-        self.every, self.last = every, last
+        self.every, self.last, self.phase = every, last, phase
+        self.domains = domains or {}
 
     def __call__(self, result: StepResult) -> None:
         if _every(result.step, self.every) and result.step != self.last:
@@ -91,8 +130,18 @@ class Evaluate:
 
     def run(self, params: Any, step: int) -> dict[str, float]:
         """Evaluates params now and records the result as step's."""
-        result = evaluate(self.trainer, params, self.eval_set)
-        self.writer.write(step, {f"eval_{k}": v for k, v in result.items()})
+        with self.phase("evaluation"):
+            result = evaluate(self.trainer, params, self.eval_set)
+            per_domain = {
+                name: evaluate(self.trainer, params, b) for name, b in self.domains.items()
+            }
+        record = {f"eval_{k}": v for k, v in result.items()}
+        for name, r in per_domain.items():
+            record |= {
+                f"eval_loss/{name}": r["loss"],
+                f"eval_bits_per_byte/{name}": r["bits_per_byte"],
+            }
+        self.writer.write(step, record)
         log(f"step {step}: eval loss {result['loss']:.4f}, {result['bits_per_byte']:.4f} bits/byte")
         return result
 
@@ -122,8 +171,9 @@ class Preemption:
 
 
 class Checkpoint:
-    """Saves every `checkpoint.every_steps` steps, at the last step and on preemption, and only
-    steps known to be finite: the pending metrics are read before the save."""
+    """Saves every `checkpoint.every_steps` steps, once `checkpoint.every_minutes` have passed
+    since the last save, at the last step and on preemption, and only steps known to be finite:
+    the pending metrics are read before the save."""
 
     def __init__(
         self,
@@ -132,17 +182,36 @@ class Checkpoint:
         data: Any,
         cfg: Config,
         preemption: Preemption,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.checkpointer, self.run, self.data, self.cfg = checkpointer, run, data, cfg
-        self.preemption = preemption
+        self.preemption, self.clock = preemption, clock
         self.saving: int | None = None
+        self.last_save = clock()
 
     def saves(self, step: int) -> bool:
         """Whether step will be saved; asked right after its dispatch, before any prefetch."""
         preempted = self.preemption.requested(step)
         due = _every(step, self.checkpointer.every_steps) or step == self.cfg.train.steps
+        due = due or self._minutes_passed()
         self.saving = step if due or preempted else None
+        if self.saving == step:
+            self.last_save = self.clock()
         return self.saving == step
+
+    def _minutes_passed(self) -> bool:
+        """Whether checkpoint.every_minutes have passed since the last save. Hosts' clocks and
+        paces differ, so on several processes the first one decides for all (one tiny
+        collective per step, only when every_minutes is set)."""
+        minutes = self.cfg.checkpoint.every_minutes
+        if minutes <= 0:
+            return False
+        due = self.clock() - self.last_save >= 60 * minutes
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            due = bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
+        return due
 
     def __call__(self, result: StepResult) -> None:
         if self.saving != result.step:

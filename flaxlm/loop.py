@@ -18,6 +18,7 @@ finite.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -28,22 +29,25 @@ from typing import Any
 
 import jax
 
-from flaxlm import fs, hooks, resume
+from flaxlm import fs, hooks, resume, spikes
 from flaxlm.checkpoint import Checkpointer
-from flaxlm.config import Config
+from flaxlm.config import Config, SpikePolicy, to_dict
 from flaxlm.data import pipeline
 from flaxlm.data.tokenize import STATS
 from flaxlm.data.tokenizer import from_config
+from flaxlm.domains import eval_sets as domain_eval_sets
 from flaxlm.flops import flops_per_step, param_count, total_peak_flops
 from flaxlm.generate import SamplingConfig, generate_text
+from flaxlm.goodput import Ledger
 from flaxlm.hooks import StepResult
 from flaxlm.mesh import make_mesh
 from flaxlm.metrics import MetricsWriter, log
 from flaxlm.preemption import PreemptionWatcher
 from flaxlm.run_dir import check_init_source, check_trainable, init_state_from, write_run_files
 from flaxlm.run_lock import RunLock
-from flaxlm.run_state import RunState, Throughput
+from flaxlm.run_state import RunState, Throughput, Window
 from flaxlm.train import Trainer, TrainState
+from flaxlm.watchdog import Watchdog
 
 
 def training_steps(
@@ -122,6 +126,8 @@ class _Parts:
     checkpointer: Checkpointer
     writer: MetricsWriter
     watcher: PreemptionWatcher
+    timekeeping: hooks.Timekeeping  # the hang watchdog and the goodput ledger
+    domains: dict[str, Any]  # a mixture's components' eval sets by name ({} otherwise)
 
 
 def run(cfg: Config) -> RunSummary:
@@ -138,20 +144,24 @@ def run(cfg: Config) -> RunSummary:
     mesh = make_mesh(cfg)
     # Taken before anything writes to the directory (or cleans up its half-written saves).
     lock = RunLock(run_dir).acquire() if jax.process_index() == 0 else None
+    watchdog = Watchdog(t, jax.process_index())
     try:
-        return _run_locked(cfg, run_dir, tokenizer, mesh, started)
+        return _run_locked(cfg, run_dir, tokenizer, mesh, watchdog, started)
     finally:
+        watchdog.close()
         if lock is not None:
             lock.release()
 
 
-def _run_locked(cfg: Config, run_dir: Any, tokenizer: Any, mesh: Any, started: float) -> RunSummary:
+def _run_locked(
+    cfg: Config, run_dir: Any, tokenizer: Any, mesh: Any, watchdog: Watchdog, started: float
+) -> RunSummary:
     t = cfg.train
     write_run_files(run_dir, cfg, tokenizer)
 
     trainer = Trainer(cfg, mesh)
     checkpointer = Checkpointer(run_dir, cfg.checkpoint)
-    writer = watcher = None
+    writer = watcher = ledger = None
     # Everything opened after the checkpoint manager closes with it, even when the data
     # pipeline refuses its files: its background threads must not outlive a clean error.
     try:
@@ -160,11 +170,18 @@ def _run_locked(cfg: Config, run_dir: Any, tokenizer: Any, mesh: Any, started: f
             cfg.data, t.seed, jax.process_index(), jax.process_count(), checkpointer.data_shards()
         )
         eval_set = pipeline.eval_batches(cfg.data, jax.process_index(), jax.process_count())
-        writer = MetricsWriter(run_dir, t.tensorboard)
+        writer = MetricsWriter(run_dir, t.tensorboard, t.wandb, to_dict(cfg))
         watcher = PreemptionWatcher()
-        parts = _Parts(cfg, trainer, data, eval_set, checkpointer, writer, watcher)
+        ledger = Ledger(run_dir, jax.process_index() == 0, _process_start_time())
+        timekeeping = hooks.Timekeeping(ledger, watchdog)
+        domains = domain_eval_sets(cfg.data, jax.process_index(), jax.process_count())
+        parts = _Parts(
+            cfg, trainer, data, eval_set, checkpointer, writer, watcher, timekeeping, domains
+        )
         return _train(parts, started)
     finally:
+        if ledger is not None:
+            ledger.save(force=True)
         if watcher is not None:
             watcher.close()
         if writer is not None:
@@ -175,37 +192,114 @@ def _run_locked(cfg: Config, run_dir: Any, tokenizer: Any, mesh: Any, started: f
 def _train(p: _Parts, started: float) -> RunSummary:
     """The driver: restore or initialise, evaluate, run the steps through the hooks, sum up."""
     t = p.cfg.train
-    state = _restore_or_init(p)
-    start = int(jax.device_get(state.step))
+    phase = p.timekeeping.phase
+    with phase("restore"):
+        state = _restore_or_init(p)
+        start = int(jax.device_get(state.step))
     throughput = _throughput(p.cfg, p.trainer, state)
-    evaluation = hooks.Evaluate(p.trainer, p.eval_set, p.writer, t.eval_every, t.steps)
+    evaluation = hooks.Evaluate(
+        p.trainer, p.eval_set, p.writer, t.eval_every, t.steps, phase, p.domains
+    )
     first_eval = evaluation.run(state.params, 0) if start == 0 else None
     progress = hooks.progress_bar(t, start)
     skipped = int(jax.device_get(state.skipped))
     run = RunState(t, throughput, p.writer, p.checkpointer, skipped, progress)
+    run.phase = phase
     preemption = hooks.Preemption(p.watcher, p.checkpointer, progress)
     checkpoint = hooks.Checkpoint(p.checkpointer, run, p.data, p.cfg, preemption)
     # In this order: the previous step's metrics are read (and logged) before this step is
     # evaluated, and a checkpoint is on its way before a preemption stops the run.
     on_step = [hooks.ReadMetrics(run), evaluation, checkpoint, hooks.Progress(progress), preemption]
+    on_step.insert(1, p.timekeeping)  # right after the previous step's metrics are read
     profiler = hooks.Profiler(t.profile_steps, Path(t.run_dir))
-    steps = range(start + 1, t.steps + 1)
-    for result in training_steps(p.trainer, state, p.data, steps, checkpoint.saves, profiler):
-        for hook in on_step:
-            hook(result)
-        state = result.state
-    run.read_pending()
+    state = _run_steps(p, run, state, start, on_step, checkpoint.saves, profiler)
     progress.close()
 
     final_eval = first_eval
     if start < t.steps or final_eval is None:
         final_eval = evaluation.run(state.params, t.steps)
-    p.checkpointer.wait()
-    summary = _summarize(p, run, state, start, first_eval, final_eval, started)
+    with phase("checkpoint"):
+        p.checkpointer.wait()
+    with phase("other"):
+        summary = _summarize(p, run, state, start, first_eval, final_eval, started)
+    p.timekeeping.ledger.finish(t.steps)
     if jax.process_index() == 0:
         (fs.as_path(t.run_dir) / "summary.json").write_text(json.dumps(summary.to_json(), indent=2))
     log(f"trained {t.steps - start} steps; summary in {fs.as_path(t.run_dir) / 'summary.json'}")
     return summary
+
+
+def _run_steps(
+    p: _Parts,
+    run: RunState,
+    state: TrainState,
+    start: int,
+    on_step: list[Callable[[StepResult], None]],
+    saves: Callable[[int], bool],
+    profiler: hooks.Profiler,
+) -> TrainState:
+    """Runs the steps after start through the hooks; a loss spike that train.on_spike acts on
+    rolls the run back to its last checkpoint and goes on from there without the spike's data."""
+    skips = spikes.load(p.cfg.train.run_dir)
+    while True:
+        data = spikes.BatchStream(p.data, skips["skipped_batches"], start)
+        steps = range(start + 1, p.cfg.train.steps + 1)
+        results = training_steps(p.trainer, state, data, steps, saves, profiler)
+        try:
+            # Closed on a spike, so that no batch is being drawn while the data is restored.
+            with contextlib.closing(results):
+                for result in results:
+                    for hook in on_step:
+                        hook(result)
+                    state = result.state
+                run.read_pending()
+            return state
+        except spikes.LossSpike as spike:
+            state, start = _roll_back(p, run, skips, spike)
+
+
+def _roll_back(
+    p: _Parts, run: RunState, skips: dict, spike: spikes.LossSpike
+) -> tuple[TrainState, int]:
+    """Restores the newest checkpoint and records the batches to leave out from now on."""
+    t = p.cfg.train
+    if len(skips["events"]) >= spikes.MAX_ROLLBACKS:
+        raise spikes.SpikeError(
+            f"{spike}; the run was rolled back {len(skips['events'])} times already "
+            f"({Path(t.run_dir) / spikes.FILE}). Lower optimizer.learning_rate, raise "
+            "train.spike_factor or set train.on_spike=log."
+        )
+    with p.timekeeping.phase("restore"):
+        p.checkpointer.wait()
+        restored = p.checkpointer.latest_step()
+        if restored is None:
+            raise spikes.SpikeError(
+                f"{spike} before the first checkpoint: nothing to roll back to. Save earlier "
+                "(checkpoint.every_steps) or set train.on_spike=log."
+            )
+        whole = t.on_spike == SpikePolicy.rollback
+        batches = spikes.window(spike.step, restored, skips["skipped_batches"], whole)
+        first = jax.process_index() == 0
+        spikes.record(t.run_dir, skips, spike, restored, batches, write=first)
+        state = p.checkpointer.restore(restored, p.trainer.abstract_state, p.data)
+    run.pending, run.window = None, Window()
+    run.progress.n = restored
+    p.timekeeping.ledger.high_water = max(p.timekeeping.ledger.high_water, spike.step)
+    log(
+        f"{spike}: restored step {restored} and left out data batches {batches} "
+        f"(train.on_spike={t.on_spike.value}; recorded in {Path(t.run_dir) / spikes.FILE})"
+    )
+    return state, restored
+
+
+def _process_start_time() -> float:
+    """When this process started (wall clock): the ledger counts its startup too."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except ImportError:  # psutil comes with the stack, but is not essential
+        return time.time()
 
 
 def _restore_or_init(p: _Parts) -> TrainState:

@@ -1,7 +1,10 @@
-"""Observability: `metrics.jsonl` and TensorBoard, human progress on stderr, memory in use, and
-loss-spike detection.
+"""Observability: `metrics.jsonl`, TensorBoard and (optionally) Weights & Biases, human progress
+on stderr, memory in use, and loss-spike detection.
 
-Only process 0 writes; the others get a writer that does nothing, so the loop need not care.
+Every metrics.jsonl record carries its `step` and a `timestamp` (Unix seconds). TensorBoard and
+W&B get the same scalars grouped by kind: `eval/` (the eval_* keys, without the prefix), `perf/`
+(throughput, timings, memory) and `train/` (the rest). Only process 0 writes; the others get a
+writer that does nothing, so the loop need not care.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import jax
 from tqdm import tqdm
 
 from flaxlm import fs
+from flaxlm.config import WandbConfig, WandbMode
 
 # How often a run directory on an object store gets the new metrics (object stores cannot
 # append: the files are written locally and uploaded whole), and always at the end.
@@ -32,15 +36,47 @@ def log(message: str) -> None:
         tqdm.write(message, file=sys.stderr)
 
 
+# Keys that describe the machine's performance rather than the model's training.
+PERF_KEYS = frozenset(
+    {
+        "tokens_per_second",
+        "step_seconds",
+        "data_wait_seconds",
+        "compute_seconds",
+        "mfu",
+        "device_memory_bytes",
+        "host_memory_bytes",
+        "checkpoint_blocking_seconds",
+    }
+)
+
+
+def scalar_name(key: str) -> str:
+    """The grouped name of a metric in TensorBoard and W&B (eval/loss, perf/mfu, train/loss)."""
+    if key.startswith("eval_"):
+        return "eval/" + key.removeprefix("eval_")
+    if key in PERF_KEYS or key.endswith("_seconds"):
+        return "perf/" + key
+    return "train/" + key
+
+
 class MetricsWriter:
     """Appends to RUN_DIR/metrics.jsonl and RUN_DIR/tensorboard/ (local or on an object store,
-    where a local copy is uploaded every UPLOAD_EVERY_SECONDS and at close)."""
+    where a local copy is uploaded every UPLOAD_EVERY_SECONDS and at close), and logs to W&B
+    when configured."""
 
-    def __init__(self, run_dir: str | os.PathLike, tensorboard: bool = True):
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        tensorboard: bool = True,
+        wandb: WandbConfig | None = None,
+        config: dict[str, Any] | None = None,
+    ):
         self._active = jax.process_index() == 0
         self._jsonl = None
         self._tb = None
         self._remote = None
+        self._wandb = None
         if not self._active:
             return
         target = fs.as_path(run_dir)
@@ -59,18 +95,28 @@ class MetricsWriter:
             from flax.metrics.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(local / "tensorboard"))
+        if wandb is not None and wandb.project and wandb.mode != WandbMode.disabled:
+            from flaxlm.trackers import open_wandb
+
+            self._wandb = open_wandb(local, wandb, config or {})
 
     def write(self, step: int, record: dict[str, Any]) -> None:
         if not self._active:
             return
         clean = {k: _jsonable(v) for k, v in record.items()}
-        self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        self._jsonl.write(json.dumps({"step": step, **clean, "timestamp": time.time()}) + "\n")
         self._jsonl.flush()
+        scalars = {
+            scalar_name(key): value
+            for key, value in clean.items()
+            if isinstance(value, int | float) and math.isfinite(value)
+        }
         if self._tb is not None:
-            for key, value in clean.items():
-                if isinstance(value, int | float) and math.isfinite(value):
-                    self._tb.scalar(key, value, step)
+            for name, value in scalars.items():
+                self._tb.scalar(name, value, step)
             self._tb.flush()
+        if self._wandb is not None and scalars:
+            self._wandb.log(scalars, step=step)
         if self._remote is not None and time.monotonic() - self._uploaded > UPLOAD_EVERY_SECONDS:
             self._upload()
 
@@ -83,6 +129,8 @@ class MetricsWriter:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
         if self._remote is not None:
             self._upload()
             shutil.rmtree(self._local, ignore_errors=True)

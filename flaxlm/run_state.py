@@ -9,6 +9,7 @@ times, skipped steps and spikes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import Any
@@ -17,8 +18,9 @@ import jax
 import numpy as np
 
 from flaxlm.checkpoint import Checkpointer
-from flaxlm.config import NanPolicy, TrainConfig
+from flaxlm.config import NanPolicy, SpikePolicy, TrainConfig
 from flaxlm.metrics import MetricsWriter, SpikeDetector, log, memory_in_use
+from flaxlm.spikes import LossSpike
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -74,6 +76,8 @@ class RunState:
         self.save_blocking: list[float] = []
         # The newest dispatched step whose metrics are still on the device: (step, metrics).
         self.pending: tuple[int, dict] | None = None
+        # Brackets work between steps for the watchdog and the goodput ledger (hooks.Timekeeping).
+        self.phase: Any = lambda name: contextlib.nullcontext()
 
     def defer(self, step: int, metrics: dict) -> None:
         """Reads the previous pending step (ready or nearly so); step's metrics wait instead."""
@@ -103,6 +107,8 @@ class RunState:
             average = self.spikes.average
             log(f"step {step}: loss spike {values['loss']:.4f} (average {average:.4f})")
             self.writer.write(step, {"loss_spike": values["loss"], "loss_average": average})
+            if self.train.on_spike != SpikePolicy.log:
+                raise LossSpike(step, values["loss"], average)
         if step % self.train.log_every == 0 or step == self.train.steps:
             self._write_record(step, values)
 
@@ -130,7 +136,8 @@ class RunState:
     def timed_save(self, step: int, save) -> None:
         """Runs save() and records how long it blocked the loop."""
         save_start = time.perf_counter()
-        save()
+        with self.phase("checkpoint"):
+            save()
         self.save_blocking.append(time.perf_counter() - save_start)
         self.writer.write(step, {"checkpoint_blocking_seconds": self.save_blocking[-1]})
 

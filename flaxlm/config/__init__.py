@@ -26,7 +26,9 @@ from flaxlm.config.enums import (
     Position,
     Remat,
     RopeScaling,
+    SpikePolicy,
     TokenizerKind,
+    WandbMode,
 )
 from flaxlm.config.loading import (
     from_dict,
@@ -49,6 +51,7 @@ from flaxlm.config.schema import (
     SourceConfig,
     TrainConfig,
 )
+from flaxlm.config.trackers import WandbConfig
 from flaxlm.config.validation import check_divisibility, validate
 
 __all__ = [
@@ -76,8 +79,11 @@ __all__ = [
     "Remat",
     "RopeScaling",
     "SourceConfig",
+    "SpikePolicy",
     "TokenizerKind",
     "TrainConfig",
+    "WandbConfig",
+    "WandbMode",
     "check_divisibility",
     "from_dict",
     "load",

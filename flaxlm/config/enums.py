@@ -68,6 +68,18 @@ class NanPolicy(enum.StrEnum):
     skip = "skip"  # drop that update (params and optimizer state unchanged) and count it
 
 
+class SpikePolicy(enum.StrEnum):
+    log = "log"  # log the spike and train on
+    skip = "skip"  # restore the last checkpoint; train on without the spiking step's batch
+    rollback = "rollback"  # restore it; leave out every batch from it to the spike
+
+
+class WandbMode(enum.StrEnum):
+    online = "online"  # sync to the W&B server while training
+    offline = "offline"  # write under RUN_DIR/wandb; `wandb sync` uploads it later
+    disabled = "disabled"
+
+
 class DType(enum.StrEnum):
     """A floating-point dtype, by its NumPy/JAX name (`jnp.dtype(DType.bfloat16)` works)."""
 

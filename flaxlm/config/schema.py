@@ -23,8 +23,10 @@ from flaxlm.config.enums import (
     Position,
     Remat,
     RopeScaling,
+    SpikePolicy,
     TokenizerKind,
 )
+from flaxlm.config.trackers import WandbConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +203,9 @@ class SourceConfig(SourceFields):
 
     # Relative sampling weight of this component's documents (normalised over the mixture).
     weight: float = 1.0
+    # Its name in the per-domain eval metrics (eval_loss/<name>); default: the TFDS name, the
+    # corpus, or the train files' name.
+    name: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,6 +271,8 @@ class CheckpointConfig:
     max_to_keep: int = 3
     keep_every: int = 0
     async_save: bool = True
+    # Also save once this many minutes have passed since the last save (0: by steps only).
+    every_minutes: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,12 +295,22 @@ class TrainConfig:
     nan_policy: NanPolicy = NanPolicy.stop
     # A loss above spike_factor x its running average is logged as a spike (0 disables).
     spike_factor: float = 1.5
+    # What a spike does: log it, or restore the last checkpoint and leave out its data.
+    on_spike: SpikePolicy = SpikePolicy.log
     # [first, last): record a profiler trace of these steps under run_dir/profile ([] = none).
     profile_steps: list[int] = dataclasses.field(default_factory=list)
     # Printed after training: a continuation of this prompt (None or "" skips it).
     sample_prompt: str | None = "Once upon a time"
     sample_new_tokens: int = 200
     sample_temperature: float = 0.8
+    # The hang watchdog ends a run that makes no step for hang_timeout_s (0: 20 median steps,
+    # at least 300 s), for hang_allowance_s while starting, restoring, compiling or evaluating,
+    # or for hang_checkpoint_s while blocked by a checkpoint save.
+    watchdog: bool = True
+    hang_timeout_s: float = 0.0
+    hang_allowance_s: float = 1800.0
+    hang_checkpoint_s: float = 1800.0
+    wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
 
 
 @dataclasses.dataclass(frozen=True)

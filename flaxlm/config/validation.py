@@ -168,6 +168,13 @@ def _validate_train(t: TrainConfig) -> None:
     _require(t.eval_every >= 0, f"train.eval_every={t.eval_every} must be >= 0")
     _require(t.spike_factor >= 0, f"train.spike_factor={t.spike_factor} must be >= 0")
     _require(
+        t.hang_timeout_s >= 0,
+        f"train.hang_timeout_s={t.hang_timeout_s} must be >= 0 (0: automatic; "
+        "train.watchdog=false turns the watchdog off)",
+    )
+    for key in ("hang_allowance_s", "hang_checkpoint_s"):
+        _require(getattr(t, key) > 0, f"train.{key}={getattr(t, key)} must be > 0 (seconds)")
+    _require(
         not t.profile_steps
         or (len(t.profile_steps) == 2 and 0 <= t.profile_steps[0] < t.profile_steps[1]),
         f"train.profile_steps={t.profile_steps} must be [] or [first, last) with first < last",
@@ -178,6 +185,10 @@ def _validate_checkpoint(c: CheckpointConfig) -> None:
     _require(c.every_steps > 0, f"checkpoint.every_steps={c.every_steps} must be positive")
     _require(c.max_to_keep > 0, f"checkpoint.max_to_keep={c.max_to_keep} must be positive")
     _require(c.keep_every >= 0, f"checkpoint.keep_every={c.keep_every} must be >= 0")
+    _require(
+        c.every_minutes >= 0,
+        f"checkpoint.every_minutes={c.every_minutes} must be >= 0 (0: save by steps only)",
+    )
 
 
 def _validate_mesh(cfg: Config) -> None:
@@ -282,6 +293,11 @@ def _validate_data(d: DataConfig, m: ModelConfig) -> None:
             where = f"data.mixture[{i}]"
             _validate_source(component, where)
             _require(component.weight > 0, f"{where}.weight={component.weight} must be > 0")
+        names = [m.name for m in d.mixture if m.name]
+        _require(
+            len(names) == len(set(names)),
+            f"data.mixture names {names} repeat; give each component its own name",
+        )
     else:
         _validate_source(d, "data")
     if d.tokenizer != TokenizerKind.byte:
