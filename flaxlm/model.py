@@ -24,9 +24,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxlm.config import ModelConfig, Position, Remat
+from flaxlm.config import ModelConfig, Position, Remat, is_sparse_layer
 from flaxlm.layers import FeedForward, constrain, dtype_of, make_norm, normal_init
 from flaxlm.mesh import current_mesh
+from flaxlm.moe import MOE_COLLECTION, MoeFeedForward
 from flaxlm.positions import sinusoidal_encoding
 from flaxlm.self_attention import Attention
 
@@ -34,19 +35,19 @@ Array = jax.Array
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: attention then MLP."""
+    """Pre-norm residual block: attention then MLP (routed experts when `sparse`)."""
 
     cfg: ModelConfig
     decode: bool = False
+    sparse: bool = False
 
     @nn.compact
     def __call__(self, x_BxTxD: Array, positions_BxT: Array, segment_ids_BxT: Array) -> Array:
         x_BxTxD = x_BxTxD + Attention(self.cfg, self.decode, name="attn")(
             make_norm(self.cfg, "attn_norm")(x_BxTxD), positions_BxT, segment_ids_BxT
         )
-        x_BxTxD = x_BxTxD + FeedForward(self.cfg, name="mlp")(
-            make_norm(self.cfg, "mlp_norm")(x_BxTxD)
-        )
+        mlp = MoeFeedForward if self.sparse else FeedForward
+        x_BxTxD = x_BxTxD + mlp(self.cfg, name="mlp")(make_norm(self.cfg, "mlp_norm")(x_BxTxD))
         return constrain(x_BxTxD, ("batch", "length", "act_embed"))
 
 
@@ -120,18 +121,29 @@ def decoder_stack(
             # Only XLA:CPU has shown the problem; a conditional costs more on accelerators.
             if cfg.residual_grad_barrier and not decode and _platform() == "cpu":
                 x = residual_grad_barrier(x)
-            x = block_cls(cfg, decode, name=f"block_{i}")(x, positions, segment_ids)
+            sparse = is_sparse_layer(cfg.moe, i)
+            x = block_cls(cfg, decode, sparse=sparse, name=f"block_{i}")(x, positions, segment_ids)
         return x
-    stack = nn.scan(
-        block_cls,
-        variable_axes={"params": 0, "cache": 0},
-        split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast),
-        length=cfg.n_layers,
-        metadata_params={nn.PARTITION_NAME: "layers"},
-    )
-    x, _ = stack(cfg, decode, name="blocks")(x, positions, segment_ids)
+    for name, length, sparse in _scan_groups(cfg):
+        stack = nn.scan(
+            block_cls,
+            variable_axes={"params": 0, "cache": 0, MOE_COLLECTION: 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast),
+            length=length,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x, _ = stack(cfg, decode, sparse=sparse, name=name)(x, positions, segment_ids)
     return x
+
+
+def _scan_groups(cfg: ModelConfig) -> list[tuple[str, int, bool]]:
+    """(name, layers, sparse) of each scanned stack: one, or the dense first layers of a
+    mixture-of-experts model and then its sparse layers."""
+    dense = cfg.moe.first_dense_layers if cfg.moe.enabled else 0
+    if not dense:
+        return [("blocks", cfg.n_layers, cfg.moe.enabled)]
+    return [("dense_blocks", dense, False), ("blocks", cfg.n_layers - dense, True)]
 
 
 class Transformer(nn.Module):

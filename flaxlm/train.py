@@ -25,6 +25,7 @@ from jax.sharding import Mesh, PartitionSpec
 from flaxlm.config import Config, NanPolicy
 from flaxlm.mesh import batch_sharding, logical_rules, logical_to_sharding, replicated
 from flaxlm.model import Transformer
+from flaxlm.moe import MOE_COLLECTION, router_losses
 from flaxlm.optim import learning_rate_schedule, make_optimizer
 
 Batch = dict[str, jax.Array]
@@ -76,10 +77,22 @@ def loss_sums(
     Sums make micro-batches add up exactly to the whole batch; the caller divides by the total
     token count once.
     """
-    logits_BxTxV, losses_BxTm1, weights_BxTm1 = forward_losses(params, model, batch)
+    # The router statistics of mixture-of-experts layers come back in their own collection.
+    logits_BxTxV, stats = model.apply(
+        {"params": params},
+        batch["tokens"],
+        batch["positions"],
+        batch["segment_ids"],
+        mutable=[MOE_COLLECTION],
+    )
+    losses_BxTm1, weights_BxTm1 = token_losses(logits_BxTxV, batch)
     nats = (losses_BxTm1 * weights_BxTm1).sum()
     aux = {"nats": nats, "tokens": weights_BxTm1.sum()}
     objective = nats
+    if model.cfg.moe.enabled:
+        extra, moe_sums = router_losses(stats, model.cfg.moe, aux["tokens"])
+        objective = objective + extra
+        aux.update(moe_sums)
     if z_loss:
         log_z_BxTm1 = jax.nn.logsumexp(logits_BxTxV, axis=-1)[:, :-1]
         z = (log_z_BxTm1**2 * weights_BxTm1).sum()
@@ -160,6 +173,7 @@ def train_step(
     }
     if z_loss:
         metrics["z_loss"] = aux["z"] / aux["count"]
+    metrics.update({k: v / aux["count"] for k, v in aux.items() if k.startswith("moe_")})
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, skipped=skipped)
     return new_state, metrics
 

@@ -19,6 +19,7 @@ from flaxlm.config.enums import (
     DistributedInit,
     DType,
     Mlp,
+    MoeDispatch,
     NanPolicy,
     Norm,
     OptimizerName,
@@ -26,6 +27,7 @@ from flaxlm.config.enums import (
     Position,
     Remat,
     RopeScaling,
+    Router,
     TokenizerKind,
 )
 from flaxlm.config.loading import (
@@ -37,6 +39,7 @@ from flaxlm.config.loading import (
     to_dict,
     to_yaml,
 )
+from flaxlm.config.moe import MoeConfig, expert_width, is_sparse_layer
 from flaxlm.config.schema import (
     MESH_AXES,
     CheckpointConfig,
@@ -67,6 +70,8 @@ __all__ = [
     "MeshConfig",
     "Mlp",
     "ModelConfig",
+    "MoeConfig",
+    "MoeDispatch",
     "NanPolicy",
     "Norm",
     "OptimizerConfig",
@@ -75,11 +80,14 @@ __all__ = [
     "Position",
     "Remat",
     "RopeScaling",
+    "Router",
     "SourceConfig",
     "TokenizerKind",
     "TrainConfig",
     "check_divisibility",
+    "expert_width",
     "from_dict",
+    "is_sparse_layer",
     "load",
     "load_files",
     "portable",
