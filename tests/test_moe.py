@@ -149,3 +149,55 @@ def test_bad_moe_settings_are_named(tiny_cfg):
     with pytest.raises(ConfigError, match=r"mesh\.expert=8 does not divide model\.moe\.num_exp"):
         tiny_cfg("model.moe.num_experts=4", "mesh.fsdp=1", "mesh.expert=8")
     assert MoeConfig().enabled is False
+
+
+MOE_MESHES = {
+    "expert=8": dict(expert=8),
+    "data=2 x fsdp=2 x expert=2": dict(data=2, fsdp=2, expert=2),
+    "tensor=2 x expert=4": dict(tensor=2, expert=4),
+    "fsdp=8": dict(fsdp=8),
+}
+
+
+def _two_steps(cfg, mesh: dict):
+    from flaxlm import config
+    from flaxlm.mesh import make_mesh
+    from flaxlm.train import Trainer
+
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1, "expert": 1, **mesh}
+    cfg = config.replace(cfg, mesh=sizes)
+    devices = jax.devices()[: int(np.prod(list(sizes.values())))]
+    trainer = Trainer(cfg, make_mesh(cfg, devices))
+    state = trainer.init_state(0)
+    losses = []
+    for seed in range(2):
+        state, metrics = trainer.step(state, trainer.global_batch(trainer.synthetic_batch(seed)))
+        losses.append([float(metrics[k]) for k in ("loss", "moe_aux_loss", "moe_z_loss")])
+    return trainer, state, np.array(losses)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+def test_every_mesh_with_experts_gives_the_same_losses(tiny_cfg, dispatch):
+    cfg = tiny_cfg(
+        "model.moe.num_experts=8",
+        f"model.moe.dispatch={dispatch}",
+        "model.moe.capacity_factor=1.0",
+        "model.moe.z_loss_weight=1e-3",
+        "data.seq_len=32",
+        "optimizer.warmup_steps=0",
+        family="llama",
+    )
+    _, ref_state, ref = _two_steps(cfg, {})
+    ref_params = jax.device_get(ref_state.params)
+    meshes = MOE_MESHES if dispatch == "dropless" else {"fsdp=2 x expert=4": dict(fsdp=2, expert=4)}
+    for name, mesh in meshes.items():
+        trainer, state, losses = _two_steps(cfg, mesh)
+        np.testing.assert_allclose(losses, ref, rtol=2e-5, err_msg=name)
+        jax.tree.map(
+            lambda a, b, n=name: np.testing.assert_allclose(a, b, atol=1e-4, err_msg=n),
+            jax.device_get(state.params),
+            ref_params,
+        )
+        up = state.params["block_0"]["mlp"]["up"]
+        assert up.addressable_shards[0].data.shape[0] == 8 // mesh.get("expert", 1), name
