@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from flaxlm.config import ConfigError, ModelConfig
+from flaxlm.convert import mixtral
 
 
 def model_overrides_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
@@ -28,6 +29,8 @@ def model_overrides_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
             "tie_embeddings": True,
             "use_bias": True,
         }
+    if kind == "mixtral":
+        return {**model_overrides_from_hf({**hf, "model_type": "llama"}), **_mixtral(hf)}
     if kind == "llama":
         if hf.get("attention_bias") or hf.get("mlp_bias"):
             raise ConfigError("Llama checkpoints with attention or MLP biases are not supported")
@@ -65,11 +68,18 @@ def model_overrides_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         elif rope_type not in ("default", None):
             raise ConfigError(f"Llama rope scaling {rope_type!r} is not supported (only llama3)")
         return out
-    raise ConfigError(f"model_type {kind!r} is not supported; flaxlm converts gpt2 and llama")
+    raise ConfigError(
+        f"model_type {kind!r} is not supported; flaxlm converts gpt2, llama and mixtral"
+    )
+
+
+def _mixtral(hf: dict[str, Any]) -> dict[str, Any]:
+    return mixtral.moe_overrides_from_hf(hf)
 
 
 def family(cfg: ModelConfig) -> str:
-    """'gpt2' or 'llama' when cfg has exactly that architecture, else a ConfigError."""
+    """'gpt2', 'llama' or 'mixtral' when cfg has exactly that architecture, else a
+    ConfigError."""
     gpt2 = dict(
         norm="layernorm", mlp="gelu", position="learned", tie_embeddings=True, use_bias=True
     )
@@ -78,7 +88,9 @@ def family(cfg: ModelConfig) -> str:
         if all(getattr(cfg, k) == v for k, v in shape.items()):
             if name == "gpt2" and cfg.kv_heads != cfg.n_heads:
                 raise ConfigError("GPT-2 has no grouped-query attention; set model.n_kv_heads=null")
-            return name
+            if name == "gpt2" and cfg.moe.enabled:
+                raise ConfigError("GPT-2 has no mixture of experts; set model.moe.num_experts=0")
+            return "mixtral" if name == "llama" and mixtral.is_mixtral(cfg) else name
     raise ConfigError(
         "the model is neither GPT-2 shaped (layernorm, gelu, learned positions, biases, tied "
         "embeddings) nor Llama shaped (rmsnorm, swiglu, rope, no biases); it has no Hugging "
@@ -114,7 +126,7 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
             "high_freq_factor": cfg.rope_high_freq_factor,
             "original_max_position_embeddings": cfg.rope_original_max_len,
         }
-    return {
+    llama = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": cfg.vocab_size,
@@ -135,3 +147,4 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "rope_scaling": rope if cfg.rope_scaling == "llama3" else None,
         "rope_parameters": rope,
     }
+    return {**llama, **mixtral.hf_config_fields(cfg)} if family(cfg) == "mixtral" else llama

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 
 from flaxlm.config import ConfigError, ModelConfig
+from flaxlm.convert import mixtral
 from flaxlm.convert.hf_config import family
 
 # --------------------------------------------------------------------------------------------
@@ -106,7 +107,8 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
             "final_norm": {"scale": t["ln_f.weight"], "bias": t["ln_f.bias"]},
         }
     else:
-        layers = [_llama_layer_from_hf(t, f"model.layers.{i}.", cfg) for i in range(cfg.n_layers)]
+        from_hf = mixtral.layer_from_hf if family(cfg) == "mixtral" else _llama_layer_from_hf
+        layers = [from_hf(t, f"model.layers.{i}.", cfg) for i in range(cfg.n_layers)]
         params = {
             "embed": {"embedding": t["model.embed_tokens.weight"]},
             "final_norm": {"scale": t["model.norm.weight"]},
@@ -142,8 +144,9 @@ def params_to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
         }
         if not cfg.tie_embeddings:
             out["lm_head.weight"] = params["lm_head"]["kernel"].T
+        to_hf = mixtral.layer_to_hf if family(cfg) == "mixtral" else _llama_layer_to_hf
         for i, layer in enumerate(layers):
-            out.update(_llama_layer_to_hf(layer, f"model.layers.{i}.", cfg))
+            out.update(to_hf(layer, f"model.layers.{i}.", cfg))
     # safetensors wants contiguous buffers; transposes above are views.
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
