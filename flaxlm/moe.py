@@ -151,6 +151,14 @@ def _sharded_routed_experts(
     )(x_QxD, router_DxE, w)
 
 
+def _per_device(mesh, moe: MoeConfig, rows: int) -> bool:
+    """Whether dropless dispatch runs per device: under a mesh whose batch axes divide the rows
+    (a decode step of a few prompts on many devices falls back to XLA's partitioning)."""
+    if mesh is None or moe.dispatch != MoeDispatch.dropless:
+        return False
+    return rows % math.prod(mesh.shape[a] for a in _mesh_axes("batch")) == 0
+
+
 class MoeFeedForward(nn.Module):
     """Routed experts (plus optional shared experts) in place of the dense MLP of a block."""
 
@@ -186,7 +194,7 @@ class MoeFeedForward(nn.Module):
         w = {k: v.astype(dtype) for k, v in self._expert_weights().items()}
         x_QxD = x_BxTxD.reshape(b * t, d)
         mesh = current_mesh()
-        if mesh is not None and moe.dispatch == MoeDispatch.dropless:
+        if _per_device(mesh, moe, b):
             y_QxD, stats = _sharded_routed_experts(x_QxD, router_DxE, w, cfg, mesh)
         else:
             y_QxD, stats = routed_experts(x_QxD, router_DxE, w, cfg)
