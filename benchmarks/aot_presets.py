@@ -31,6 +31,8 @@ CASES = [
     ("llama3-70b", "v5p:4x4x4", 64, 8192, ("full",), SPLASH),
     ("llama3-70b", "v6e:8x8", 64, 4096, ("full",), SPLASH),
     ("llama3-70b", "v6e:16x16", 256, 4096, ("full",), SPLASH),
+    # Mixtral 8x7B: experts split 8 ways (one per device along `expert`), FSDP across the rest.
+    ("mixtral-8x7b", "v5p:4x4x4", 64, 4096, ("full",), [*SPLASH, "mesh.expert=8"]),
 ]
 
 

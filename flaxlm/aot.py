@@ -19,7 +19,13 @@ import jax
 
 from flaxlm import memory, xla_stats
 from flaxlm.config import Config, ConfigError
-from flaxlm.flops import TPU_GENERATIONS, analytic_param_count, find_chip, flops_per_step
+from flaxlm.flops import (
+    TPU_GENERATIONS,
+    active_param_count,
+    analytic_param_count,
+    find_chip,
+    flops_per_step,
+)
 from flaxlm.mesh import make_mesh
 from flaxlm.train import Trainer
 
@@ -102,6 +108,7 @@ def compile_report(cfg: Config, topology: str, num_slices: int = 1) -> dict[str,
         "mesh": dict(mesh.shape),
         "remat": str(cfg.model.remat),
         "params": n_params,
+        "active_params": active_param_count(cfg.model),
         "tokens_per_step": tokens,
         "memory_per_device": compiled_mem,
         "estimate_per_device": estimate.to_json(),

@@ -32,6 +32,7 @@ import numpy as np
 from flaxlm import xla_stats
 from flaxlm.config import Config, ConfigError
 from flaxlm.flops import (
+    active_param_count,
     analytic_param_count,
     find_chip,
     flops_per_step,
@@ -128,7 +129,8 @@ def bench(
     n_devices = len(devices)
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
     n_params = analytic_param_count(cfg.model)
-    per_token = flops_per_token(cfg.model, n_params, cfg.data.seq_len)
+    # FLOPs count the parameters a token uses (a mixture of experts: its active experts).
+    per_token = flops_per_token(cfg.model, active_param_count(cfg.model), cfg.data.seq_len)
     model_flops_per_step = flops_per_step(cfg, n_params)
     median = float(np.median(times))
     achieved = model_flops_per_step / median

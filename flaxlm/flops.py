@@ -2,7 +2,8 @@
 
 FLOPs per trained token follow the usual convention (Kaplan et al., PaLM appendix B):
 6 N for the matmuls of the forward and backward passes over N parameters, plus 12 L T d for the
-attention scores and weighted sums (L layers, context T, d = heads x head_dim).
+attention scores and weighted sums (L layers, context T, d = heads x head_dim). For a mixture of
+experts N counts the active parameters: the routed experts a token goes through, not all.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxlm.config import Config, Mlp, ModelConfig, Norm, Position
+from flaxlm.config import Config, Mlp, ModelConfig, Norm, Position, expert_width, is_sparse_layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,19 +78,41 @@ def param_count(params) -> int:
     return int(sum(math.prod(p.shape) for p in jax.tree.leaves(params)))
 
 
-def analytic_param_count(cfg: ModelConfig) -> int:
-    """Parameters of the model described by cfg, counted from the architecture alone."""
-    d, heads, kv, hd, ff = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head, cfg.d_ff
+def _mlp_params(cfg: ModelConfig, width: int, bias: bool) -> int:
+    mlp_in = 2 if cfg.mlp in (Mlp.swiglu, Mlp.geglu) else 1
+    return (mlp_in + 1) * cfg.d_model * width + ((mlp_in * width + cfg.d_model) if bias else 0)
+
+
+def _sparse_mlp_params(cfg: ModelConfig, experts: int) -> int:
+    """A mixture-of-experts block with `experts` of its routed experts (all of them for the
+    total, the experts_per_token a token uses for the active count): router, routed experts
+    (no biases) and shared experts."""
+    moe = cfg.moe
+    width = expert_width(moe, cfg.d_ff)
+    total = cfg.d_model * moe.num_experts + experts * _mlp_params(cfg, width, bias=False)
+    if moe.num_shared_experts:
+        total += _mlp_params(cfg, moe.num_shared_experts * width, cfg.use_bias)
+    return total
+
+
+def analytic_param_count(cfg: ModelConfig, active: bool = False) -> int:
+    """Parameters of the model described by cfg, counted from the architecture alone; with
+    `active`, only those one token uses (a mixture of experts counts the experts_per_token
+    routed experts a token goes through, not all of them)."""
+    d, heads, kv, hd = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
     bias = cfg.use_bias
     norm = 2 * d if cfg.norm == Norm.layernorm else d
     attention = d * heads * hd + 2 * d * kv * hd + heads * hd * d
     attention += (heads * hd + 2 * kv * hd + d) if bias else 0
     attention += (heads * hd + 2 * kv * hd) if cfg.qkv_bias and not bias else 0
     attention += 2 * hd if cfg.qk_norm else 0
-    mlp_in = 2 if cfg.mlp in (Mlp.swiglu, Mlp.geglu) else 1
-    mlp = mlp_in * d * ff + ff * d + ((mlp_in * ff + d) if bias else 0)
-    per_layer = attention + mlp + (4 if cfg.post_norms else 2) * norm
-    total = cfg.vocab_size * d + cfg.n_layers * per_layer + norm
+    norms = (4 if cfg.post_norms else 2) * norm
+    dense_mlp = _mlp_params(cfg, cfg.d_ff, bias)
+    routed = cfg.moe.experts_per_token if active else cfg.moe.num_experts
+    total = cfg.vocab_size * d + norm
+    for layer in range(cfg.n_layers):
+        sparse = is_sparse_layer(cfg.moe, layer)
+        total += attention + norms + (_sparse_mlp_params(cfg, routed) if sparse else dense_mlp)
     if cfg.position == Position.learned:
         total += cfg.max_seq_len * d
     if not cfg.tie_embeddings:
@@ -97,8 +120,14 @@ def analytic_param_count(cfg: ModelConfig) -> int:
     return total
 
 
+def active_param_count(cfg: ModelConfig) -> int:
+    """Parameters one token goes through: all of a dense model's, fewer for a mixture of
+    experts. Training FLOPs and MFU count these."""
+    return analytic_param_count(cfg, active=True)
+
+
 def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6N + 12 L T d (forward + backward)."""
+    """Training FLOPs per token: 6N + 12 L T d (forward + backward), N the active parameters."""
     attn_width = cfg.n_heads * cfg.dim_per_head
     return 6.0 * n_params + 12.0 * cfg.n_layers * seq_len * attn_width
 
@@ -106,10 +135,12 @@ def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
 def flops_per_step(cfg: Config, n_params: int | None = None) -> float:
     """Training FLOPs of one optimizer step of cfg (all micro-batches): the one definition that
     throughput, MFU, scaling-law compute and ahead-of-time reports share. Without n_params the
-    parameters are counted from the architecture."""
-    n = analytic_param_count(cfg.model) if n_params is None else n_params
+    parameters are counted from the architecture. A mixture of experts always counts its active
+    parameters (the experts a token uses), whatever n_params says."""
+    if n_params is None or cfg.model.moe.enabled:
+        n_params = active_param_count(cfg.model)
     tokens = cfg.data.global_batch_size * cfg.data.seq_len
-    return flops_per_token(cfg.model, n, cfg.data.seq_len) * tokens
+    return flops_per_token(cfg.model, n_params, cfg.data.seq_len) * tokens
 
 
 def square_matmul(n: int = 1024) -> tuple[jax.Array, Callable[[jax.Array, jax.Array], jax.Array]]:

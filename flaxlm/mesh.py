@@ -1,6 +1,7 @@
 """Device meshes and logical-axis sharding.
 
-The mesh has three axes, `data`, `fsdp` and `tensor`, each sized by `MeshConfig` for ICI
+The mesh has four axes, `data`, `fsdp`, `tensor` and `expert` (mixture-of-experts layers
+only: routed experts and the batch are split over it), each sized by `MeshConfig` for ICI
 (within a slice; one axis may be -1 to take the slice's remaining devices) times DCN (across
 slices, outermost). `MeshConfig.rules` maps logical axis names (as carried by parameters and
 activations) to mesh axes; this module turns those names into `NamedSharding`s. Going from data
@@ -58,7 +59,9 @@ def resolve_shape(mesh_cfg: MeshConfig, num_devices: int, num_slices: int = 1) -
 
 
 def _describe(sizes: dict[str, int], prefix: str = "") -> str:
-    return " x ".join(f"{prefix}{a}={s}" for a, s in sizes.items())
+    # The expert axis is named only when used: most meshes have no experts.
+    shown = {a: s for a, s in sizes.items() if a != "expert" or s != 1}
+    return " x ".join(f"{prefix}{a}={s}" for a, s in shown.items())
 
 
 def _slices(devices: Sequence[jax.Device]) -> tuple[int, bool]:

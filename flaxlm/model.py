@@ -32,9 +32,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxlm.config import ModelConfig, Position, Remat
+from flaxlm.config import ModelConfig, Position, Remat, is_sparse_layer
 from flaxlm.layers import FeedForward, constrain, dtype_of, make_norm, normal_init
 from flaxlm.mesh import current_mesh
+from flaxlm.moe import MOE_COLLECTION, MoeFeedForward
 from flaxlm.positions import sinusoidal_encoding
 from flaxlm.self_attention import Attention
 
@@ -42,12 +43,13 @@ Array = jax.Array
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: attention then MLP."""
+    """Pre-norm residual block: attention then MLP (routed experts when `sparse`)."""
 
     cfg: ModelConfig
     decode: bool = False
     # This layer's sliding window (None: the whole causal prefix); see layer_window.
     window: int | None = None
+    sparse: bool = False  # a mixture-of-experts feed-forward block instead of the dense one
 
     @nn.compact
     def __call__(self, x_BxTxD: Array, positions_BxT: Array, segment_ids_BxT: Array) -> Array:
@@ -57,7 +59,8 @@ class Block(nn.Module):
         if cfg.post_norms:  # Gemma normalises each branch's output too
             h_BxTxD = make_norm(cfg, "post_attn_norm")(h_BxTxD)
         x_BxTxD = x_BxTxD + dropout(self, cfg.dropout_residual, h_BxTxD)
-        h_BxTxD = FeedForward(cfg, name="mlp")(make_norm(cfg, "mlp_norm")(x_BxTxD))
+        mlp = MoeFeedForward if self.sparse else FeedForward
+        h_BxTxD = mlp(cfg, name="mlp")(make_norm(cfg, "mlp_norm")(x_BxTxD))
         if cfg.post_norms:
             h_BxTxD = make_norm(cfg, "post_mlp_norm")(h_BxTxD)
         x_BxTxD = x_BxTxD + dropout(self, cfg.dropout_residual, h_BxTxD)
@@ -151,20 +154,31 @@ def decoder_stack(
             # Only XLA:CPU has shown the problem; a conditional costs more on accelerators.
             if cfg.residual_grad_barrier and not decode and _platform() == "cpu":
                 x = residual_grad_barrier(x)
-            x = block_cls(cfg, decode, layer_window(cfg, i), name=f"block_{i}")(
+            sparse = is_sparse_layer(cfg.moe, i)
+            x = block_cls(cfg, decode, layer_window(cfg, i), sparse, name=f"block_{i}")(
                 x, positions, segment_ids
             )
         return x
-    stack = nn.scan(
-        block_cls,
-        variable_axes={"params": 0, "cache": 0},
-        split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast),
-        length=cfg.n_layers,
-        metadata_params={nn.PARTITION_NAME: "layers"},
-    )
-    x, _ = stack(cfg, decode, cfg.sliding_window, name="blocks")(x, positions, segment_ids)
+    for name, length, sparse in _scan_groups(cfg):
+        stack = nn.scan(
+            block_cls,
+            variable_axes={"params": 0, "cache": 0, MOE_COLLECTION: 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast, nn.broadcast),
+            length=length,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x, _ = stack(cfg, decode, cfg.sliding_window, sparse, name=name)(x, positions, segment_ids)
     return x
+
+
+def _scan_groups(cfg: ModelConfig) -> list[tuple[str, int, bool]]:
+    """(name, layers, sparse) of each scanned stack: one, or the dense first layers of a
+    mixture-of-experts model and then its sparse layers."""
+    dense = cfg.moe.first_dense_layers if cfg.moe.enabled else 0
+    if not dense:
+        return [("blocks", cfg.n_layers, cfg.moe.enabled)]
+    return [("dense_blocks", dense, False), ("blocks", cfg.n_layers - dense, True)]
 
 
 class Transformer(nn.Module):

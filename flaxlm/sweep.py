@@ -31,12 +31,15 @@ Record = dict[str, Any]
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
-    """'2x4x1' -> {'data': 2, 'fsdp': 4, 'tensor': 1}."""
+    """'2x4x1' -> {'data': 2, 'fsdp': 4, 'tensor': 1, 'expert': 1}; a fourth size is the
+    expert axis."""
     parts = spec.lower().split("x")
-    if len(parts) != len(MESH_AXES) or not all(p.isdigit() and int(p) > 0 for p in parts):
+    if len(parts) not in (3, len(MESH_AXES)) or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise ConfigError(
-            f"mesh {spec!r} is not DATAxFSDPxTENSOR with positive sizes (for example 2x2x2)"
+            f"mesh {spec!r} is not DATAxFSDPxTENSOR[xEXPERT] with positive sizes (for example "
+            "2x2x2)"
         )
+    parts += ["1"] * (len(MESH_AXES) - len(parts))
     return dict(zip(MESH_AXES, map(int, parts), strict=True))
 
 

@@ -31,6 +31,7 @@ from flaxlm.mesh import (
     replicated,
 )
 from flaxlm.model import Transformer
+from flaxlm.moe import MOE_COLLECTION, router_losses
 from flaxlm.optim import learning_rate_schedule, make_optimizer
 
 Batch = dict[str, jax.Array]
@@ -66,16 +67,22 @@ def token_losses(logits_BxTxV: jax.Array, batch: Batch) -> tuple[jax.Array, jax.
 
 def forward_losses(
     params, model: Transformer, batch: Batch, dropout_key: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The model's logits_BxTxV on a batch, with its per-token losses and their weights.
+) -> tuple[jax.Array, jax.Array, jax.Array, dict]:
+    """The model's logits_BxTxV on a batch, with its per-token losses, their weights and the
+    router statistics of mixture-of-experts layers (their own collection; {} for dense models).
 
     With a dropout_key the model's dropout is on (training); without, it is deterministic.
     """
     rngs = {} if dropout_key is None else {"dropout": dropout_key}
-    logits_BxTxV = model.apply(
-        {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"], rngs=rngs
+    logits_BxTxV, stats = model.apply(
+        {"params": params},
+        batch["tokens"],
+        batch["positions"],
+        batch["segment_ids"],
+        rngs=rngs,
+        mutable=[MOE_COLLECTION],
     )
-    return logits_BxTxV, *token_losses(logits_BxTxV, batch)
+    return logits_BxTxV, *token_losses(logits_BxTxV, batch), stats
 
 
 def loss_sums(
@@ -86,10 +93,16 @@ def loss_sums(
     Sums make micro-batches add up exactly to the whole batch; the caller divides by the total
     token count once.
     """
-    logits_BxTxV, losses_BxTm1, weights_BxTm1 = forward_losses(params, model, batch, dropout_key)
+    logits_BxTxV, losses_BxTm1, weights_BxTm1, stats = forward_losses(
+        params, model, batch, dropout_key
+    )
     nats = (losses_BxTm1 * weights_BxTm1).sum()
     aux = {"nats": nats, "tokens": weights_BxTm1.sum()}
     objective = nats
+    if model.cfg.moe.enabled:
+        extra, moe_sums = router_losses(stats, model.cfg.moe, aux["tokens"])
+        objective = objective + extra
+        aux.update(moe_sums)
     if z_loss:
         log_z_BxTm1 = jax.nn.logsumexp(logits_BxTxV, axis=-1)[:, :-1]
         z = (log_z_BxTm1**2 * weights_BxTm1).sum()
@@ -187,13 +200,14 @@ def train_step(
     }
     if z_loss:
         metrics["z_loss"] = aux["z"] / aux["count"]
+    metrics.update({k: v / aux["count"] for k, v in aux.items() if k.startswith("moe_")})
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, skipped=skipped)
     return new_state, metrics
 
 
 def eval_step(params, batch: Batch, *, model: Transformer) -> dict[str, jax.Array]:
     """Sums over the batch: nats of every predicted token, their count, and the bytes among them."""
-    _, losses, weights = forward_losses(params, model, batch)
+    _, losses, weights, _ = forward_losses(params, model, batch)
     if "bytes" in batch:  # the pipeline says how many bytes of text each token stands for
         is_byte = batch["bytes"][:, 1:].astype(jnp.float32) * weights
     else:  # byte ids: one byte each

@@ -15,7 +15,12 @@ from flaxlm.mesh import make_mesh, resolve_shape
 def test_dcn_axes_multiply_the_ici_axes(tiny_cfg):
     cfg = tiny_cfg("mesh.fsdp=-1", "mesh.tensor=2", "mesh.dcn_data=2")
     # 16 devices in 2 slices: each slice has 8 = fsdp 4 x tensor 2; data spans the slices.
-    assert resolve_shape(cfg.mesh, 16, num_slices=2) == {"data": 2, "fsdp": 4, "tensor": 2}
+    assert resolve_shape(cfg.mesh, 16, num_slices=2) == {
+        "data": 2,
+        "fsdp": 4,
+        "tensor": 2,
+        "expert": 1,
+    }
     with pytest.raises(ConfigError, match="multiplies to 2 but the job has 1 slice"):
         resolve_shape(cfg.mesh, 16, num_slices=1)
     with pytest.raises(ConfigError, match="has 4 devices but 6 are per slice"):
@@ -42,7 +47,7 @@ def test_dcn_sizes_are_validated_with_the_divisibility_of_the_whole_axis(tiny_cf
 
 def test_single_slice_mesh_keeps_the_requested_shape(tiny_cfg):
     mesh = make_mesh(tiny_cfg("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"))
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
     assert sorted(d.id for d in np.ravel(mesh.devices)) == list(range(8))
 
 

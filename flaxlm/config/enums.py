@@ -116,3 +116,17 @@ class DistributedInit(enum.StrEnum):
     auto = "auto"  # join when the environment or coordinator_address describes a multi-process job
     always = "always"  # always call jax.distributed.initialize (it reads the environment)
     never = "never"
+
+
+class Router(enum.StrEnum):
+    """How a mixture-of-experts router turns its logits into the gates of the chosen experts."""
+
+    topk_softmax = "topk_softmax"  # Mixtral: top-k logits, softmax over those k
+    softmax_topk = "softmax_topk"  # DeepSeek, Qwen-MoE: softmax over all experts, keep the top k
+
+
+class MoeDispatch(enum.StrEnum):
+    """How tokens reach their experts."""
+
+    dropless = "dropless"  # sort by expert, grouped matmul (jax.lax.ragged_dot): nothing dropped
+    capacity = "capacity"  # one-hot einsum into fixed per-expert buffers: the simple reference

@@ -26,6 +26,7 @@ from flaxlm.config.enums import (
     SpikePolicy,
     TokenizerKind,
 )
+from flaxlm.config.moe import MoeConfig
 from flaxlm.config.trackers import WandbConfig
 
 
@@ -91,6 +92,8 @@ class ModelConfig:
     dtype: DType = DType.float32
     param_dtype: DType = DType.float32
     init_std: float = 0.02
+    # Mixture-of-experts feed-forward blocks (flaxlm/config/moe.py); dense when num_experts=0.
+    moe: MoeConfig = dataclasses.field(default_factory=MoeConfig)
 
     @property
     def kv_heads(self) -> int:
@@ -106,7 +109,7 @@ def _default_rules() -> dict[str, list[str]]:
     # head / mlp / vocab dimensions over tensor (Megatron style). Activations: the batch over
     # data and fsdp, their feature dimensions over tensor where the matching weights are.
     return {
-        "batch": ["data", "fsdp"],
+        "batch": ["data", "fsdp", "expert"],
         "length": [],
         "vocab": ["tensor"],
         "embed": ["fsdp"],
@@ -115,6 +118,8 @@ def _default_rules() -> dict[str, list[str]]:
         "head_dim": [],
         "mlp": ["tensor"],
         "layers": [],
+        # Routed experts' weights: expert parallelism (tokens travel to them by all-to-all).
+        "expert": ["expert"],
         "act_embed": [],
         "act_heads": ["tensor"],
         "act_kv_heads": ["tensor"],
@@ -123,7 +128,7 @@ def _default_rules() -> dict[str, list[str]]:
     }
 
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +139,9 @@ class MeshConfig:
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    # Expert parallelism: routed experts are split over this axis, and so is the batch (each
+    # device routes its own tokens, then an all-to-all brings them to their experts' devices).
+    expert: int = 1
     # Slices along each mesh axis (DCN: the data-center network between TPU slices, or between
     # hosts when each process is its own slice). The product is the number of slices; a mesh
     # axis spans ici x dcn devices, with the DCN part outermost. Put only `data` (or `fsdp`)
@@ -141,14 +149,20 @@ class MeshConfig:
     dcn_data: int = 1
     dcn_fsdp: int = 1
     dcn_tensor: int = 1
+    dcn_expert: int = 1
     rules: dict[str, list[str]] = dataclasses.field(default_factory=_default_rules)
 
     def shape(self) -> dict[str, int]:
         """The ICI (per-slice) sizes; -1 marks the axis that fills the slice."""
-        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor, "expert": self.expert}
 
     def dcn_shape(self) -> dict[str, int]:
-        return {"data": self.dcn_data, "fsdp": self.dcn_fsdp, "tensor": self.dcn_tensor}
+        return {
+            "data": self.dcn_data,
+            "fsdp": self.dcn_fsdp,
+            "tensor": self.dcn_tensor,
+            "expert": self.dcn_expert,
+        }
 
     def total_shape(self) -> dict[str, int]:
         """Devices along each axis over all slices (-1 stays -1 until devices are known)."""

@@ -22,6 +22,7 @@ from flaxlm.config.enums import (
     Position,
     TokenizerKind,
 )
+from flaxlm.config.moe import validate_moe
 from flaxlm.config.schema import (
     MESH_AXES,
     CheckpointConfig,
@@ -78,9 +79,11 @@ def _validate_choices(cfg: Config) -> None:
         check(getattr(cfg, field.name), field.name)
     for i, component in enumerate(cfg.data.mixture):
         check(component, f"data.mixture[{i}]")
+    check(cfg.model.moe, "model.moe")
 
 
 def _validate_model(m: ModelConfig, d: DataConfig) -> None:
+    validate_moe(m.moe, m.n_layers, m.scan_layers)
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
         value = getattr(m, key)
         _require(value > 0, f"model.{key}={value} must be positive")
@@ -200,7 +203,8 @@ def _validate_mesh(cfg: Config) -> None:
         _require(size > 0, f"mesh.dcn_{axis}={size} must be positive (slices along {axis})")
     _require(
         sum(size == -1 for size in sizes.values()) <= 1,
-        "only one of mesh.data, mesh.fsdp, mesh.tensor may be -1 (fill with remaining devices)",
+        "only one of mesh.data, mesh.fsdp, mesh.tensor, mesh.expert may be -1 (fill with "
+        "remaining devices)",
     )
     for logical, axes in mesh.rules.items():
         for axis in axes:
@@ -247,6 +251,8 @@ def check_divisibility(cfg: Config, sizes: dict[str, int]) -> None:
         "head_dim": ("model.head_dim", m.dim_per_head),
         "length": ("data.seq_len", d.seq_len),
     }
+    if m.moe.enabled:
+        dims["expert"] = ("model.moe.num_experts", m.moe.num_experts)
     for logical, (key, value) in dims.items():
         axes = cfg.mesh.rules.get(logical, [])
         known = [a for a in axes if sizes.get(a, 1) != -1]

@@ -14,9 +14,9 @@ from types import ModuleType
 from typing import Any
 
 from flaxlm.config import ConfigError, ModelConfig
-from flaxlm.convert import gemma, gpt2, llama
+from flaxlm.convert import gemma, gpt2, llama, mixtral
 
-MODULES: tuple[ModuleType, ...] = (gpt2, llama, gemma)
+MODULES: tuple[ModuleType, ...] = (gpt2, llama, gemma, mixtral)
 
 
 def module_for_model_type(kind: str | None) -> ModuleType:
@@ -34,7 +34,7 @@ def model_overrides_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
 
 def family(cfg: ModelConfig) -> str:
     """The Hugging Face model_type of cfg's architecture ('gpt2', 'llama', 'mistral', 'qwen2',
-    'qwen3', 'gemma2'), else a ConfigError."""
+    'qwen3', 'gemma2', 'mixtral'), else a ConfigError."""
     gpt2_shape = dict(
         norm="layernorm", mlp="gelu", position="learned", tie_embeddings=True, use_bias=True
     )
@@ -44,7 +44,11 @@ def family(cfg: ModelConfig) -> str:
             raise ConfigError("GPT-2 has no grouped-query attention; set model.n_kv_heads=null")
         if cfg.qk_norm or cfg.sliding_window:
             raise ConfigError("GPT-2 has no q/k norm or sliding window")
+        if cfg.moe.enabled:
+            raise ConfigError("GPT-2 has no mixture of experts; set model.moe.num_experts=0")
         return "gpt2"
+    if cfg.moe.enabled and not all(getattr(cfg, k) == v for k, v in llama_shape.items()):
+        raise ConfigError("only a Llama-shaped mixture of experts (Mixtral) converts")
     gemma_shape = {**llama_shape, "mlp": "geglu", "post_norms": True}
     if all(getattr(cfg, k) == v for k, v in gemma_shape.items()):
         return "gemma2"
@@ -55,7 +59,7 @@ def family(cfg: ModelConfig) -> str:
     if all(getattr(cfg, k) == v for k, v in llama_shape.items()) and not any(
         getattr(cfg, k) for k in gemma_only
     ):
-        return llama.family_of(cfg)
+        return "mixtral" if mixtral.is_mixtral(cfg) else llama.family_of(cfg)
     raise ConfigError(
         "the model is neither GPT-2 shaped (layernorm, gelu, learned positions, biases, tied "
         "embeddings) nor Llama shaped (rmsnorm, swiglu, rope, no biases); it has no Hugging "
