@@ -67,7 +67,7 @@ def plan(run_dir: Any, cfg: Config, log=print) -> Plan:
     cfg = _with_horizon(cfg, saved.optimizer.decay_steps or saved.train.steps)
     latest = steps[-1]
     _check_steps(run_dir, cfg, latest)
-    refused = _refused(run_dir, saved, cfg)
+    refused = _refused(run_dir, saved, cfg, latest)
     if refused:
         raise ConfigError(
             f"{run_dir} holds checkpoints (newest: step {latest}) of a run that cannot continue "
@@ -153,14 +153,17 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _refused(run_dir: Any, saved: Config, cfg: Config) -> list[str]:
+def _refused(run_dir: Any, saved: Config, cfg: Config, latest: int) -> list[str]:
     """One `key: old -> new (why)` per change the checkpoints cannot follow."""
     refused = [
         f"{d} (the parameters have the saved model's shapes)"
         for d in _differences(saved, cfg)
         if d.startswith("model.")
     ]
-    for key in _DATA_SHAPE_KEYS:
+    # A checkpoint written without a data position (an imported model, `convert from-hf`)
+    # starts its data pipeline afresh: any data shape will do.
+    has_data_position = (run_dir / "checkpoints" / str(latest) / "data").exists()
+    for key in _DATA_SHAPE_KEYS if has_data_position else ():
         old, new = getattr(saved.data, key), getattr(cfg.data, key)
         if old != new and not (key == "num_shards" and new == 0):
             refused.append(
