@@ -142,6 +142,7 @@ def run(cfg: Config) -> RunSummary:
     watcher = PreemptionWatcher()
     ledger = Ledger(run_dir, jax.process_index() == 0, _process_start_time())
     timekeeping = hooks.Timekeeping(ledger, watchdog)
+    watchdog.before_exit.append(lambda: ledger.save(force=True))
     try:
         domains = domain_eval_sets(cfg.data, jax.process_index(), jax.process_count())
         parts = _Parts(
