@@ -17,11 +17,14 @@
                     [--steps N] [--warmup N] [key.sub=value ...]
     flaxlm sweep    models --config C --models PRESET.yaml ... [--out DIR] [key.sub=value ...]
     flaxlm scaling  --config LADDER.yaml [--out DIR] [--separate-runs] [key.sub=value ...]
+    flaxlm goodput  RUN_DIR
     flaxlm --version | --help | COMMAND --help
 
 Results go to stdout (`eval` prints one JSON object per line, `generate` the text); progress and
 errors go to stderr. Exit status: 0 on success; 2 on a bad input and 1 on a failed run (NaN loss,
-failed save), each with a one-paragraph message; 143 when SIGTERM stopped training after a save.
+failed save, a spike with nothing to roll back to), each with a one-paragraph message; 143 when
+SIGTERM stopped training after a save; 75 when the hang watchdog ended a run that made no
+progress (restart it: it resumes from its last checkpoint).
 The subcommands and their arguments are the table in `flaxlm.commands`; handlers import JAX and
 TensorFlow only once the config has loaded, so help, the version and config errors come at once.
 """

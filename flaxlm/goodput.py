@@ -174,7 +174,7 @@ def plot(record: dict[str, Any], path: Path) -> Path:
     from flaxlm import report
 
     wall = record["wall_seconds"] or 1e-9
-    with report.figure(path, figsize=(7, 2.2)) as ax:
+    with report.figure(path, figsize=(7, 2.8)) as ax:
         left = 0.0
         for category, seconds in record["seconds"].items():
             share = 100 * seconds / wall
@@ -183,5 +183,5 @@ def plot(record: dict[str, Any], path: Path) -> Path:
         ax.set_yticks([])
         ax.set_xlim(0, 100)
         ax.set_xlabel("% of wall time")
-        ax.legend(ncol=5, fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.45))
+        ax.legend(ncol=5, fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.6))
     return path

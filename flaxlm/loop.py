@@ -174,6 +174,7 @@ def _run_locked(
         watcher = PreemptionWatcher()
         ledger = Ledger(run_dir, jax.process_index() == 0, _process_start_time())
         timekeeping = hooks.Timekeeping(ledger, watchdog)
+        watchdog.before_exit.append(lambda: ledger.save(force=True))
         domains = domain_eval_sets(cfg.data, jax.process_index(), jax.process_count())
         parts = _Parts(
             cfg, trainer, data, eval_set, checkpointer, writer, watcher, timekeeping, domains

@@ -63,6 +63,8 @@ class Watchdog:
         self.phase_name: str | None = "startup"
         self.step_seconds: list[float] = []
         self.fired = False
+        # Run before the exit (the goodput ledger records the stall); errors are ignored.
+        self.before_exit: list[Callable[[], None]] = []
         self._stop = threading.Event()
         self._poll = poll_seconds or min(1.0, max(0.05, self._smallest_limit() / 20))
         self._thread = threading.Thread(target=self._watch, name="flaxlm-watchdog", daemon=True)
@@ -113,6 +115,9 @@ class Watchdog:
             if stalled > limit:
                 self._report(stalled, limit)
                 self.fired = True
+                for action in self.before_exit:
+                    with contextlib.suppress(Exception):
+                        action()
                 self.on_stall()
                 return
 

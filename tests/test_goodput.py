@@ -106,9 +106,10 @@ def test_a_run_killed_twice_counts_the_steps_it_redid(tmp_path, corpus_cache):
     ledger = json.loads(flaxlm("goodput", str(run)).stdout)
     print("goodput.json of a run killed twice:", json.dumps(ledger, indent=1))
     assert redone > 0 and ledger["recomputed_steps"] == redone
-    # Every logged step was booked; a killed attempt may have dispatched one more.
+    # A SIGKILL loses the bookings since the ledger's last write (at most a second), never
+    # the recomputed steps, which come from what was logged.
     booked = ledger["productive_steps"] + ledger["recomputed_steps"]
-    assert len(logged) <= booked <= len(logged) + 2
+    assert len(set(logged)) <= booked <= len(logged) + 2
     assert ledger["attempts"] == 3 and ledger["seconds"]["downtime"] > 0
     assert ledger["seconds"]["checkpoint"] >= 5  # the hung save, until the watchdog fired
     assert (run / "goodput.png").stat().st_size > 0
