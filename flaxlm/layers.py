@@ -17,6 +17,9 @@ from flaxlm.config import Mlp, ModelConfig, Norm
 from flaxlm.mesh import logical_constraint
 
 Array = jax.Array
+# Norm scales and biases stay replicated: sharding d_model floats over FSDP saves nothing and
+# costs two tiny collectives per norm and step (gather forward, reduce backward), pure latency.
+NORM_AXES = (None,)
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -43,7 +46,7 @@ class RMSNorm(nn.Module):
     def __call__(self, x: Array) -> Array:
         scale = self.param(
             "scale",
-            nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+            nn.with_logical_partitioning(nn.initializers.ones, NORM_AXES),
             (x.shape[-1],),
             self.param_dtype,
         )
@@ -61,8 +64,8 @@ def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
         dtype=dtype,
         param_dtype=param_dtype,
         use_bias=True,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, NORM_AXES),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, NORM_AXES),
         # Statistics in float32 even when activations are bfloat16.
         force_float32_reductions=True,
         # Two-pass variance: E[(x-mean)^2] matches reference implementations in float32.
