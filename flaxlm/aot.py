@@ -116,8 +116,30 @@ def compile_report(cfg: Config, topology: str, num_slices: int = 1) -> dict[str,
         "fits": compiled_mem is not None and compiled_mem["total_gib"] <= hbm,
         "error": error,
         "xla_flops_per_device": float(cost.get("flops", 0.0)),
+        **_xla_step_estimate(cfg, cost),
         "analytic_flops_per_step": analytic_flops,
         # The step time if every chip ran at its bf16 peak: a floor, for planning.
         "step_seconds_at_peak": analytic_flops / peak,
         "compile_seconds": compile_seconds,
     }
+
+
+def _xla_step_estimate(cfg: Config, cost: dict[str, float]) -> dict[str, Any]:
+    """XLA's own step-time estimate where it means something, else None and the reason.
+
+    XLA's cost analysis counts a loop body once: with scanned layers or micro-batches its
+    FLOPs and time cover about one iteration, so neither is a step's. On v5e and v6e
+    libtpu gives a negative time, which is no estimate at all.
+    """
+    seconds = cost.get("optimal_seconds")
+    loops = cfg.model.scan_layers or cfg.optimizer.grad_accum_steps > 1
+    if seconds is None or seconds <= 0:
+        why = "XLA gives no step-time estimate for this TPU generation"
+    elif loops:
+        why = (
+            "the program loops (scanned layers or micro-batches) and XLA counts a loop body "
+            "once; compile with model.scan_layers=false and grad_accum_steps=1 for an estimate"
+        )
+    else:
+        return {"xla_step_seconds": seconds, "xla_estimate": "whole step"}
+    return {"xla_step_seconds": None, "xla_estimate": f"unavailable: {why}"}

@@ -18,6 +18,9 @@ from flaxlm.config import Mlp, ModelConfig, Norm
 from flaxlm.mesh import logical_constraint
 
 Array = jax.Array
+# Norm scales and biases stay replicated: sharding d_model floats over FSDP saves nothing and
+# costs two tiny collectives per norm and step (gather forward, reduce backward), pure latency.
+NORM_AXES = (None,)
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -40,7 +43,7 @@ class RMSNorm(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     # Logical name of the normalised axis: ("head_dim",) for the per-head q/k norms of Qwen3.
-    axes: tuple[str, ...] = ("embed",)
+    axes: tuple[str | None, ...] = NORM_AXES
     # Gemma: multiply by (1 + scale), the scale starting at zero.
     offset: bool = False
 
@@ -75,8 +78,8 @@ def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
         dtype=dtype,
         param_dtype=param_dtype,
         use_bias=True,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, NORM_AXES),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, NORM_AXES),
         # Statistics in float32 even when activations are bfloat16.
         force_float32_reductions=True,
         # Two-pass variance: E[(x-mean)^2] matches reference implementations in float32.

@@ -47,18 +47,21 @@ def rope_frequencies(cfg: ModelConfig) -> jax.Array:
 
 
 def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq_R: jax.Array) -> jax.Array:
-    """Rotary embeddings, rotate-half convention (Llama / Hugging Face): x_BxTxNxH rotated."""
+    """Rotary embeddings, rotate-half convention (Llama / Hugging Face): x_BxTxNxH rotated.
+
+    Angles and their sines and cosines are computed in float32 (positions up to the context
+    length need its precision); the rotation itself runs in x's dtype, so that bfloat16 queries
+    and keys (and their recomputation and gradients) are never written in float32.
+    """
     h = x_BxTxNxH.shape[-1]
     angles_BxTxR = positions_BxT[..., None].astype(jnp.float32) * inv_freq_R
-    cos_BxTx1xR = jnp.cos(angles_BxTxR)[:, :, None, :]
-    sin_BxTx1xR = jnp.sin(angles_BxTxR)[:, :, None, :]
-    x_BxTxNxH_f32 = x_BxTxNxH.astype(jnp.float32)
-    x1_BxTxNxR, x2_BxTxNxR = x_BxTxNxH_f32[..., : h // 2], x_BxTxNxH_f32[..., h // 2 :]
-    rotated_BxTxNxH = jnp.concatenate(
+    cos_BxTx1xR = jnp.cos(angles_BxTxR)[:, :, None, :].astype(x_BxTxNxH.dtype)
+    sin_BxTx1xR = jnp.sin(angles_BxTxR)[:, :, None, :].astype(x_BxTxNxH.dtype)
+    x1_BxTxNxR, x2_BxTxNxR = x_BxTxNxH[..., : h // 2], x_BxTxNxH[..., h // 2 :]
+    return jnp.concatenate(
         [
             x1_BxTxNxR * cos_BxTx1xR - x2_BxTxNxR * sin_BxTx1xR,
             x2_BxTxNxR * cos_BxTx1xR + x1_BxTxNxR * sin_BxTx1xR,
         ],
         axis=-1,
     )
-    return rotated_BxTxNxH.astype(x_BxTxNxH.dtype)

@@ -3,11 +3,14 @@
 `flaxlm bench`, `flaxlm compile`, the memory model and the benchmarks read both through these
 two functions. The figures are per device (XLA compiles one SPMD program that every device
 runs), and both analyses count the body of a loop (`nn.scan` over layers, `lax.scan` over
-micro-batches) once, not once per iteration.
+micro-batches) once, not once per iteration. `collective_stats` reads the collectives (kind,
+count, bytes) from the compiled program's HLO text.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any
 
 # Cost-analysis keys as XLA names them, and the names flaxlm reports them under.
@@ -46,3 +49,45 @@ def cost_stats(compiled: Any) -> dict[str, float]:
     if not analysis:
         return {}
     return {ours: float(analysis[key]) for key, ours in _COST_KEYS.items() if key in analysis}
+
+
+_COLLECTIVE = re.compile(
+    r"^\s*(?:ROOT\s+)?%\S+\s*=\s*(?P<shape>.+?)\s+"
+    r"(?P<kind>all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
+    r"(?P<start>-start)?\((?P<rest>.*)$"
+)
+_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|f8e\w+)\[([\d,]*)\]")
+_CHANNEL = re.compile(r"channel_id=(\d+)")
+
+
+def _array_bytes(shape: str) -> list[int]:
+    sizes = []
+    for dtype, dims in _ARRAY.findall(shape):
+        bits = 8 if dtype in ("pred",) or dtype.startswith("f8") else int(dtype[-2:].lstrip("f"))
+        sizes.append(math.prod(int(d) for d in dims.split(",") if d) * bits // 8)
+    return sizes
+
+
+def collective_stats(hlo_text: str) -> dict[str, dict[str, int]]:
+    """Collectives of a compiled program's HLO text, by kind: {"count", "bytes"} per device
+    (bytes of each collective's result). XLA may copy a collective into several computations
+    (async start/update/done forms): one channel id counts once. A loop body counts once."""
+    seen: set[tuple[str, str]] = set()
+    stats: dict[str, dict[str, int]] = {}
+    for line in hlo_text.splitlines():
+        match = _COLLECTIVE.match(line)
+        if not match:
+            continue
+        kind = match["kind"]
+        channel = _CHANNEL.search(match["rest"])
+        key = (kind, channel.group(1) if channel else line.split("=", 1)[0].strip())
+        if key in seen:
+            continue
+        seen.add(key)
+        sizes = _array_bytes(match["shape"])
+        # An async start's result is (operand, result): the result is the last array.
+        nbytes = sizes[-1] if match["start"] and kind != "all-reduce" else sum(sizes)
+        entry = stats.setdefault(kind, {"count": 0, "bytes": 0})
+        entry["count"] += 1
+        entry["bytes"] += nbytes
+    return stats

@@ -29,12 +29,23 @@ def test_compile_report_for_a_small_topology(tiny_cfg):
     # XLA's count of the step's FLOPs over all devices agrees with 6N + 12LTd.
     xla_total = fsdp["xla_flops_per_device"] * fsdp["devices"]
     assert xla_total == pytest.approx(fsdp["analytic_flops_per_step"], rel=0.1)
+    # Unrolled layers, no micro-batches: XLA's estimate covers the whole step.
+    assert fsdp["xla_estimate"] == "whole step" and fsdp["xla_step_seconds"] > 0
 
     # Replicating the state (pure data parallel) must cost about 4x the state memory per device.
     dp = aot.compile_report(tiny_cfg(*TILED, "mesh.data=4"), "v5e:2x2")
     dp_state = dp["estimate_per_device"]["params_gib"] + dp["estimate_per_device"]["optimizer_gib"]
     assert dp_state == pytest.approx(4 * (est["params_gib"] + est["optimizer_gib"]), rel=0.05)
     assert dp["memory_per_device"]["arguments_gib"] > 3 * mem["arguments_gib"]
+
+
+def test_xla_step_estimate_is_unavailable_for_loops_and_negative_times(tiny_cfg):
+    unrolled, scanned = tiny_cfg(), tiny_cfg("model.scan_layers=true")
+    assert aot._xla_step_estimate(unrolled, {"optimal_seconds": 0.5})["xla_step_seconds"] == 0.5
+    for cfg, cost in [(scanned, {"optimal_seconds": 0.5}), (unrolled, {"optimal_seconds": -2.0})]:
+        report = aot._xla_step_estimate(cfg, cost)
+        assert report["xla_step_seconds"] is None
+        assert report["xla_estimate"].startswith("unavailable")
 
 
 def test_bad_topologies_and_meshes_are_named(tiny_cfg):

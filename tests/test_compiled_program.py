@@ -60,3 +60,79 @@ def test_splash_for_a_tpu_topology_is_the_mosaic_kernel(tiny_cfg):
     # CPU process would run.
     assert "tpu_custom_call" in text
     assert "stablehlo.while" not in text
+
+
+def test_cross_entropy_matches_optax_in_float32():
+    import jax
+    import numpy as np
+    import optax
+
+    from flaxlm.train import cross_entropy
+
+    k1, k2 = jax.random.split(jax.random.key(0))
+    logits_BxTxV = 4 * jax.random.normal(k1, (2, 8, 50))
+    targets_BxT = jax.random.randint(k2, (2, 8), 0, 50)
+    want = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
+    np.testing.assert_allclose(cross_entropy(logits_BxTxV, targets_BxT), want, rtol=1e-6)
+    grad = jax.grad(lambda x: cross_entropy(x, targets_BxT).sum())(logits_BxTxV)
+    want_grad = jax.grad(
+        lambda x: optax.softmax_cross_entropy_with_integer_labels(x, targets_BxT).sum()
+    )(logits_BxTxV)
+    np.testing.assert_allclose(grad, want_grad, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_the_loss_never_holds_float32_logits(tiny_cfg):
+    from flaxlm import xla_stats
+
+    trainer = _tpu_trainer(
+        tiny_cfg,
+        "v5e:2x2",
+        "model.vocab_size=32768",
+        "model.n_layers=1",
+        "data.global_batch_size=4",
+        "data.seq_len=1024",
+        "model.max_seq_len=1024",
+        family="gpt2",
+    )
+    temporaries = xla_stats.memory_stats(trainer.compile_step())["temporaries"]
+    # One sequence per device: its bfloat16 logits are 64 MiB, float32 ones 128 MiB (the loss
+    # by gather kept those: 133 MiB of temporaries). Upcast inside the reductions, neither is
+    # written whole.
+    bf16_logits = 1024 * 32768 * 2
+    assert temporaries < bf16_logits
+
+
+def test_rope_keeps_the_compute_dtype():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from flaxlm.positions import apply_rope
+
+    x_BxTxNxH = jax.random.normal(jax.random.key(0), (2, 64, 4, 16))
+    positions_BxT = jnp.broadcast_to(jnp.arange(64) * 97, (2, 64))
+    inv_freq_R = 1.0 / (10000.0 ** (jnp.arange(0, 16, 2) / 16))
+    want = apply_rope(x_BxTxNxH, positions_BxT, inv_freq_R)
+    got = apply_rope(x_BxTxNxH.astype(jnp.bfloat16), positions_BxT, inv_freq_R)
+    assert got.dtype == jnp.bfloat16
+    # bfloat16 keeps 8 bits of mantissa: the rotation of values ~1 is good to a few 1e-2.
+    np.testing.assert_allclose(got.astype(jnp.float32), want, atol=5e-2)
+    # The rotation itself is not upcast: no float32 tensor of q's size in the program.
+    text = jax.jit(apply_rope).lower(x_BxTxNxH.astype(jnp.bfloat16), positions_BxT, inv_freq_R)
+    assert "tensor<2x64x4x16xf32>" not in text.as_text()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_norm_parameters_are_replicated(tiny_cfg, family):
+    import jax
+
+    cfg = tiny_cfg("mesh.fsdp=4", "mesh.tensor=2", family=family)
+    trainer = Trainer(cfg, make_mesh(cfg))
+    shardings = jax.tree_util.tree_flatten_with_path(trainer.state_shardings.params)[0]
+    norms = [(p, s) for p, s in shardings if "norm" in jax.tree_util.keystr(p)]
+    assert len(norms) >= 2 * cfg.model.n_layers + 1
+    for path, sharding in norms:
+        assert all(axes is None for axes in sharding.spec), jax.tree_util.keystr(path)
+    # The rest of the model is still sharded over FSDP.
+    assert any("fsdp" in str(s.spec) for _, s in shardings)
