@@ -2,8 +2,9 @@
 of sharded files with their index, one shard in memory at a time.
 
 The format is an 8-byte little-endian header length, a JSON header naming each tensor's dtype,
-shape and byte range, then the raw bytes. Reading maps the files and hands out NumPy views, so
-a tensor costs memory only when its bytes are touched, and bfloat16 stays bfloat16 (ml_dtypes).
+shape and byte range, then the raw bytes. Reading parses the headers only; each tensor is read
+from its file when indexed (into memory of its own, freed when dropped: no mapping keeps the
+file's pages in the process), and bfloat16 stays bfloat16 (ml_dtypes).
 """
 
 from __future__ import annotations
@@ -34,15 +35,14 @@ def _header(path: Path) -> tuple[dict, int]:
 
 
 class LazySafetensors(Mapping):
-    """name -> read-only NumPy array (a view of the memory-mapped file) over every
-    *.safetensors file of a directory; nothing is read until a tensor is indexed."""
+    """name -> NumPy array over every *.safetensors file of a directory; a tensor is read from
+    disk each time it is indexed, nothing before."""
 
     def __init__(self, src: str | Path):
         files = sorted(Path(src).glob("*.safetensors"))
         if not files:
             raise ConfigError(f"{src} has no *.safetensors files (PyTorch .bin files are not read)")
         self._where: dict[str, tuple[Path, dict, int]] = {}
-        self._maps: dict[Path, np.memmap] = {}
         for path in files:
             header, start = _header(path)
             for name, info in header.items():
@@ -51,11 +51,14 @@ class LazySafetensors(Mapping):
 
     def __getitem__(self, name: str) -> np.ndarray:
         path, info, start = self._where[name]
-        if path not in self._maps:
-            self._maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
         begin, end = info["data_offsets"]
-        raw = self._maps[path][start + begin : start + end]
-        return raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+        dtype = np.dtype(_DTYPES[info["dtype"]])
+        count = (end - begin) // dtype.itemsize
+        array = np.fromfile(path, dtype=dtype, count=count, offset=start + begin)
+        return array.reshape(info["shape"])
+
+    def __contains__(self, name: object) -> bool:  # without reading the tensor
+        return name in self._where
 
     def dtype(self, name: str) -> np.dtype:
         return np.dtype(_DTYPES[self._where[name][1]["dtype"]])
