@@ -36,6 +36,7 @@ def imported_gpt2(tmp_path, corpus_cache, monkeypatch):
     return tmp_path / "gpt2"
 
 
+@pytest.mark.slow
 def test_continued_pretraining_of_an_imported_model_and_a_new_run_from_it(
     imported_gpt2, corpus_cache
 ):
