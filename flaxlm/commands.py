@@ -268,14 +268,19 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     arg("--eval-files", default=None, help="glob for the validation split"),
     arg("--data-dir", required=True, help="TFDS data directory"),
     arg("--text-field", default="text"),
+    arg("--overwrite", action="store_true", help="rebuild a dataset already prepared there"),
 )
 def cmd_data_build_tfds(args: argparse.Namespace) -> None:
     from flaxlm.data.tfds_builder import build
 
-    path = build(args.train_files, args.data_dir, args.eval_files, args.text_field)
+    path = build(args.train_files, args.data_dir, args.eval_files, args.text_field, args.overwrite)
+    # Without --eval-files there is no `validation` split (the default data.eval_split).
+    split = ""
+    if not args.eval_files:
+        split = " data.eval_split=train (evaluates on training text; --eval-files holds some out)"
     print(
         f"wrote {path}; train with data.corpus=tfds data.tfds_name=flaxlm_text "
-        f"data.tfds_data_dir={args.data_dir}"
+        f"data.tfds_data_dir={args.data_dir}{split}"
     )
 
 

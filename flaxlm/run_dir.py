@@ -359,5 +359,6 @@ def init_state_from(trainer: Trainer, cfg: Config, log=print) -> Any:
             params
         )
     log(f"initialised from {src} (step {step}): parameters only, fresh optimizer, step 0")
-    zero = jnp.zeros((), jnp.int32)
-    return TrainState(step=zero, params=params, opt_state=opt_state, skipped=zero)
+    # Two arrays, not one: the train step donates its state, and a buffer donated twice crashes.
+    step0, skipped0 = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
+    return TrainState(step=step0, params=params, opt_state=opt_state, skipped=skipped0)

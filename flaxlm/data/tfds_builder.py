@@ -16,6 +16,7 @@ files (importing this module registers the name). Nothing is downloaded.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import ClassVar
 
@@ -80,14 +81,32 @@ def build(
     data_dir: str | os.PathLike,
     eval_files: str | None = None,
     text_field: str = "text",
+    overwrite: bool = False,
 ) -> Path:
-    """Prepares flaxlm_text from local files under data_dir; returns the dataset directory."""
-    builder = FlaxlmText(
-        train_files=train_files,
-        eval_files=eval_files,
-        text_field=text_field,
-        data_dir=os.path.expanduser(os.fspath(data_dir)),
-    )
+    """Prepares flaxlm_text from local files under data_dir; returns the dataset directory.
+
+    A dataset already prepared there is never silently reused (it may hold other files): it is
+    refused, or with overwrite deleted and built again.
+    """
+
+    def make() -> FlaxlmText:
+        return FlaxlmText(
+            train_files=train_files,
+            eval_files=eval_files,
+            text_field=text_field,
+            data_dir=os.path.expanduser(os.path.expandvars(os.fspath(data_dir))),
+        )
+
+    builder = make()
+    existing = Path(builder.data_dir)
+    if (existing / "dataset_info.json").is_file():
+        if not overwrite:
+            raise ConfigError(
+                f"{existing} already holds a prepared flaxlm_text {FlaxlmText.VERSION}; pass "
+                "--overwrite to build it again from the files given, or choose another --data-dir"
+            )
+        shutil.rmtree(existing)
+        builder = make()
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False)
     )
