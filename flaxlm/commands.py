@@ -123,7 +123,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         return
     lines = [f"trained steps {s.start_step}..{s.end_step} in {s.wall_seconds:.0f} s"]
     if s.tokens_per_second:
-        lines.append(f"throughput: {s.tokens_per_second:,.0f} tokens/s (median step)")
+        lines.append(
+            f"throughput: {s.tokens_per_second:,.0f} tokens/s (median step, compilation excluded)"
+        )
     if s.skipped_steps or s.loss_spikes:
         lines.append(f"skipped steps: {s.skipped_steps}; loss spikes: {s.loss_spikes}")
     if s.first_eval is not None:
