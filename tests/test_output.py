@@ -1,4 +1,4 @@
-"""Output hygiene: a machine with libtpu installed and no TPU prints no TPU start-up errors."""
+"""Output hygiene: no TPU start-up errors without TPUs; several --config files compose."""
 
 from __future__ import annotations
 
@@ -19,3 +19,22 @@ def test_no_libtpu_noise_without_tpus():
     assert proc.stdout.strip() in ("cpu", "gpu", "tpu")
     for noise in ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "accelerator type", "E0000"):
         assert noise not in proc.stderr, proc.stderr
+
+
+def test_several_config_files_compose_in_order(tmp_path, capsys):
+    from conftest import CONFIGS
+
+    from flaxlm import commands
+    from flaxlm.cli import parser
+
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("train:\n  steps: 7\n")
+    args = parser().parse_args(
+        ["train", "--config", str(CONFIGS / "tiny.yaml"), "--config", str(overlay), "train.seed=3"]
+    )
+    cfg = commands._config(args)
+    assert (cfg.train.steps, cfg.train.seed, cfg.data.seq_len) == (7, 3, 64)  # tiny's seq_len
+    from flaxlm.cli import main
+
+    assert main(["scaling", "--config", str(overlay), "--config", str(overlay)]) == 2
+    assert "takes one --config" in capsys.readouterr().err
