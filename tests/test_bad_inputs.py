@@ -258,6 +258,6 @@ def test_convert_from_hf_names_what_is_wrong(tmp_path, config, tensors, phrase):
     else:
         _hf_dir(src, config, tensors)
     with pytest.raises(ConfigError, match=None) as e:
-        convert.from_hf(src, tmp_path / "run", ["mesh.fsdp=1"])
+        convert.from_hf(src, tmp_path / "run")
     assert phrase in str(e.value)
     assert not (tmp_path / "run" / "checkpoints").exists()
