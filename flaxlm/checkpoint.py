@@ -152,7 +152,12 @@ class Checkpointer:
         previous = [s for s in self.all_steps() if step is None or s < step]
         kept = f"step {previous[-1]} in {self.directory} is intact" if previous else "none existed"
         what = f"saving checkpoint {step}" if step is not None else "finishing a checkpoint"
-        return CheckpointSaveError(f"{what} failed ({error}); the previous checkpoint: {kept}")
+        # The first line names the cause (e.g. "No space left on device"); the rest are the
+        # storage library's internals.
+        cause = (str(error).strip().splitlines() or [""])[0][:300]
+        return CheckpointSaveError(
+            f"{what} failed ({type(error).__name__}: {cause}); the previous checkpoint: {kept}"
+        )
 
     def restore(self, step: int, abstract_state: Any, data: DataIterator | None = None) -> Any:
         """Restores the state into the shardings of abstract_state (and the data position)."""

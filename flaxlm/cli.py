@@ -1,6 +1,6 @@
 """The `flaxlm` command line: train, evaluate, generate, compile, export, convert, tools.
 
-    flaxlm train    --config configs/X.yaml [key.sub=value ...]
+    flaxlm train    --config configs/X.yaml [--config MORE.yaml ...] [key.sub=value ...]
     flaxlm eval     --checkpoint RUN_DIR [--step N | --all-steps] [key.sub=value ...]
     flaxlm generate --checkpoint RUN_DIR [--step N] --prompt TEXT [--prompt TEXT ...]
                     [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]

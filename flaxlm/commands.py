@@ -60,8 +60,12 @@ def overrides(help: str = "key.sub=value overrides") -> Argument:
 
 
 def config_file(help: str = "YAML config file", then: str = "key.sub=value overrides") -> Argument:
-    """`--config FILE` and the `key.sub=value` overrides after it, as `_config` reads them."""
-    return together(arg("--config", required=True, help=help), overrides(then))
+    """`--config FILE` (repeatable: later files override earlier ones) and the `key.sub=value`
+    overrides after it, as `_config` reads them."""
+    return together(
+        arg("--config", required=True, action="append", help=f"{help}; repeat to compose"),
+        overrides(then),
+    )
 
 
 checkpoint = together(
@@ -79,7 +83,7 @@ def _config(args: argparse.Namespace, join: bool = False) -> Config:
     with `join`, then joins the other processes of a multi-host job (before device work)."""
     from flaxlm import config
 
-    cfg = config.load(args.config, args.overrides)
+    cfg = config.load_files(args.config, args.overrides)
     if join:
         from flaxlm import distributed
 
@@ -104,6 +108,18 @@ def _json(value: object) -> str:
     return json.dumps(clean(value), allow_nan=False)
 
 
+def _one_config(args: argparse.Namespace) -> str:
+    """The one --config of a command that reads its file itself (a ladder, a sweep base)."""
+    from flaxlm.config import ConfigError
+
+    if len(args.config) > 1:
+        raise ConfigError(
+            f"flaxlm {args.command} takes one --config, got {len(args.config)}: "
+            f"{', '.join(args.config)}; merge them with `defaults: [...]` in one file"
+        )
+    return args.config[0]
+
+
 def _is_first_process() -> bool:
     import jax
 
@@ -123,7 +139,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         return
     lines = [f"trained steps {s.start_step}..{s.end_step} in {s.wall_seconds:.0f} s"]
     if s.tokens_per_second:
-        lines.append(f"throughput: {s.tokens_per_second:,.0f} tokens/s (median step)")
+        lines.append(
+            f"throughput: {s.tokens_per_second:,.0f} tokens/s (median step, compilation excluded)"
+        )
     if s.skipped_steps or s.loss_spikes:
         lines.append(f"skipped steps: {s.skipped_steps}; loss spikes: {s.loss_spikes}")
     if s.first_eval is not None:
@@ -325,7 +343,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         points = sweep.mesh_sweep(cfg, args.meshes, args.steps, args.warmup, args.per_device_batch)
     else:
         points = sweep.model_sweep(
-            args.config, args.models, args.overrides, args.steps, args.warmup
+            _one_config(args), args.models, args.overrides, args.steps, args.warmup
         )
     _stream(points, lambda records: sweep.write_sweep(records, Path(args.out), args.kind))
 
@@ -344,7 +362,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 def cmd_scaling(args: argparse.Namespace) -> None:
     from flaxlm import scaling
 
-    ladder, experiment = scaling.load_ladder(args.config)
+    ladder, experiment = scaling.load_ladder(_one_config(args))
     if args.separate_runs:
         ladder = dataclasses.replace(ladder, shared_runs=False)
     runs, skipped = scaling.plan(ladder, experiment, args.overrides)

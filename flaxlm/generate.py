@@ -68,13 +68,14 @@ def next_token(logits_BxV: jax.Array, key: jax.Array, sampling: SamplingConfig) 
 
 
 def left_pad_prompts(
-    prompts: list[list[int]], pad_id: int
+    prompts: list[list[int]], pad_id: int, width: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(tokens_BxT, positions_BxT, segments_BxT) of the prompts right-aligned to the longest.
+    """(tokens_BxT, positions_BxT, segments_BxT) of the prompts right-aligned to the longest
+    (or to `width`, when wider: a fixed width reuses one compiled decoder).
 
     Padding is segment 0 (never attended to); positions count from each prompt's first token.
     """
-    width = max(len(p) for p in prompts)
+    width = max(max(len(p) for p in prompts), width or 0)
     tokens_BxT = np.full((len(prompts), width), pad_id, np.int32)
     segments_BxT = np.zeros((len(prompts), width), np.int32)
     positions_BxT = np.zeros((len(prompts), width), np.int32)
@@ -95,16 +96,17 @@ def generate(
     *,
     stop_id: int | None = None,
     pad_id: int = 0,
+    pad_to: int | None = None,
 ) -> list[list[int]]:
     """Returns, for each prompt, the prompt followed by its generated tokens (through stop_id)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (for example BOS)")
     context = model.cfg.max_seq_len
-    width = max(len(p) for p in prompts)
+    width = max(max(len(p) for p in prompts), pad_to or 0)
     if width >= context:
         raise ValueError(f"a prompt has {width} tokens; the model's context is {context}")
     max_new_tokens = max(0, min(max_new_tokens, context - width))
-    tokens_BxT, positions_BxT, segments_BxT = left_pad_prompts(prompts, pad_id)
+    tokens_BxT, positions_BxT, segments_BxT = left_pad_prompts(prompts, pad_id, width)
     out_BxM = prefill_and_decode(
         Transformer(model.cfg, decode=True),
         params,

@@ -116,8 +116,12 @@ class FlaxLM(LM):
         return results
 
     def generate_until(self, requests) -> list[str]:
-        results = []
-        for request in requests:
+        """Continuations of the requests, decoded in batches of `batch_size` prompts of similar
+        length; each batch is left-padded to a power-of-two width and filled to the full batch
+        size, so one compiled decoder serves every batch of a width."""
+        results: list[str] = [""] * len(requests)
+        groups: dict[tuple[SamplingConfig, int], list[tuple[int, list[int], list[str]]]] = {}
+        for index, request in enumerate(requests):
             context, kwargs = request.args
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
@@ -131,17 +135,35 @@ class FlaxLM(LM):
             max_new = max(1, min(int(kwargs.get("max_gen_toks", 256)), self.max_length // 2))
             ids = self.tokenizer.encode(context, add_bos=self.cfg.data.add_bos)
             ids = ids[-(self.max_length - max_new) :]  # the most recent context that fits
-            with self.trainer.context():
-                (row,) = generate(
-                    self.trainer.model, self.params, [ids], max_new, sampling,
-                    stop_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
-                )  # fmt: skip
-            continuation = self.tokenizer.decode(row[len(ids) :])
-            for stop in until:  # lm-eval expects the text before the stop sequence
-                if stop and stop in continuation:
-                    continuation = continuation[: continuation.index(stop)]
-            results.append(continuation)
+            groups.setdefault((sampling, max_new), []).append((index, ids, until))
+        for (sampling, max_new), items in groups.items():
+            items.sort(key=lambda item: len(item[1]))
+            for start in range(0, len(items), self.batch_size):
+                batch = items[start : start + self.batch_size]
+                rows = self._generate_batch([ids for _, ids, _ in batch], max_new, sampling)
+                for (index, ids, until), row in zip(batch, rows, strict=False):
+                    results[index] = _cut(self.tokenizer.decode(row[len(ids) :]), until)
         return results
+
+    def _generate_batch(
+        self, prompts: list[list[int]], max_new: int, sampling: SamplingConfig
+    ) -> list[list[int]]:
+        longest = max(len(p) for p in prompts)
+        width = min(1 << max(longest - 1, 15).bit_length(), self.max_length - max_new)
+        filled = prompts + [prompts[-1]] * (self.batch_size - len(prompts))
+        with self.trainer.context():
+            return generate(
+                self.trainer.model, self.params, filled, max_new, sampling,
+                stop_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id, pad_to=width,
+            )[: len(prompts)]  # fmt: skip
+
+
+def _cut(continuation: str, until: list[str]) -> str:
+    """The text before the first stop sequence (what lm-eval expects)."""
+    for stop in until:
+        if stop and stop in continuation:
+            continuation = continuation[: continuation.index(stop)]
+    return continuation
 
 
 def main(argv: Iterable[str] | None = None) -> Any:

@@ -73,6 +73,7 @@ class RunState:
         self.spikes = SpikeDetector(train.spike_factor)
         self.window = Window()
         self.step_times: list[float] = []
+        self.windows_logged = 0
         self.save_blocking: list[float] = []
         # The newest dispatched step whose metrics are still on the device: (step, metrics).
         self.pending: tuple[int, dict] | None = None
@@ -127,7 +128,11 @@ class RunState:
         record = {**values, **self.window.record(t.tokens_per_step, t.flops_per_step, t.peak_flops)}
         record.update(memory_in_use())
         self.writer.write(step, record)
-        self.step_times.append(record["step_seconds"])
+        # The first window of a (re)started run holds the compilation and warm-up: it is
+        # logged, but the run's throughput is the steps after it.
+        if self.windows_logged > 0:
+            self.step_times.append(record["step_seconds"])
+        self.windows_logged += 1
         self.progress.set_postfix(
             loss=f"{values['loss']:.3f}", tok_s=f"{record['tokens_per_second']:,.0f}"
         )

@@ -124,3 +124,19 @@ def test_a_local_task_runs_end_to_end(adapter, tmp_path, monkeypatch):
         ]
     )  # fmt: skip
     assert acc == pytest.approx(expected)
+
+
+def test_generate_until_in_padded_batches_matches_one_request_at_a_time(adapter):
+    from flaxlm.generate import SamplingConfig, generate
+
+    contexts = ["The", "A list of", "def f(x):\n    return", "Python is a programming lang", "x"]
+    requests = [_request("generate_until", (c, {"max_gen_toks": 6})) for c in contexts]
+    batched = adapter.generate_until(requests)
+    for context, text in zip(contexts, batched, strict=True):
+        ids = adapter.tokenizer.encode(context, add_bos=adapter.cfg.data.add_bos)
+        with adapter.trainer.context():
+            (row,) = generate(
+                adapter.trainer.model, adapter.params, [ids], 6, SamplingConfig(),
+                stop_id=adapter.tokenizer.eos_id, pad_id=adapter.tokenizer.pad_id,
+            )  # fmt: skip
+        assert text == adapter.tokenizer.decode(row[len(ids) :])

@@ -1,7 +1,8 @@
 """The tokenization stage of the pipeline: document texts -> (ids, bytes per id) per document.
 
-Documents are batched (DOC_BATCH at a time) and each batch is encoded in one call: in the
-tf.data graph for bytes (`tf.io.decode_raw`), or with the tokenizer library's batch encoder for
+Documents are batched (DOC_BATCH at a time) and each batch is encoded in one call: for bytes,
+their bytes end to end with each document's length (never padded to the longest, so memory
+follows the text, whatever one document's length), or with the tokenizer library's batch encoder for
 SentencePiece and Hugging Face tokenizers (multi-threaded C++/Rust) inside `tf.numpy_function`,
 under a `map(num_parallel_calls=AUTOTUNE)`, so several batches encode at once. Output order is
 deterministic either way.
@@ -19,9 +20,11 @@ import threading
 import numpy as np
 import tensorflow as tf
 
-from flaxlm.data.tokenizer import ByteTokenizer, Tokenizer
+from flaxlm.data.tokenizer import ByteTokenizer, Tokenizer, with_specials
 
 DOC_BATCH = 64
+# Library tokenizers encode at most this much text per call (long documents in pieces).
+CHUNK_BYTES = 1 << 20
 
 STATS: collections.Counter[str] = collections.Counter()
 _STATS_LOCK = threading.Lock()
@@ -45,13 +48,20 @@ def _observe(texts: np.ndarray) -> np.ndarray:
     return np.int64(len(texts))
 
 
+def _byte_ids(texts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The bytes of all texts end to end (as ids) and each text's length: no padding, so one
+    very long document costs its own size, not the batch's count times it."""
+    lengths = np.fromiter((len(t) for t in texts), np.int64, len(texts))
+    flat = np.frombuffer(b"".join(texts), np.uint8).astype(np.int32)
+    return flat, lengths
+
+
 def _byte_encode(texts: tf.Tensor, add_bos: bool, add_eos: bool):
     tok = ByteTokenizer
-    lengths = tf.strings.length(texts)
-    width = tf.maximum(tf.reduce_max(lengths), 1)
-    # decode_raw pads each text to `width` bytes; the lengths cut the padding off again.
-    padded = tf.io.decode_raw(texts, tf.uint8, fixed_length=width)
-    ids = tf.RaggedTensor.from_tensor(tf.cast(padded, tf.int32), lengths=lengths)
+    flat, lengths = tf.numpy_function(_byte_ids, [texts], (tf.int32, tf.int64), stateful=False)
+    flat.set_shape([None])
+    lengths.set_shape([None])
+    ids = tf.RaggedTensor.from_row_lengths(flat, lengths)
     nbytes = tf.ones_like(ids)
     n = tf.shape(texts)[0]
     parts, byte_parts = [ids], [nbytes]
@@ -64,9 +74,53 @@ def _byte_encode(texts: tf.Tensor, add_bos: bool, add_eos: bool):
     return tf.concat(parts, axis=1), tf.concat(byte_parts, axis=1)
 
 
+def _chunks(text: bytes) -> list[bytes]:
+    """text cut into pieces of at most about CHUNK_BYTES, before a space where there is one
+    (a byte-level BPE or SentencePiece word starts with its space, so the ids barely change)
+    and never inside a UTF-8 character."""
+    pieces = []
+    while len(text) > CHUNK_BYTES:
+        cut = text.rfind(b" ", CHUNK_BYTES // 2, CHUNK_BYTES)
+        cut = cut if cut > 0 else CHUNK_BYTES
+        while cut < len(text) and text[cut] & 0xC0 == 0x80:  # a continuation byte
+            cut += 1
+        pieces.append(text[:cut])
+        text = text[cut:]
+    pieces.append(text)
+    return pieces
+
+
+def _encode_bounded(tok: Tokenizer, texts, add_bos: bool, add_eos: bool, with_bytes: bool):
+    """tok.encode_with_bytes of texts, one call per CHUNK_BYTES of text: the library's
+    per-token objects (strings, offsets) never exist for more than that much text at once,
+    whatever one document's length."""
+    ids: list[list[int]] = [[] for _ in texts]
+    nbytes: list[list[int]] = [[] for _ in texts]
+    group: list[tuple[int, bytes]] = []
+
+    def flush() -> None:
+        got = tok.encode_with_bytes([c for _, c in group], False, False, with_bytes)
+        for (doc, _), doc_ids, doc_bytes in zip(group, *got, strict=True):
+            ids[doc].extend(doc_ids)
+            nbytes[doc].extend(doc_bytes)
+        group.clear()
+
+    size = 0
+    for doc, text in enumerate(texts):
+        for chunk in _chunks(text):
+            if group and size + len(chunk) > CHUNK_BYTES:
+                flush()
+                size = 0
+            group.append((doc, chunk))
+            size += len(chunk)
+    if group:
+        flush()
+    return with_specials(ids, nbytes, tok, add_bos, add_eos)
+
+
 def _library_encode(tok: Tokenizer, add_bos: bool, add_eos: bool, with_bytes: bool):
     def encode(texts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        ids, nbytes = tok.encode_with_bytes(list(texts), add_bos, add_eos, with_bytes)
+        ids, nbytes = _encode_bounded(tok, list(texts), add_bos, add_eos, with_bytes)
         lengths = np.array([len(i) for i in ids], np.int64)
         flat = np.fromiter((i for doc in ids for i in doc), np.int32, int(lengths.sum()))
         flat_bytes = np.fromiter((b for doc in nbytes for b in doc), np.int32, int(lengths.sum()))

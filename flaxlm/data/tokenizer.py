@@ -103,13 +103,13 @@ class HFTokenizer:
         if not with_bytes:  # training needs ids alone: the fast path, no offsets
             ids = self._tok.encode_batch_fast(strings, add_special_tokens=False)
             ids = [e.ids for e in ids]
-            return _with_specials(ids, [[0] * len(i) for i in ids], self, add_bos, add_eos)
+            return with_specials(ids, [[0] * len(i) for i in ids], self, add_bos, add_eos)
         encodings = self._tok.encode_batch(strings, add_special_tokens=False)
         ids, nbytes = [], []
         for text, enc in zip(strings, encodings, strict=True):
             ids.append(enc.ids)
             nbytes.append(_bytes_per_token(text, [end for _, end in enc.offsets]))
-        return _with_specials(ids, nbytes, self, add_bos, add_eos)
+        return with_specials(ids, nbytes, self, add_bos, add_eos)
 
 
 class SentencePieceTokenizer:
@@ -152,7 +152,7 @@ class SentencePieceTokenizer:
         strings = [t.decode("utf-8", errors="replace") for t in texts]
         if not with_bytes:  # training needs ids alone: no per-piece offsets
             ids = self._sp.encode(strings, num_threads=-1)
-            return _with_specials(ids, [[0] * len(i) for i in ids], self, add_bos, add_eos)
+            return with_specials(ids, [[0] * len(i) for i in ids], self, add_bos, add_eos)
         protos = self._sp.encode(strings, return_type="proto", num_threads=-1)
         ids, nbytes = [], []
         for text, proto in zip(strings, protos, strict=True):
@@ -160,7 +160,7 @@ class SentencePieceTokenizer:
             # `end` is a byte offset into the UTF-8 text of this piece's end.
             ends = [p.end for p in proto.pieces]
             nbytes.append(_byte_ends_to_counts(ends, len(text.encode("utf-8"))))
-        return _with_specials(ids, nbytes, self, add_bos, add_eos)
+        return with_specials(ids, nbytes, self, add_bos, add_eos)
 
 
 Tokenizer = ByteTokenizer | HFTokenizer | SentencePieceTokenizer
@@ -191,7 +191,7 @@ def _bytes_per_token(text: str, char_ends: list[int]) -> list[int]:
     return _byte_ends_to_counts(byte_ends, int(cumulative[-1]))
 
 
-def _with_specials(ids, nbytes, tok, add_bos: bool, add_eos: bool):
+def with_specials(ids, nbytes, tok, add_bos: bool, add_eos: bool):
     """Adds BOS/EOS (0 bytes each) to every document when the config asks for them."""
     bos = [tok.bos_id] if add_bos and tok.bos_id is not None else []
     eos = [tok.eos_id] if add_eos and tok.eos_id is not None else []
