@@ -239,3 +239,22 @@ def test_parameter_counts_total_and_active_match_the_initialised_tree(preset, sc
     tokens = cfg.data.global_batch_size * cfg.data.seq_len
     attention = 12 * m.n_layers * cfg.data.seq_len * m.n_heads * m.dim_per_head
     assert flops_per_step(cfg, n_params=total) == (6 * active + attention) * tokens
+
+
+def test_cached_decoding_of_a_mixture_equals_recomputing(tiny_cfg):
+    import flax.linen as nn
+    from test_generate import PROMPTS, sample_by_recomputing
+
+    from flaxlm.generate import generate
+    from flaxlm.model import Transformer
+
+    cfg = tiny_cfg(
+        "model.moe.num_experts=4", "model.moe.num_shared_experts=1", "model.scan_layers=true",
+        family="llama",
+    )  # fmt: skip
+    model = Transformer(cfg.model)
+    params = nn.meta.unbox(model.init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"])
+    params = jax.tree.map(lambda p: p * 3.0 if p.ndim >= 2 else p, params)
+    got = generate(model, params, PROMPTS[:2], 12, pad_id=258)
+    for prompt, tokens in zip(PROMPTS[:2], got, strict=True):
+        assert tokens == sample_by_recomputing(model, params, prompt, 12)
