@@ -13,6 +13,7 @@ from flaxlm import fs
 from flaxlm.config import Config, ConfigError
 from flaxlm.convert.byte_tokenizer import write_byte_tokenizer
 from flaxlm.convert.hf_config import hf_config, model_overrides_from_hf
+from flaxlm.convert.params import check_hf_tensors
 from flaxlm.convert.safetensors_io import LazySafetensors, write_sharded
 from flaxlm.convert.streaming import hf_tensors, place_params
 
@@ -66,6 +67,7 @@ def from_hf(
 
     trainer = Trainer(cfg, make_mesh(cfg))
     with trainer.context():
+        check_hf_tensors(tensors, cfg.model)
         params = place_params(tensors, cfg.model, trainer.abstract_state.params)
     with trainer.context():
         opt_state = jax.jit(trainer.tx.init, out_shardings=trainer.state_shardings.opt_state)(

@@ -31,6 +31,9 @@ INDEX = "model.safetensors.index.json"
 def _header(path: Path) -> tuple[dict, int]:
     with open(path, "rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
+        # A damaged file can claim any length: never read more than the file holds.
+        if size > path.stat().st_size - 8:
+            raise ValueError(f"its header claims {size} bytes, more than the file holds")
         return json.loads(f.read(size)), 8 + size
 
 
@@ -44,7 +47,15 @@ class LazySafetensors(Mapping):
             raise ConfigError(f"{src} has no *.safetensors files (PyTorch .bin files are not read)")
         self._where: dict[str, tuple[Path, dict, int]] = {}
         for path in files:
-            header, start = _header(path)
+            try:
+                header, start = _header(path)
+                if not isinstance(header, dict):
+                    raise ValueError("the header is not a JSON object")
+            except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
+                raise ConfigError(
+                    f"cannot read {path} ({type(e).__name__}: {str(e)[:200]}); the file is "
+                    "truncated or not safetensors: download it again"
+                ) from None
             for name, info in header.items():
                 if name != "__metadata__":
                     self._where[name] = (path, info, start)
@@ -59,6 +70,9 @@ class LazySafetensors(Mapping):
 
     def __contains__(self, name: object) -> bool:  # without reading the tensor
         return name in self._where
+
+    def shape(self, name: str) -> tuple[int, ...]:  # from the header, without reading
+        return tuple(self._where[name][1]["shape"])
 
     def dtype(self, name: str) -> np.dtype:
         return np.dtype(_DTYPES[self._where[name][1]["dtype"]])
