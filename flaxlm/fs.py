@@ -53,6 +53,20 @@ def copy_file(src: PathLike, dst: PathLike) -> None:
     dst.write_bytes(src.read_bytes())
 
 
+def write_text_atomic(path: PathLike, text: str) -> None:
+    """Writes a whole small file so that readers see the old or the new content, never a part:
+    a temporary file renamed over it locally; one object write on an object store (where a
+    write is already all or nothing)."""
+    target = as_path(path)
+    if is_remote(target):
+        target.write_text(text)
+        return
+    local = Path(os.fspath(target))
+    tmp = local.with_name(local.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, local)
+
+
 def upload_tree(src: Path, dst: PathLike) -> None:
     """Copies the local directory tree src into dst (any file system)."""
     dst = as_path(dst)

@@ -31,6 +31,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from flaxlm import fs
+
 CATEGORIES = (
     "productive",
     "compilation",
@@ -61,7 +63,7 @@ def _fresh() -> dict[str, Any]:
 
 def load(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The ledger of run_dir, or None if it has none."""
-    path = Path(run_dir) / FILE
+    path = fs.as_path(run_dir) / FILE
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -82,7 +84,7 @@ class Ledger:
     """Books this attempt's time into the job's goodput.json (written by process 0 only)."""
 
     def __init__(self, run_dir: str | os.PathLike, write: bool, started_wall: float):
-        self.path = Path(run_dir) / FILE
+        self.path = fs.as_path(run_dir) / FILE
         self.write = write
         self.record = load(run_dir) or _fresh()
         for category in CATEGORIES:
@@ -91,7 +93,7 @@ class Ledger:
         if previous is not None:
             self.record["seconds"]["downtime"] += max(0.0, started_wall - previous)
         self.record["attempts"] += 1
-        self.high_water = max(self.record["last_step"], _last_logged_step(Path(run_dir)))
+        self.high_water = max(self.record["last_step"], _last_logged_step(fs.as_path(run_dir)))
         self.first_step = True
         self.current = "restore"
         # Time since the process started its run (before this ledger existed) is startup.
@@ -150,9 +152,7 @@ class Ledger:
         r["updated_at"] = time.time()
         r["wall_seconds"] = sum(r["seconds"].values())
         r["goodput"] = r["seconds"]["productive"] / r["wall_seconds"] if r["wall_seconds"] else None
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(r, indent=2) + "\n")
-        os.replace(tmp, self.path)
+        fs.write_text_atomic(self.path, json.dumps(r, indent=2) + "\n")
         self._saved = time.monotonic()
 
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
+
+from flaxlm import fs
 
 FILE = "data_skips.json"
 # A run that spikes again and again after rolling back has a problem that data cannot fix.
@@ -39,7 +40,7 @@ class SpikeError(RuntimeError):
 
 def load(run_dir: str | os.PathLike) -> dict[str, Any]:
     """The run's record of left-out batches: {"skipped_batches": [...], "events": [...]}."""
-    path = Path(run_dir) / FILE
+    path = fs.as_path(run_dir) / FILE
     if path.exists():
         return json.loads(path.read_text())
     return {"skipped_batches": [], "events": []}
@@ -81,10 +82,7 @@ def record(
         }
     )
     if write:
-        path = Path(run_dir) / FILE
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(skips, indent=2) + "\n")
-        os.replace(tmp, path)
+        fs.write_text_atomic(fs.as_path(run_dir) / FILE, json.dumps(skips, indent=2) + "\n")
 
 
 class BatchStream:

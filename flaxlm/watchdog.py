@@ -24,8 +24,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
+from flaxlm import fs
 from flaxlm.config import TrainConfig
 
 # The exit status of a process ended by the watchdog (EX_TEMPFAIL: try again).
@@ -55,7 +55,7 @@ class Watchdog:
         self.fixed_timeout = train.hang_timeout_s
         self.allowance = train.hang_allowance_s
         self.checkpoint_allowance = train.hang_checkpoint_s
-        self.directory = Path(train.run_dir) / "stacks"
+        self.directory = fs.as_path(train.run_dir) / "stacks"
         self.process_index = process_index
         self.on_stall = on_stall
         self.last_progress = time.monotonic()
@@ -130,10 +130,10 @@ class Watchdog:
             "(train.hang_timeout_s, hang_allowance_s, hang_checkpoint_s and watchdog set this)\n"
         )
         sys.stderr.write(message)
-        self.directory.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%S")
-        path = self.directory / f"process-{self.process_index}-{stamp}.txt"
-        with open(path, "w", encoding="utf-8") as f:
+        name = f"process-{self.process_index}-{stamp}.txt"
+        path = self.directory / name
+        with fs.staged(self.directory) as local, open(local / name, "w", encoding="utf-8") as f:
             f.write(message)
             f.flush()
             faulthandler.dump_traceback(f, all_threads=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import urllib.request
 
 import pytest
@@ -52,6 +53,12 @@ def gcs():
 
     server = FakeGCSServer()
     server.start()
+    # The wrapper pipes the server's request log to stderr and never reads it: once the pipe's
+    # buffer is full the server blocks and every request hangs. Drain it.
+    log = server._process.stderr
+    threading.Thread(
+        target=lambda: [None for _ in iter(lambda: log.read(65536), b"")], daemon=True
+    ).start()
     env = environment(server.url)
     saved = {k: os.environ.get(k) for k in ENV_KEYS}
     os.environ.update(env)
