@@ -59,14 +59,15 @@ def check_trainable(run_dir: Path, cfg: Config) -> Tokenizer:
     Refuses a parameters-only export, a directory of another model and a tokenizer that does not
     fit the model or the run.
     """
-    check_writable(run_dir, "train.run_dir")
     if (fs.as_path(run_dir) / PARAMS_ONLY).exists():
         raise ConfigError(
             f"{run_dir} is a parameters-only export (flaxlm export): it has no optimizer state "
             "to resume; train in the original run directory or a new one"
         )
+    # The tokenizer is read before the directory is created: a bad one leaves nothing behind.
     tokenizer = check_tokenizer(run_dir, cfg)
     check_same_model(run_dir, cfg)
+    check_writable(run_dir, "train.run_dir")
     return tokenizer
 
 
