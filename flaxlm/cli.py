@@ -7,11 +7,12 @@
                     [--stop TEXT ...] [--seed S]
     flaxlm compile  --config configs/X.yaml --topology v5p:4x4x4 [--slices N] [key.sub=value ...]
     flaxlm export   --checkpoint RUN_DIR [--step N] DST
-    flaxlm convert  {from-hf|to-hf} SRC DST [--step N] [key.sub=value ...]
+    flaxlm convert  {from-hf|to-hf} SRC DST [--step N] [--dtype D] [--max-shard-size BYTES]
+                    [key.sub=value ...]
     flaxlm tokenizer train --config C --vocab-size N --output DIR [--model-type {bpe,unigram}]
                     [--max-bytes N] [key.sub=value ...]
     flaxlm data build-tfds --train-files GLOB [--eval-files GLOB] --data-dir DIR
-                    [--text-field NAME]
+                    [--text-field NAME] [--overwrite]
     flaxlm bench    --config configs/X.yaml [--steps N] [--warmup N] [key.sub=value ...]
     flaxlm sweep    mesh --config C --meshes 1x1x1 8x1x1 ... [--per-device-batch B] [--out DIR]
                     [--steps N] [--warmup N] [key.sub=value ...]

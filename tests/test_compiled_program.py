@@ -10,7 +10,9 @@ import pytest
 from flaxlm.mesh import make_mesh
 from flaxlm.train import Trainer
 
-BATCH_SHARDED = re.compile(r'sharding_constraint %\S+ <@mesh, \[\{"data", "fsdp"\}')
+# The batch axis of activations goes over the mesh's batch axes (data, fsdp and expert).
+BATCH = '{"data", "fsdp", "expert"}'
+BATCH_SHARDED = re.compile(r"sharding_constraint %\S+ <@mesh, \[" + re.escape(BATCH))
 
 
 def _constraints(trainer: Trainer) -> list[str]:
@@ -36,7 +38,7 @@ def test_micro_batches_keep_their_rows_on_every_device(tiny_cfg):
     cfg = tiny_cfg("mesh.fsdp=8", "data.global_batch_size=16", "optimizer.grad_accum_steps=2")
     constraints = _constraints(Trainer(cfg, make_mesh(cfg)))
     # (micro-batches, rows, length): the rows of each micro-batch split over data x fsdp.
-    assert any('[{}, {"data", "fsdp"}, {}]' in c for c in constraints)
+    assert any(f"[{{}}, {BATCH}, {{}}]" in c for c in constraints)
 
 
 # TPU layouts pad small dimensions to tiles of 128: keep the model's dimensions multiples of it.
