@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from flaxlm.report import strict_json
+
 if TYPE_CHECKING:
     from flaxlm.config import Config
 
@@ -91,23 +93,6 @@ def _config(args: argparse.Namespace, join: bool = False) -> Config:
     return cfg
 
 
-def _json(value: object) -> str:
-    """One line of strict JSON: non-finite floats (a degenerate fit, a diverged loss) become
-    null, since NaN and Infinity are not JSON."""
-    import math
-
-    def clean(v: object) -> object:
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, list | tuple):
-            return [clean(x) for x in v]
-        return v
-
-    return json.dumps(clean(value), allow_nan=False)
-
-
 def _one_config(args: argparse.Namespace) -> str:
     """The one --config of a command that reads its file itself (a ladder, a sweep base)."""
     from flaxlm.config import ConfigError
@@ -168,9 +153,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     if args.all_steps:
         for result in evaluate_all_steps(args.checkpoint, args.overrides):
-            print(_json(result), flush=True)
+            print(strict_json(result), flush=True)
     else:
-        print(_json(evaluate_run(args.checkpoint, args.step, args.overrides)), flush=True)
+        print(strict_json(evaluate_run(args.checkpoint, args.step, args.overrides)), flush=True)
 
 
 @command(
@@ -222,7 +207,7 @@ def cmd_compile(args: argparse.Namespace) -> None:
     from flaxlm import aot
 
     print(f"compiling for {args.slices} x {args.topology} ...", file=sys.stderr, flush=True)
-    print(_json(aot.compile_report(cfg, args.topology, args.slices)), flush=True)
+    print(strict_json(aot.compile_report(cfg, args.topology, args.slices)), flush=True)
 
 
 @command(
@@ -309,7 +294,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     record = bench(cfg, args.steps, args.warmup)
     if _is_first_process():  # every process of a multi-host job times the same steps
-        print(_json(record), flush=True)
+        print(strict_json(record), flush=True)
 
 
 @command(
@@ -371,7 +356,7 @@ def cmd_scaling(args: argparse.Namespace) -> None:
 
     def write(records: list[dict]) -> list:
         fit, paths = scaling.write_results(records, Path(args.out))
-        print(_json({"fit": fit}), flush=True)
+        print(strict_json({"fit": fit}), flush=True)
         return paths
 
     _stream(scaling.run_ladder(runs), write)
@@ -400,7 +385,7 @@ def _stream(points: Iterable[dict], write: Callable[[list[dict]], list]) -> None
     records = []
     for record in points:
         if first:
-            print(_json(record), flush=True)
+            print(strict_json(record), flush=True)
         records.append(record)
     if first:
         paths = write(records)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -107,3 +108,19 @@ def figure(path: Path, *, dpi: int = 80, **subplots: Any) -> Iterator[Any]:
         fig.savefig(path, dpi=dpi)
     finally:
         plt.close(fig)
+
+
+def strict_json(value: object) -> str:
+    """One line of strict JSON: non-finite floats (a degenerate fit, a diverged loss) become
+    null, since NaN and Infinity are not JSON."""
+
+    def clean(v: object) -> object:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(value), allow_nan=False)

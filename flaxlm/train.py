@@ -23,6 +23,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec
 
 from flaxlm.config import Config, NanPolicy
+from flaxlm.losses import cross_entropy, token_losses  # noqa: F401 - part of this API
 from flaxlm.mesh import (
     batch_sharding,
     logical_constraint,
@@ -46,39 +47,6 @@ class TrainState:
     opt_state: Any
     # Updates dropped because the loss or the gradients were not finite (train.nan_policy=skip).
     skipped: jax.Array
-
-
-def token_losses(logits_BxTxV: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """Per-token next-token cross entropy losses_BxTm1 and their weights (Tm1 = T - 1; the
-    shape letters are those of `flaxlm.model`).
-
-    Position t predicts token t+1 when both lie in the same (non-padding) segment, so a packed
-    row never trains on predicting the first token of the next document.
-    """
-    tokens_BxT, segments_BxT = batch["tokens"], batch["segment_ids"]
-    weights_BxTm1 = (segments_BxT[:, 1:] == segments_BxT[:, :-1]) & (segments_BxT[:, 1:] != 0)
-    # The loss at every position (the last one's target is a dummy), then the first T-1 losses:
-    # slicing the (B, T) losses rather than the (B, T, V) logits spares a copy of the logits
-    # and, in the backward pass, a padded copy of their gradient.
-    targets_BxT = jnp.concatenate([tokens_BxT[:, 1:], tokens_BxT[:, -1:]], axis=1)
-    losses_BxT = cross_entropy(logits_BxTxV, targets_BxT)
-    return losses_BxT[:, :-1], weights_BxTm1.astype(jnp.float32)
-
-
-def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
-    """losses_BxT = logsumexp(logits) - logits[target], in float32 whatever the logits' dtype.
-
-    Both terms are reductions over the vocabulary (the target's logit is picked by comparing
-    with an iota, not gathered), so XLA fuses the upcast into them and never writes float32
-    logits; their gradient, softmax - one_hot, is elementwise and fuses as well. A gather would
-    need the float32 logits whole in memory.
-    """
-    logits_BxTxV = logits_BxTxV.astype(jnp.float32)
-    log_z_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
-    vocab_V = jnp.arange(logits_BxTxV.shape[-1], dtype=targets_BxT.dtype)
-    is_target_BxTxV = vocab_V == targets_BxT[..., None]
-    target_logit_BxT = jnp.sum(jnp.where(is_target_BxTxV, logits_BxTxV, 0.0), axis=-1)
-    return log_z_BxT - target_logit_BxT
 
 
 def forward_losses(

@@ -229,7 +229,7 @@ def test_a_config_that_no_longer_fits_the_checkpoints_moves_nothing(tmp_path, co
     ]  # fmt: skip
     loop.run(config.load(CONFIGS / "tiny.yaml", overrides))
     other_optimizer = config.load(CONFIGS / "tiny.yaml", [*overrides, "optimizer.name=lion"])
-    with pytest.raises(ConfigError, match=r"no checkpoint .* can be restored .* Nothing was moved"):
+    with pytest.raises(ConfigError, match=r"cannot continue with this config: optimizer.name"):
         loop.run(other_optimizer)
     assert (tmp_path / "run" / "checkpoints" / "3").is_dir()
     assert not list((tmp_path / "run" / "checkpoints").glob("corrupt-*"))
