@@ -70,7 +70,7 @@ end_others() {
 status=0; running=("${pids[@]}")
 while ((${#running[@]})); do
   code=0; finished=""; wait -n -p finished "${running[@]}" 2>/dev/null || code=$?
-  [[ -n "$finished" ]] || break  # the rest were reaped while being ended
+  [[ -n "${finished:-}" ]] || break  # the rest were reaped while being ended
   left=(); for pid in "${running[@]}"; do [[ "$pid" == "$finished" ]] || left+=("$pid"); done
   running=("${left[@]}")
   if ((code != 0 && status == 0)); then
