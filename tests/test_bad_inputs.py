@@ -182,11 +182,11 @@ def test_eval_of_a_missing_step_and_a_directory_without_a_run(cli, run_dir, tmp_
 
 
 def test_strict_json_has_no_infinity():
-    from flaxlm.commands import _json
+    from flaxlm.report import strict_json
     from flaxlm.scaling import fit_power_law
 
     fit = fit_power_law([1e12, 1e13, 1e14], [4.0, 3.5, 3.2])  # 3 points: no error estimate
-    line = _json({"fit": fit, "loss": float("nan"), "rows": [float("inf")]})
+    line = strict_json({"fit": fit, "loss": float("nan"), "rows": [float("inf")]})
     assert "Infinity" not in line and "NaN" not in line
     parsed = json.loads(line)
     assert parsed["loss"] is None and parsed["rows"] == [None]
