@@ -12,7 +12,7 @@
     flaxlm tokenizer train --config C --vocab-size N --output DIR [--model-type {bpe,unigram}]
                     [--max-bytes N] [key.sub=value ...]
     flaxlm data build-tfds --train-files GLOB [--eval-files GLOB] --data-dir DIR
-                    [--text-field NAME] [--overwrite]
+                    [--name N] [--version V] [--text-field NAME] [--overwrite]
     flaxlm bench    --config configs/X.yaml [--steps N] [--warmup N] [key.sub=value ...]
     flaxlm sweep    mesh --config C --meshes 1x1x1 8x1x1 ... [--per-device-batch B] [--out DIR]
                     [--steps N] [--warmup N] [key.sub=value ...]

@@ -271,18 +271,34 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     arg("--eval-files", default=None, help="glob for the validation split"),
     arg("--data-dir", required=True, help="TFDS data directory"),
     arg("--text-field", default="text"),
+    arg("--name", default="flaxlm_text", help="TFDS dataset name"),
+    arg("--version", default="1.0.0", help="dataset version, MAJOR.MINOR.PATCH"),
     arg("--overwrite", action="store_true", help="rebuild a dataset already prepared there"),
 )
 def cmd_data_build_tfds(args: argparse.Namespace) -> None:
-    from flaxlm.data.tfds_builder import build
+    from flaxlm.data.tfds_builder import DEFAULT_NAME, build
 
-    path = build(args.train_files, args.data_dir, args.eval_files, args.text_field, args.overwrite)
+    path = build(
+        args.train_files,
+        args.data_dir,
+        args.eval_files,
+        args.text_field,
+        args.overwrite,
+        args.name,
+        args.version,
+    )
+    # The default version of flaxlm_text is found by name alone; any other needs NAME:VERSION.
+    name = (
+        args.name
+        if (args.name, args.version) == (DEFAULT_NAME, "1.0.0")
+        else f"{args.name}:{args.version}"
+    )
     # Without --eval-files there is no `validation` split (the default data.eval_split).
     split = ""
     if not args.eval_files:
         split = " data.eval_split=train (evaluates on training text; --eval-files holds some out)"
     print(
-        f"wrote {path}; train with data.corpus=tfds data.tfds_name=flaxlm_text "
+        f"wrote {path}; train with data.corpus=tfds data.tfds_name={name} "
         f"data.tfds_data_dir={args.data_dir}{split}"
     )
 

@@ -3,20 +3,24 @@
     flaxlm data build-tfds --train-files 'corpus/train/*.txt' --eval-files 'corpus/eval/*.txt' \
         --data-dir ~/tensorflow_datasets
 
-prepares `flaxlm_text` (version VERSION) under the data directory, with splits `train` and
-`validation`, one example per document (`{"text": ...}`: a .txt file, a .jsonl line's text
-field, a TFRecord example's text feature). Train on it with
+prepares `flaxlm_text` (version VERSION; `--name` and `--version` choose others, so that
+several corpora and their revisions live side by side) under the data directory, with splits
+`train` and `validation`, one example per document (`{"text": ...}`: a .txt file, a .jsonl
+line's text field, a TFRecord example's text feature). Train on it with
 
     data.corpus=tfds data.tfds_name=flaxlm_text data.tfds_data_dir=~/tensorflow_datasets
 
-Reading needs no source files: `tfds.builder("flaxlm_text", data_dir=...)` finds the prepared
-files (importing this module registers the name). Nothing is downloaded.
+(`data.tfds_name=NAME:VERSION` for a chosen one). Reading needs no source files:
+`tfds.builder(name, data_dir=...)` finds the prepared files (importing this module registers
+`flaxlm_text`; other names are read from their files). Nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import types
 from pathlib import Path
 from typing import ClassVar
 
@@ -76,21 +80,51 @@ class FlaxlmText(tfds.core.GeneratorBasedBuilder):
                     yield key, {"text": text.decode("utf-8", errors="replace")}
 
 
+DEFAULT_NAME = "flaxlm_text"
+
+
+def builder_class(name: str = DEFAULT_NAME, version: str = str(FlaxlmText.VERSION)) -> type:
+    """FlaxlmText, or an unregistered copy of it under another dataset name and version."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise ConfigError(
+            f"--name {name!r} is not a TFDS dataset name: use lower-case letters, digits and "
+            "underscores, starting with a letter (for example my_corpus)"
+        )
+    if not re.fullmatch(r"\d+\.\d+\.\d+", version):
+        raise ConfigError(f"--version {version!r} is not MAJOR.MINOR.PATCH (for example 1.1.0)")
+    if name == DEFAULT_NAME and version == str(FlaxlmText.VERSION):
+        return FlaxlmText
+    body = {
+        "name": name,
+        "VERSION": tfds.core.Version(version),
+        "RELEASE_NOTES": {version: "Local documents (txt, jsonl, TFRecord)."},
+        "__module__": __name__,
+    }
+    # Not registered: a second build in one process must not collide; readers find it by files.
+    return types.new_class(
+        "FlaxlmTextAs", (FlaxlmText,), {"skip_registration": True}, lambda ns: ns.update(body)
+    )
+
+
 def build(
     train_files: str,
     data_dir: str | os.PathLike,
     eval_files: str | None = None,
     text_field: str = "text",
     overwrite: bool = False,
+    name: str = DEFAULT_NAME,
+    version: str = str(FlaxlmText.VERSION),
 ) -> Path:
-    """Prepares flaxlm_text from local files under data_dir; returns the dataset directory.
+    """Prepares a dataset (default flaxlm_text) from local files under data_dir; returns the
+    dataset directory (DATA_DIR/NAME/VERSION).
 
     A dataset already prepared there is never silently reused (it may hold other files): it is
     refused, or with overwrite deleted and built again.
     """
+    cls = builder_class(name, version)
 
     def make() -> FlaxlmText:
-        return FlaxlmText(
+        return cls(
             train_files=train_files,
             eval_files=eval_files,
             text_field=text_field,
@@ -102,8 +136,8 @@ def build(
     if (existing / "dataset_info.json").is_file():
         if not overwrite:
             raise ConfigError(
-                f"{existing} already holds a prepared flaxlm_text {FlaxlmText.VERSION}; pass "
-                "--overwrite to build it again from the files given, or choose another --data-dir"
+                f"{existing} already holds a prepared {name} {version}; pass --overwrite to build "
+                "it again from the files given, or choose another --version or --data-dir"
             )
         shutil.rmtree(existing)
         builder = make()
