@@ -47,5 +47,5 @@ def test_name_and_version_keep_corpora_and_revisions_side_by_side(tmp_path):
     assert texts("flaxlm_text") == [b"revision one"]
     with pytest.raises(ConfigError, match="--name 'My-Corpus' is not a TFDS dataset name"):
         build(f"{tmp_path}/a/*.txt", data, name="My-Corpus")
-    with pytest.raises(ConfigError, match="--version '2' is not MAJOR.MINOR.PATCH"):
+    with pytest.raises(ConfigError, match=r"--version '2' is not MAJOR\.MINOR\.PATCH"):
         build(f"{tmp_path}/a/*.txt", data, version="2")
