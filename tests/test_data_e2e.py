@@ -65,3 +65,20 @@ def test_train_and_eval_with_sentencepiece_on_a_local_tfds_dataset(tmp_path, cor
     model.unlink()
     again = json.loads(flaxlm("eval", "--checkpoint", str(run), devices=2).stdout)
     assert again == result
+
+    # to-hf carries the SentencePiece model: AutoTokenizer reads it as flaxlm does.
+    transformers = pytest.importorskip("transformers")
+    from flaxlm.data.tokenizer import SentencePieceTokenizer
+
+    out = flaxlm("convert", "to-hf", str(run), str(tmp_path / "hf"), devices=1)
+    assert "warning" not in out.stderr
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    sp = SentencePieceTokenizer(run / "tokenizer" / "sentencepiece.model")
+    code = "def f(x):\n    return x  # keeps its indentation\n\n\tand tabs, 12345, é 日本 \U0001f600"
+    assert sp.decode(sp.encode(code)) == code  # text is kept as written
+    for text in [code, "Once upon a time", "x  =  1", ""]:
+        assert tok.encode(text, add_special_tokens=False) == sp.encode(text)
+        assert tok.decode(sp.encode(text)) == text
+    # Text starting with a space: Hugging Face adds no word boundary in front; decoding agrees.
+    assert tok.decode(sp.encode("  indented")) == "  indented"
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (sp.bos_id, sp.eos_id, 3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import jax
@@ -15,6 +16,7 @@ from flaxlm.convert.byte_tokenizer import write_byte_tokenizer
 from flaxlm.convert.hf_config import hf_config, model_overrides_from_hf
 from flaxlm.convert.params import check_hf_tensors
 from flaxlm.convert.safetensors_io import LazySafetensors, write_sharded
+from flaxlm.convert.sp_tokenizer import write_sentencepiece_tokenizer
 from flaxlm.convert.streaming import hf_tensors, place_params
 
 
@@ -93,7 +95,9 @@ def to_hf(
     """Writes a run's parameters as a Hugging Face model directory: safetensors shards of at
     most max_shard_bytes (with model.safetensors.index.json when there are several) in `dtype`
     (default: the parameters' own), converted one layer at a time, and the run's tokenizer (a
-    byte-level `tokenizer.json` for a byte run). Returns the exported step and the files."""
+    byte-level `tokenizer.json` for a byte run, `tokenizer.model` for a SentencePiece one).
+    Returns the exported step and the files."""
+    from flaxlm.data.tokenizer import SENTENCEPIECE_FILE
     from flaxlm.run_dir import TOKENIZER_DIR, copy_tokenizer_files, load_run
 
     run_dir = fs.as_path(run_dir)
@@ -107,5 +111,9 @@ def to_hf(
         files = write_sharded(hf_tensors(params, cfg.model, out_dtype), local, max_shard_bytes)
         if cfg.data.tokenizer == "byte":
             write_byte_tokenizer(local)
+        elif cfg.data.tokenizer == "sentencepiece":
+            model = fs.local_copy(run_dir / TOKENIZER_DIR / SENTENCEPIECE_FILE)
+            for warning in write_sentencepiece_tokenizer(model, local):
+                print(f"warning: {warning}", file=sys.stderr)
     copy_tokenizer_files(run_dir / TOKENIZER_DIR, dst)
     return step, files

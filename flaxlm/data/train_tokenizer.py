@@ -4,6 +4,11 @@ The corpus is read through the same sources as training (python-docs, files, TFD
 once, in order, up to `max_bytes` of text, and fed line by line to SentencePiece's trainer
 (`byte_fallback`: any text is encodable, no unknown ids). The model gets the ids
 unk=0, bos=1, eos=2, pad=3, which the pipeline uses for data.add_bos / data.add_eos.
+
+Text is kept as written, as Llama's tokenizer does: no Unicode normalization and no collapsing
+of spaces, tabs or newlines (code keeps its indentation through encode and decode), digits split
+one by one. It is then the tokenizer Hugging Face's `LlamaTokenizer` reads exactly, which
+`convert to-hf` relies on.
 """
 
 from __future__ import annotations
@@ -64,6 +69,10 @@ def train_sentencepiece(
             eos_id=2,
             pad_id=3,
             character_coverage=0.9995,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
             num_threads=os.cpu_count() or 1,
             minloglevel=2,
         )
