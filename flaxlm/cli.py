@@ -33,6 +33,7 @@ TensorFlow only once the config has loaded, so help, the version and config erro
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -105,5 +106,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _stdout_for_results_only() -> None:
+    """Points the process's native stdout (file descriptor 1) at stderr, keeping Python's
+    sys.stdout on the original: libraries that print from C++ (gloo's "[Gloo] Rank 0 is
+    connected ..." lines, XLA) then cannot mix into the results scripts read from stdout."""
+    sys.stdout.flush()
+    results = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = open(results, "w", buffering=1, encoding="utf-8", closefd=True)  # noqa: SIM115
+
+
+def entry() -> int:
+    """The `flaxlm` command (console script and `python -m flaxlm.cli`)."""
+    _stdout_for_results_only()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

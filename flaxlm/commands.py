@@ -111,6 +111,12 @@ def _is_first_process() -> bool:
     return jax.process_index() == 0
 
 
+def _result(text: str) -> None:
+    """Prints a result on stdout, once per job: from its first process."""
+    if _is_first_process():
+        print(text, flush=True)
+
+
 @command("train", "train a model (resumes if run_dir has checkpoints)", config_file())
 def cmd_train(args: argparse.Namespace) -> None:
     cfg = _config(args, join=True)
@@ -151,11 +157,12 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from flaxlm.evaluate import evaluate_all_steps, evaluate_run
 
+    # Every process of a multi-host job evaluates its share; the first prints.
     if args.all_steps:
         for result in evaluate_all_steps(args.checkpoint, args.overrides):
-            print(strict_json(result), flush=True)
+            _result(strict_json(result))
     else:
-        print(strict_json(evaluate_run(args.checkpoint, args.step, args.overrides)), flush=True)
+        _result(strict_json(evaluate_run(args.checkpoint, args.step, args.overrides)))
 
 
 @command(
@@ -192,7 +199,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     texts = generate_text(
         trainer, params, args.prompt, new_tokens, sampling, tuple(args.stop), tokenizer
     )
-    print("\n\n".join(texts), flush=True)
+    _result("\n\n".join(texts))
 
 
 @command(
@@ -309,8 +316,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from flaxlm.bench import bench
 
     record = bench(cfg, args.steps, args.warmup)
-    if _is_first_process():  # every process of a multi-host job times the same steps
-        print(strict_json(record), flush=True)
+    _result(strict_json(record))  # every process of a multi-host job times the same steps
 
 
 @command(

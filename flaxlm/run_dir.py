@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxlm import config as config_lib
-from flaxlm import fs
+from flaxlm import distributed, fs
 from flaxlm.checkpoint import Checkpointer
 from flaxlm.config import Config, ConfigError
 from flaxlm.data.tokenizer import (
@@ -249,6 +249,10 @@ def open_run(
     path = fs.as_path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a flaxlm run directory: it has no config.yaml")
+    # A multi-host job (a pod, or distributed.* overrides) evaluates as one: join it before the
+    # devices are counted, so the mesh spans every process's devices.
+    job = config_lib.load(path, [*_SINGLE_SLICE, "mesh.fsdp=1", *overrides])
+    distributed.initialize(job.distributed)
     cfg, devices = _local_mesh_config(path, overrides)
     cfg = with_run_tokenizer(cfg, run_dir)
     checkpointer = Checkpointer(run_dir, cfg.checkpoint)

@@ -74,7 +74,9 @@ def test_train_and_eval_with_sentencepiece_on_a_local_tfds_dataset(tmp_path, cor
     assert "warning" not in out.stderr
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     sp = SentencePieceTokenizer(run / "tokenizer" / "sentencepiece.model")
-    code = "def f(x):\n    return x  # keeps its indentation\n\n\tand tabs, 12345, é 日本 \U0001f600"
+    code = (
+        "def f(x):\n    return x  # keeps its indentation\n\n\tand tabs, 12345, é 日本 \U0001f600"
+    )
     assert sp.decode(sp.encode(code)) == code  # text is kept as written
     for text in [code, "Once upon a time", "x  =  1", ""]:
         assert tok.encode(text, add_special_tokens=False) == sp.encode(text)

@@ -8,6 +8,7 @@ the train state is resharded onto the new mesh and the data position carries ove
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 
@@ -55,6 +56,9 @@ def test_two_processes_train_save_and_restore_on_other_layouts(tmp_path, corpus_
     ]
     proc = subprocess.run(launch, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    # Results once, from the first process; gloo's own lines go to stderr.
+    assert proc.stdout.count("trained steps 0..4") == 1, proc.stdout
+    assert "[Gloo]" not in proc.stdout and "[Gloo]" in proc.stderr
     oracle = train_losses(run)
     assert sorted(oracle) == [1, 2, 3, 4]
     ckpt = run / "checkpoints" / "3"
@@ -78,3 +82,18 @@ def test_two_processes_train_save_and_restore_on_other_layouts(tmp_path, corpus_
         np.testing.assert_allclose(losses[4], oracle[4], rtol=2e-5, err_msg=name)
         # The step before differs from the one after (a stale batch would show up here).
         assert losses[4] != oracle[3]
+
+
+def test_two_processes_evaluate_as_one_job_and_print_once(tmp_path, corpus_cache):
+    run = tmp_path / "run"
+    data = f"data.cache_dir={corpus_cache}"
+    flaxlm("train", *COMMON, data, f"train.run_dir={run}", devices=8)
+    (single,) = [
+        json.loads(line) for line in flaxlm("eval", "--checkpoint", str(run)).stdout.splitlines()
+    ]
+    first, second = flaxlm_processes(2, 4, "eval", "--checkpoint", str(run))
+    assert second.stdout == "" and "[Gloo]" not in first.stdout
+    (joined,) = [json.loads(line) for line in first.stdout.splitlines()]
+    # One job over both processes' devices: the same held-out tokens, the same loss.
+    assert joined["step"] == single["step"] == 4 and joined["tokens"] == single["tokens"]
+    np.testing.assert_allclose(joined["loss"], single["loss"], rtol=1e-5)
