@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +96,33 @@ def _pytree_restore(abstract: Any, partial: bool = False) -> ocp.args.PyTreeRest
     )
 
 
+def _cause(error: Exception) -> str:
+    """The first line of a storage error, without TensorFlow's op decorations: it names the
+    cause (e.g. "No space left on device", "File too large") and the file."""
+    line = (str(error).strip().splitlines() or [""])[0]
+    line = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\]", "", line)
+    return line[:300]
+
+
+class _OrbaxThreadErrors(logging.Filter):
+    """Orbax's save threads log their exception (with TensorFlow's op decorations and a full
+    traceback) before the save call re-raises it; the error reaches the user once, as
+    CheckpointSaveError's message, so that record is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.levelno >= logging.ERROR
+            and "orbax" in record.pathname
+            and "raised an exception" in record.getMessage()
+        )
+
+
+logging.getLogger("absl").addFilter(_OrbaxThreadErrors())
+# A failed composite save leaves the coroutines of its other items unawaited; Python would warn
+# about each at exit, after the error message.
+warnings.filterwarnings("ignore", r"coroutine '\w+\.async_save' was never awaited", RuntimeWarning)
+
+
 class CheckpointSaveError(OSError):
     """A save failed (for example a full disk); the previous checkpoints are untouched."""
 
@@ -152,11 +182,9 @@ class Checkpointer:
         previous = [s for s in self.all_steps() if step is None or s < step]
         kept = f"step {previous[-1]} in {self.directory} is intact" if previous else "none existed"
         what = f"saving checkpoint {step}" if step is not None else "finishing a checkpoint"
-        # The first line names the cause (e.g. "No space left on device"); the rest are the
-        # storage library's internals.
-        cause = (str(error).strip().splitlines() or [""])[0][:300]
         return CheckpointSaveError(
-            f"{what} failed ({type(error).__name__}: {cause}); the previous checkpoint: {kept}"
+            f"{what} failed ({type(error).__name__}: {_cause(error)}); the previous checkpoint: "
+            f"{kept}. Free space or fix the storage, then run the same command again to resume"
         )
 
     def restore(self, step: int, abstract_state: Any, data: DataIterator | None = None) -> Any:

@@ -213,8 +213,10 @@ def _train(p: _Parts, started: float) -> RunSummary:
     on_step = [hooks.ReadMetrics(run), evaluation, checkpoint, hooks.Progress(progress), preemption]
     on_step.insert(1, p.timekeeping)  # right after the previous step's metrics are read
     profiler = hooks.Profiler(t.profile_steps, Path(t.run_dir))
-    state = _run_steps(p, run, state, start, on_step, checkpoint.saves, profiler)
-    progress.close()
+    try:
+        state = _run_steps(p, run, state, start, on_step, checkpoint.saves, profiler)
+    finally:  # closed before an error's message, or the bar redraws after it at exit
+        progress.close()
 
     final_eval = first_eval
     if start < t.steps or final_eval is None:

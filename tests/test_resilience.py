@@ -181,6 +181,32 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, corpus_ca
     assert summary.start_step == 3 and summary.end_step == 6
 
 
+def test_a_save_the_file_system_refuses_ends_with_one_clean_message(tmp_path, corpus_cache):
+    import resource
+
+    def limit_file_size():  # files over 200 KB fail with EFBIG, as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200 * 1024, resource.RLIM_INFINITY))
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    args = [
+        sys.executable, "-m", "flaxlm.cli", "train", "--config", str(CONFIGS / "tiny.yaml"),
+        f"train.run_dir={tmp_path / 'run'}", f"data.cache_dir={corpus_cache}", *BASE,
+        "train.steps=6", "checkpoint.every_steps=3",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        args, capture_output=True, text=True, env=env, preexec_fn=limit_file_size, timeout=600
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    (message,) = [line for line in proc.stderr.split("\n") if "flaxlm train: error:" in line]
+    assert proc.stderr.rstrip().endswith(message)  # the last thing printed
+    assert "flaxlm train: error: saving checkpoint 3 failed" in message
+    assert "File too large" in message and "none existed" in message
+    # No library internals around the message: no traceback, TF op names or unawaited saves.
+    for noise in ("Traceback", "function_node", "[Op:", "never awaited"):
+        assert noise not in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "checkpoints" / "3").exists()
+
+
 def test_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(tmp_path, corpus_cache):
     proc = flaxlm(
         "train", "--config", str(CONFIGS / "tiny.yaml"), f"train.run_dir={tmp_path / 'run'}",
