@@ -34,6 +34,7 @@ from omegaconf.errors import OmegaConfBaseException
 from flaxlm import config as config_lib
 from flaxlm import report
 from flaxlm.config import Config, ConfigError, Decay
+from flaxlm.config.loading import read_yaml_tree
 from flaxlm.data import pipeline
 from flaxlm.evaluate import evaluate
 from flaxlm.flops import analytic_param_count, flops_per_step
@@ -82,8 +83,10 @@ def load_ladder(path: str | Path) -> tuple[LadderConfig, Path]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"ladder file not found: {path}")
+    # `defaults: [other-ladder.yaml]` composes ladders as config files compose.
+    nodes = read_yaml_tree(path, relative_keys=("config",))
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(LadderConfig), OmegaConf.load(path))
+        merged = OmegaConf.merge(OmegaConf.structured(LadderConfig), *nodes)
         ladder = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)

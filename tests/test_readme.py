@@ -3,12 +3,13 @@
 Each ```bash block is read from the README itself, split into commands and run in a fresh
 working directory (the repository's configs, launch scripts and benchmarks linked in) with
 `flaxlm` and `python` on PATH as this interpreter. Only scale changes: commands that would take
-minutes get overrides appended from `TINY` (fewer steps, a smaller ladder), launchers for
-hardware this machine lacks (TPU pods, SLURM) run with `--dry-run`, and `pip install` lines are
-checked against pyproject's extras instead of run. What the commands read is made locally: a
-small random GPT-2 at ./gpt2, JSON-lines text under corpus/ and my/, and lm1b through TFDS's own
-mock (`tfds.testing.mock_data`), since nothing may download and tf.data cannot read the
-emulated gs:// bucket.
+minutes get overrides appended from `TINY` (fewer steps, shorter rows) or a smaller ladder
+composed from the README's own (`LADDERS`); launchers for hardware this machine lacks (TPU
+pods, SLURM) run with `--dry-run`; `pip install` lines are checked against pyproject's extras
+and the test command against .ci/run instead of run. What the commands read is made locally: a
+small random GPT-2 at ./gpt2, text under corpus/ and my/, and lm1b through TFDS's own mock
+(`tfds.testing.mock_data`), since nothing may download and tf.data cannot read the emulated
+gs:// bucket.
 """
 
 from __future__ import annotations
@@ -40,14 +41,18 @@ TINY = {
     "launch/slurm.sh": ["--dry-run"],
     "flaxlm bench": ["--steps", "1", "--warmup", "0"],
     "flaxlm sweep": ["--steps", "1", "--warmup", "0"],
-    "flaxlm scaling": ["--config", "small-ladder.yaml"],
     "flaxlm tokenizer train": ["--max-bytes", "3000000"],
-    "flaxlm compile": ["model.n_layers=2"],
+    "flaxlm compile": ["model.n_layers=2", "data.seq_len=2048"],
     "flaxlm generate": [],
+    "flaxlm convert": [],
+    "flaxlm data build-tfds": [],
     "python benchmarks/vs_pytorch.py": ["--steps", "1", "--warmup", "1", "--repeats", "1",
                                         "--curve-steps", "2", "--no-compile"],
 }  # fmt: skip
+# The README's ladder with fewer budgets and models (a ladder composes another by defaults).
+LADDERS = {"configs/scaling/tiny-ladder.yaml": "small-ladder.yaml"}
 SMALL_LADDER = """\
+defaults: [configs/scaling/tiny-ladder.yaml]
 budgets: [1.0e10, 2.0e10, 4.0e10]
 models:
   - name: d16-l2
@@ -71,6 +76,8 @@ def commands(block: str) -> list[str]:
 
 
 def _tiny(command: str) -> str:
+    for ladder, small in LADDERS.items():
+        command = command.replace(f"--config {ladder}", f"--config {small}")
     words = command.split()
     program = " ".join(w for w in words if "=" not in w or w.startswith("-"))  # skips VAR=...
     for prefix, extra in TINY.items():

@@ -140,6 +140,17 @@ def test_bad_ladder_files_fail_early(tmp_path):
         load_ladder(tmp_path / "missing.yaml")
 
 
+def test_a_ladder_composes_another_with_defaults(tmp_path):
+    small = tmp_path / "elsewhere" / "small.yaml"
+    small.parent.mkdir()
+    small.write_text(f"defaults: [{CONFIGS / 'scaling' / 'tiny-ladder.yaml'}]\nbudgets: [1.0e10]\n")
+    ladder, experiment = load_ladder(small)
+    parent, parent_experiment = load_ladder(CONFIGS / "scaling" / "tiny-ladder.yaml")
+    assert ladder.budgets == [1.0e10] and ladder.models == parent.models
+    # `config:` stays relative to the file that wrote it, not to the one inheriting it.
+    assert experiment.resolve() == parent_experiment.resolve() == (CONFIGS / "tiny.yaml")
+
+
 def test_shipped_ladders_plan():
     for name in ("tiny-ladder", "pod-ladder"):
         ladder, experiment = load_ladder(CONFIGS / "scaling" / f"{name}.yaml")

@@ -41,9 +41,12 @@ def expand_path(path: str) -> str:
     return os.path.expanduser(os.path.expandvars(path))
 
 
-def _read_yaml_tree(path: Any, chain: tuple[Any, ...] = ()) -> list[Any]:
+def read_yaml_tree(
+    path: Any, chain: tuple[Any, ...] = (), relative_keys: tuple[str, ...] = ()
+) -> list[Any]:
     """Returns the OmegaConf nodes of `path` (local or gs://) and its `defaults`, in merge
-    order."""
+    order. Top-level `relative_keys` hold paths relative to their own file; they are made
+    absolute, so that a file that inherits them still finds what they name."""
     text = expand_path(os.fspath(path))
     path = epath.Path(text) if "://" in text else epath.Path(Path(text).resolve())
     if path in chain:
@@ -65,9 +68,12 @@ def _read_yaml_tree(path: Any, chain: tuple[Any, ...] = ()) -> list[Any]:
     defaults = node.pop("defaults", [])
     if isinstance(defaults, str) or not OmegaConf.is_list(defaults):
         defaults = [defaults] if defaults else []
+    for key in relative_keys:
+        if isinstance(node.get(key), str):
+            node[key] = str(path.parent / node[key])
     nodes = []
     for parent in defaults:
-        nodes += _read_yaml_tree(path.parent / str(parent), (*chain, path))
+        nodes += read_yaml_tree(path.parent / str(parent), (*chain, path), relative_keys)
     return [*nodes, node]
 
 
@@ -121,7 +127,7 @@ def _enum_choices(e: OmegaConfBaseException) -> str | None:
 
 def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Loads a config file (with its defaults), applies overrides, and validates it."""
-    nodes = _read_yaml_tree(Path(path)) if path is not None else []
+    nodes = read_yaml_tree(Path(path)) if path is not None else []
     source = str(path) if path is not None else "defaults"
     cfg = _merge(nodes, overrides, source)
     validate(cfg)
@@ -172,7 +178,7 @@ def load_files(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> Co
     `load_files([experiment, preset])` runs an experiment with another model preset: the later
     file's keys win. Validated like `load`.
     """
-    nodes = [node for path in paths for node in _read_yaml_tree(Path(path))]
+    nodes = [node for path in paths for node in read_yaml_tree(Path(path))]
     cfg = _merge(nodes, overrides, " + ".join(str(p) for p in paths))
     validate(cfg)
     return cfg
