@@ -161,7 +161,7 @@ def _run_locked(
 
     trainer = Trainer(cfg, mesh)
     checkpointer = Checkpointer(run_dir, cfg.checkpoint)
-    writer = watcher = ledger = None
+    writer = watcher = ledger = data = None
     # Everything opened after the checkpoint manager closes with it, even when the data
     # pipeline refuses its files: its background threads must not outlive a clean error.
     try:
@@ -181,13 +181,19 @@ def _run_locked(
         )
         return _train(parts, started)
     finally:
-        if ledger is not None:
-            ledger.save(force=True)
-        if watcher is not None:
-            watcher.close()
-        if writer is not None:
-            writer.close()
-        checkpointer.close()
+        # Closing is not a step: Orbax's last barrier waits for the slowest process and the data
+        # pipeline's threads take seconds to end. The watchdog gives it the allowance (and still
+        # ends a teardown that hangs) instead of the timeout between steps.
+        with watchdog.phase("shutdown"):
+            if ledger is not None:
+                ledger.save(force=True)
+            if watcher is not None:
+                watcher.close()
+            if writer is not None:
+                writer.close()
+            checkpointer.close()
+            if data is not None:
+                data.close()
 
 
 def _train(p: _Parts, started: float) -> RunSummary:
