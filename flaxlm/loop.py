@@ -38,7 +38,7 @@ from flaxlm.data.tokenizer import from_config
 from flaxlm.domains import eval_sets as domain_eval_sets
 from flaxlm.flops import flops_per_step, param_count, total_peak_flops
 from flaxlm.generate import SamplingConfig, generate_text
-from flaxlm.goodput import Ledger
+from flaxlm.goodput import Ledger, process_start_time
 from flaxlm.hooks import StepResult
 from flaxlm.mesh import make_mesh
 from flaxlm.metrics import MetricsWriter, log
@@ -172,7 +172,7 @@ def _run_locked(
         eval_set = pipeline.eval_batches(cfg.data, jax.process_index(), jax.process_count())
         writer = MetricsWriter(run_dir, t.tensorboard, t.wandb, to_dict(cfg))
         watcher = PreemptionWatcher()
-        ledger = Ledger(run_dir, jax.process_index() == 0, _process_start_time())
+        ledger = Ledger(run_dir, jax.process_index() == 0, process_start_time())
         timekeeping = hooks.Timekeeping(ledger, watchdog)
         watchdog.before_exit.append(lambda: ledger.save(force=True))
         domains = domain_eval_sets(cfg.data, jax.process_index(), jax.process_count())
@@ -297,16 +297,6 @@ def _roll_back(
         f"(train.on_spike={t.on_spike.value}; recorded in {Path(t.run_dir) / spikes.FILE})"
     )
     return state, restored
-
-
-def _process_start_time() -> float:
-    """When this process started (wall clock): the ledger counts its startup too."""
-    try:
-        import psutil
-
-        return psutil.Process().create_time()
-    except ImportError:  # psutil comes with the stack, but is not essential
-        return time.time()
 
 
 def _restore_or_init(p: _Parts) -> TrainState:
