@@ -80,6 +80,25 @@ def _last_logged_step(run_dir: Path) -> int:
     return last
 
 
+def process_start_time() -> float:
+    """When this process started (wall clock): the ledger counts its startup too, and a
+    restart's downtime runs up to it.
+
+    Linux keeps a process's start in clock ticks since boot (/proc/self/stat); measured against
+    CLOCK_BOOTTIME it is exact to a tick. (psutil adds the boot time, which the kernel reports
+    in whole seconds, so its answer is up to a second early: more than the gap between a killed
+    attempt and its restart, whose downtime then came out as nothing.)
+    """
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # the name in (...) may hold spaces
+        ticks = int(fields[19])  # starttime, field 22 of the file
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+        return time.time() - max(0.0, age)
+    except (OSError, ValueError, IndexError, AttributeError):  # not Linux: count from now
+        return time.time()
+
+
 class Ledger:
     """Books this attempt's time into the job's goodput.json (written by process 0 only)."""
 

@@ -38,7 +38,7 @@ from flaxlm.data.tokenizer import from_config
 from flaxlm.domains import eval_sets as domain_eval_sets
 from flaxlm.flops import flops_per_step, param_count, total_peak_flops
 from flaxlm.generate import SamplingConfig, generate_text
-from flaxlm.goodput import Ledger
+from flaxlm.goodput import Ledger, process_start_time
 from flaxlm.hooks import StepResult
 from flaxlm.mesh import make_mesh
 from flaxlm.metrics import MetricsWriter, log
@@ -161,7 +161,7 @@ def _run_locked(
 
     trainer = Trainer(cfg, mesh)
     checkpointer = Checkpointer(run_dir, cfg.checkpoint)
-    writer = watcher = ledger = None
+    writer = watcher = ledger = data = None
     # Everything opened after the checkpoint manager closes with it, even when the data
     # pipeline refuses its files: its background threads must not outlive a clean error.
     try:
@@ -172,7 +172,7 @@ def _run_locked(
         eval_set = pipeline.eval_batches(cfg.data, jax.process_index(), jax.process_count())
         writer = MetricsWriter(run_dir, t.tensorboard, t.wandb, to_dict(cfg))
         watcher = PreemptionWatcher()
-        ledger = Ledger(run_dir, jax.process_index() == 0, _process_start_time())
+        ledger = Ledger(run_dir, jax.process_index() == 0, process_start_time())
         timekeeping = hooks.Timekeeping(ledger, watchdog)
         watchdog.before_exit.append(lambda: ledger.save(force=True))
         domains = domain_eval_sets(cfg.data, jax.process_index(), jax.process_count())
@@ -181,13 +181,19 @@ def _run_locked(
         )
         return _train(parts, started)
     finally:
-        if ledger is not None:
-            ledger.save(force=True)
-        if watcher is not None:
-            watcher.close()
-        if writer is not None:
-            writer.close()
-        checkpointer.close()
+        # Closing is not a step: Orbax's last barrier waits for the slowest process and the data
+        # pipeline's threads take seconds to end. The watchdog gives it the allowance (and still
+        # ends a teardown that hangs) instead of the timeout between steps.
+        with watchdog.phase("shutdown"):
+            if ledger is not None:
+                ledger.save(force=True)
+            if watcher is not None:
+                watcher.close()
+            if writer is not None:
+                writer.close()
+            checkpointer.close()
+            if data is not None:
+                data.close()
 
 
 def _train(p: _Parts, started: float) -> RunSummary:
@@ -293,16 +299,6 @@ def _roll_back(
         f"(train.on_spike={t.on_spike.value}; recorded in {Path(t.run_dir) / spikes.FILE})"
     )
     return state, restored
-
-
-def _process_start_time() -> float:
-    """When this process started (wall clock): the ledger counts its startup too."""
-    try:
-        import psutil
-
-        return psutil.Process().create_time()
-    except ImportError:  # psutil comes with the stack, but is not essential
-        return time.time()
 
 
 def _restore_or_init(p: _Parts) -> TrainState:

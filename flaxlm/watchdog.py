@@ -3,9 +3,9 @@
 A helper thread watches the time since the loop last made progress (a step whose metrics came
 back from the devices). Between steps the limit is `train.hang_timeout_s` (after the first
 step), or when that is 0 a generous multiple of the median step time once the run has warmed
-up. While the loop starts, restores, compiles (its first step) or evaluates, the limit is
-`train.hang_allowance_s`, and while a checkpoint save blocks it `train.hang_checkpoint_s`:
-those legitimately take much longer than a step, but not forever.
+up. While the loop starts, restores, compiles (its first step), evaluates or closes down at
+the end, the limit is `train.hang_allowance_s`, and while a checkpoint save blocks it
+`train.hang_checkpoint_s`: those legitimately take much longer than a step, but not forever.
 
 On a stall the watchdog writes every thread's stack (faulthandler) to
 `RUN_DIR/stacks/process-<i>-<time>.txt` and to stderr, then ends the process with

@@ -49,6 +49,18 @@ def test_a_restart_books_downtime_and_the_steps_it_recomputes(tmp_path):
     assert 0 < r["goodput"] < 1
 
 
+def test_the_process_start_time_is_exact_to_a_clock_tick():
+    # A restart's downtime runs from the last record of the attempt before to this start, often
+    # a fraction of a second; psutil's create_time is up to a second early (whole-second boot
+    # time), which booked such gaps as none.
+    before = time.time()
+    code = "from flaxlm.goodput import process_start_time; print(repr(process_start_time()))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert before - 0.02 <= float(out.stdout) <= before + 1.0  # a tick is 0.01 s
+
+
 def _attempt(run_dir, corpus_cache, *overrides, patch: str = "") -> subprocess.Popen:
     env = dict(
         os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
@@ -110,6 +122,6 @@ def test_a_run_killed_twice_counts_the_steps_it_redid(tmp_path, corpus_cache):
     # the recomputed steps, which come from what was logged.
     booked = ledger["productive_steps"] + ledger["recomputed_steps"]
     assert len(set(logged)) <= booked <= len(logged) + 2
-    assert ledger["attempts"] == 3 and ledger["seconds"]["downtime"] >= 0
+    assert ledger["attempts"] == 3 and ledger["seconds"]["downtime"] > 0
     assert ledger["seconds"]["checkpoint"] >= 5  # the hung save, until the watchdog fired
     assert (run / "goodput.png").stat().st_size > 0

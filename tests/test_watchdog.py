@@ -81,10 +81,6 @@ def _process(root: psutil.Process, process_id: int) -> psutil.Process:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="fails since the merge with the run lock and resume planning; not yet diagnosed",
-    strict=False,
-)
 def test_a_frozen_process_ends_the_job_and_the_relaunch_resumes_exactly(tmp_path, corpus_cache):
     run = tmp_path / "run"
     timeout = 8

@@ -318,8 +318,8 @@ class TrainConfig:
     sample_new_tokens: int = 200
     sample_temperature: float = 0.8
     # The hang watchdog ends a run that makes no step for hang_timeout_s (0: 20 median steps,
-    # at least 300 s), for hang_allowance_s while starting, restoring, compiling or evaluating,
-    # or for hang_checkpoint_s while blocked by a checkpoint save.
+    # at least 300 s), for hang_allowance_s while starting, restoring, compiling, evaluating or
+    # closing down, or for hang_checkpoint_s while blocked by a checkpoint save.
     watchdog: bool = True
     hang_timeout_s: float = 0.0
     hang_allowance_s: float = 1800.0

@@ -198,6 +198,12 @@ class DataIterator:
             return {key: v.numpy() for key, v in blocks[0].items()}
         return {key: np.concatenate([b[key].numpy() for b in blocks]) for key in blocks[0]}
 
+    def close(self) -> None:
+        """Ends the shards' tf.data iterators (and their background threads) now, rather than
+        whenever the last reference to this object goes; the iterator is spent afterwards."""
+        self._checkpoints.clear()
+        self._iterators.clear()
+
     def save(self, directory: str | os.PathLike) -> None:
         """Writes each owned shard's position under directory/shard_<k>/, and V."""
         for k in self.shards:
