@@ -29,8 +29,21 @@ def attention_mask(
     Assumes queries are the last T of the S key positions (T == S for training).
     """
     t, s = q_segment_ids_BxT.shape[-1], kv_segment_ids_BxS.shape[-1]
-    q_pos_Tx1 = jnp.arange(t)[:, None] + (s - t)
-    k_pos_1xS = jnp.arange(s)[None, :]
+    q_pos_T, kv_pos_S = jnp.arange(t) + (s - t), jnp.arange(s)
+    return position_mask(q_pos_T, kv_pos_S, q_segment_ids_BxT, kv_segment_ids_BxS, window)
+
+
+def position_mask(
+    q_pos_T: jax.Array,
+    kv_pos_S: jax.Array,
+    q_segment_ids_BxT: jax.Array,
+    kv_segment_ids_BxS: jax.Array,
+    window: int | None = None,
+) -> jax.Array:
+    """Boolean mask_Bx1xTxS from absolute positions: query t sees key s when kv_pos_S[s] <=
+    q_pos_T[t] (and, with a sliding window W, kv_pos_S[s] > q_pos_T[t] - W) and both are in
+    the same non-padding segment. The one mask of training, cached and ring-buffer decoding."""
+    q_pos_Tx1, k_pos_1xS = q_pos_T[:, None], kv_pos_S[None, :]
     causal_TxS = k_pos_1xS <= q_pos_Tx1
     if window is not None:
         causal_TxS &= q_pos_Tx1 - k_pos_1xS < window
@@ -176,15 +189,13 @@ def dot_product_attention(
             q, k, v, q_segment_ids_BxT, kv_segment_ids_BxS, window=window, softcap=softcap
         )
     mask_Bx1xTxS = attention_mask(q_segment_ids_BxT, kv_segment_ids_BxS, window)
-    if kernel == AttentionKernel.reference or softcap is not None:
-        return reference_attention(q, k, v, mask_Bx1xTxS, softcap=softcap)
-    if kernel == AttentionKernel.xla:
-        return jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xTxS, implementation="xla")
-    if kernel == AttentionKernel.cudnn:
+    if kernel == AttentionKernel.cudnn and softcap is None:
         # is_causal selects cuDNN's fused causal path; the mask adds the segment boundaries.
         return jax.nn.dot_product_attention(
             q, k, v, mask=mask_Bx1xTxS, is_causal=True, implementation="cudnn"
         )
+    if kernel in (AttentionKernel.reference, AttentionKernel.xla) or softcap is not None:
+        return masked_attention(q, k, v, mask_Bx1xTxS, kernel, softcap)
     raise ValueError(f"unknown attention kernel {kernel!r}")
 
 
@@ -203,12 +214,9 @@ def cached_attention(
     Query j (at absolute position start + j) sees cached position s <= start + j of its own
     non-padding segment; cache slots not yet written have segment 0 and are never seen.
     """
-    t, s = q_BxTxNxH.shape[1], k_cache_BxSxKxH.shape[1]
-    q_pos_T = start + jnp.arange(t)
-    causal_TxS = jnp.arange(s)[None, :] <= q_pos_T[:, None]
-    same_BxTxS = q_segment_ids_BxT[:, :, None] == kv_segment_ids_BxS[:, None, :]
-    real_Bx1xS = (kv_segment_ids_BxS != 0)[:, None, :]
-    mask_Bx1xTxS = (causal_TxS[None] & same_BxTxS & real_Bx1xS)[:, None]
+    q_pos_T = start + jnp.arange(q_BxTxNxH.shape[1])
+    kv_pos_S = jnp.arange(k_cache_BxSxKxH.shape[1])
+    mask_Bx1xTxS = position_mask(q_pos_T, kv_pos_S, q_segment_ids_BxT, kv_segment_ids_BxS)
     return masked_attention(
         q_BxTxNxH, k_cache_BxSxKxH, v_cache_BxSxKxH, mask_Bx1xTxS, kernel, softcap
     )
@@ -222,9 +230,12 @@ def masked_attention(
     kernel: AttentionKernel = AttentionKernel.xla,
     softcap: float | None = None,
 ) -> jax.Array:
-    """Decode-time attention under an explicit mask (the caches build their own masks)."""
+    """Attention under an explicit mask: the reference kernel when asked for or when logits
+    are soft-capped (XLA's and cuDNN's kernels cannot), else XLA's. The decode caches build
+    their own masks and use it directly."""
     q, k, v = q_BxTxNxH, k_BxSxKxH, v_BxSxKxH
     if kernel == AttentionKernel.reference or softcap is not None:
         return reference_attention(q, k, v, mask_Bx1xTxS, softcap=softcap)
-    # Decoding is memory-bound and its mask is not causal-from-zero: XLA serves every platform.
+    # Decoding is memory-bound and its mask is not causal-from-zero: XLA serves every platform
+    # (training reaches here for the xla kernel only).
     return jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xTxS, implementation="xla")

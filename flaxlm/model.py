@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from flaxlm.config import ModelConfig, Position, Remat, is_sparse_layer
 from flaxlm.layers import FeedForward, constrain, dtype_of, make_norm, normal_init
-from flaxlm.mesh import current_mesh
+from flaxlm.mesh import current_platform
 from flaxlm.moe import MOE_COLLECTION, MoeFeedForward
 from flaxlm.positions import sinusoidal_encoding
 from flaxlm.self_attention import Attention
@@ -93,13 +93,6 @@ class ScannedBlock(Block):
         return super().__call__(x_BxTxD, positions_BxT, segment_ids_BxT), None
 
 
-def _platform() -> str:
-    """The platform being compiled for: the enclosing mesh's (AOT compilation for TPU topologies
-    runs in a CPU process), else the default backend."""
-    mesh = current_mesh()
-    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
-
-
 @jax.custom_vjp
 def residual_grad_barrier(x: Array) -> Array:
     """The identity, whose gradient is materialised once where it crosses a block boundary.
@@ -152,7 +145,7 @@ def decoder_stack(
     if not cfg.scan_layers:
         for i in range(cfg.n_layers):
             # Only XLA:CPU has shown the problem; a conditional costs more on accelerators.
-            if cfg.residual_grad_barrier and not decode and _platform() == "cpu":
+            if cfg.residual_grad_barrier and not decode and current_platform() == "cpu":
                 x = residual_grad_barrier(x)
             sparse = is_sparse_layer(cfg.moe, i)
             x = block_cls(cfg, decode, layer_window(cfg, i), sparse, name=f"block_{i}")(
@@ -179,6 +172,19 @@ def _scan_groups(cfg: ModelConfig) -> list[tuple[str, int, bool]]:
     if not dense:
         return [("blocks", cfg.n_layers, cfg.moe.enabled)]
     return [("dense_blocks", dense, False), ("blocks", cfg.n_layers - dense, True)]
+
+
+def _embedding(cfg: ModelConfig, rows: int, row_axis: str | None, name: str) -> nn.Embed:
+    """A table of `rows` d_model-wide embeddings (tokens or learned positions), sharded as
+    (row_axis, embed)."""
+    return nn.Embed(
+        rows,
+        cfg.d_model,
+        dtype=dtype_of(cfg.dtype),
+        param_dtype=dtype_of(cfg.param_dtype),
+        embedding_init=nn.with_logical_partitioning(normal_init(cfg.init_std), (row_axis, "embed")),
+        name=name,
+    )
 
 
 class Transformer(nn.Module):
@@ -211,30 +217,12 @@ class Transformer(nn.Module):
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
 
-        embed = nn.Embed(
-            cfg.vocab_size,
-            cfg.d_model,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            embedding_init=nn.with_logical_partitioning(
-                normal_init(cfg.init_std), ("vocab", "embed")
-            ),
-            name="embed",
-        )
+        embed = _embedding(cfg, cfg.vocab_size, "vocab", "embed")
         x_BxTxD = embed(tokens)
         if cfg.embed_scale:  # Gemma: sqrt(d_model), rounded to the compute dtype as in Gemma
             x_BxTxD = x_BxTxD * jnp.asarray(math.sqrt(cfg.d_model), dtype)
         if cfg.position == Position.learned:
-            pos_table = nn.Embed(
-                cfg.max_seq_len,
-                cfg.d_model,
-                dtype=dtype,
-                param_dtype=param_dtype,
-                embedding_init=nn.with_logical_partitioning(
-                    normal_init(cfg.init_std), (None, "embed")
-                ),
-                name="pos_embed",
-            )
+            pos_table = _embedding(cfg, cfg.max_seq_len, None, "pos_embed")
             x_BxTxD = x_BxTxD + pos_table(positions)
         elif cfg.position == Position.sinusoidal:
             x_BxTxD = x_BxTxD + sinusoidal_encoding(positions, cfg.d_model).astype(dtype)

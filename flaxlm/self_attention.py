@@ -17,6 +17,7 @@ from flaxlm.attention import (
     cached_attention,
     dot_product_attention,
     masked_attention,
+    position_mask,
     reference_attention,
 )
 from flaxlm.config import ModelConfig, Position
@@ -182,10 +183,7 @@ class Attention(nn.Module):
         v_BxSxKxH = jnp.concatenate([v_cache.value, v_BxTxKxH.astype(v_cache.value.dtype)], 1)
         kv_seg_BxS = jnp.concatenate([segments.value, segment_ids_BxT], 1)
         kv_pos_S = jnp.concatenate([slot_pos.value, q_pos_T])
-        back_TxS = q_pos_T[:, None] - kv_pos_S[None, :]
-        local_TxS = (back_TxS >= 0) & (back_TxS < self.window)
-        same_BxTxS = segment_ids_BxT[:, :, None] == kv_seg_BxS[:, None, :]
-        mask_Bx1xTxS = (local_TxS[None] & same_BxTxS & (kv_seg_BxS != 0)[:, None, :])[:, None]
+        mask_Bx1xTxS = position_mask(q_pos_T, kv_pos_S, segment_ids_BxT, kv_seg_BxS, self.window)
         # The newest min(T, C) positions go to slots position % C (distinct: consecutive).
         keep = min(t, c)
         slots = (start + t - keep + jnp.arange(keep)) % c

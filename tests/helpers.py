@@ -43,6 +43,25 @@ def train_tiny(run_dir: Path, corpus_cache: str, *overrides: str, devices: int =
     )
 
 
+def patched_train(
+    run_dir: Path, corpus_cache: str, *overrides: str, patch: str = ""
+) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of `flaxlm train` on configs/tiny.yaml (2 CPU devices, every
+    step logged, no eval, sample or TensorBoard, a checkpoint every 5 steps) in a fresh Python
+    that first runs `patch`: code that monkeypatches flaxlm to stage a fault."""
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
+    )
+    args = [
+        "train", "--config", str(CONFIGS / "tiny.yaml"), f"train.run_dir={run_dir}",
+        f"data.cache_dir={corpus_cache}", "train.progress_bar=false", "train.log_every=1",
+        "train.eval_every=0", "train.sample_prompt=", "train.tensorboard=false",
+        "checkpoint.every_steps=5", *overrides,
+    ]  # fmt: skip
+    code = f"import sys, time\n{patch}\nfrom flaxlm.cli import main\nsys.exit(main(sys.argv[1:]))"
+    return [sys.executable, "-c", code, *args], env
+
+
 def train_losses(run_dir: Path) -> dict[int, float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in records if "loss" in r}

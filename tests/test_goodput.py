@@ -4,15 +4,13 @@ a restart had to compute again."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-from conftest import CONFIGS, REPO
-from helpers import flaxlm, train_losses
+from conftest import REPO
+from helpers import flaxlm, patched_train, train_losses
 
 from flaxlm import goodput
 
@@ -62,23 +60,9 @@ def test_the_process_start_time_is_exact_to_a_clock_tick():
 
 
 def _attempt(run_dir, corpus_cache, *overrides, patch: str = "") -> subprocess.Popen:
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
-    )
-    args = [
-        "train", "--config", str(CONFIGS / "tiny.yaml"), f"train.run_dir={run_dir}",
-        f"data.cache_dir={corpus_cache}", "train.progress_bar=false", "train.log_every=1",
-        "train.eval_every=0", "train.sample_prompt=", "train.tensorboard=false",
-        "train.steps=16", "checkpoint.every_steps=5", *overrides,
-    ]  # fmt: skip
-    code = f"import sys, time\n{patch}\nfrom flaxlm.cli import main\nsys.exit(main(sys.argv[1:]))"
+    cmd, env = patched_train(run_dir, corpus_cache, "train.steps=16", *overrides, patch=patch)
     return subprocess.Popen(
-        [sys.executable, "-c", code, *args],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 

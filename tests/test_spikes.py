@@ -4,13 +4,12 @@ that led to the spike, ending with the losses of a run that never had that data.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import CONFIGS, REPO
+from conftest import REPO
+from helpers import patched_train, train_losses
 
 from flaxlm import spikes
 
@@ -35,24 +34,12 @@ def test_the_stream_leaves_out_the_recorded_batches_from_a_restored_position():
 
 
 def _train(run_dir, corpus_cache, patch: str, *overrides: str) -> subprocess.CompletedProcess:
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
-    )
-    args = [
-        "train", "--config", str(CONFIGS / "tiny.yaml"), f"train.run_dir={run_dir}",
-        f"data.cache_dir={corpus_cache}", "train.progress_bar=false", "train.log_every=1",
-        "train.eval_every=0", "train.sample_prompt=", "train.tensorboard=false",
-        "train.steps=30", "checkpoint.every_steps=5", f"train.spike_factor={SPIKE_FACTOR}",
-        *overrides,
-    ]  # fmt: skip
-    code = (
-        "import sys\nimport numpy as np\nimport flaxlm.spikes as S\ndraw = S.BatchStream.__next__\n"
-        f"{patch}\nfrom flaxlm.cli import main\nsys.exit(main(sys.argv[1:]))"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, *args],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
+    patch = f"import numpy as np\nimport flaxlm.spikes as S\ndraw = S.BatchStream.__next__\n{patch}"
+    cmd, env = patched_train(
+        run_dir, corpus_cache, "train.steps=30", f"train.spike_factor={SPIKE_FACTOR}", *overrides,
+        patch=patch,
     )  # fmt: skip
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -81,12 +68,6 @@ S.BatchStream.__next__ = without
 """
 
 
-def _final_losses(run_dir) -> dict[int, float]:
-    """The last loss logged for each step (a rolled-back step is logged again)."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
-
-
 @pytest.mark.slow
 def test_rollback_ends_with_the_losses_of_a_run_without_the_bad_window(tmp_path, corpus_cache):
     rolled = tmp_path / "rollback"
@@ -101,7 +82,7 @@ def test_rollback_ends_with_the_losses_of_a_run_without_the_bad_window(tmp_path,
     assert skips["skipped_batches"] == [21, 22, 23, 24]
     assert skips["events"][0]["restored_step"] == 20
     assert "restored step 20" in proc.stderr
-    got, want = _final_losses(rolled), _final_losses(oracle)
+    got, want = train_losses(rolled), train_losses(oracle)
     print("rollback loss curve (steps 18..30):", {s: round(got[s], 5) for s in range(18, 31)})
     print("oracle loss curve   (steps 18..30):", {s: round(want[s], 5) for s in range(18, 31)})
     print("spike:", spike[0])

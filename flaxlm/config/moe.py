@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from flaxlm.config.enums import ConfigError, MoeDispatch, Router
+from flaxlm.config.checks import require, require_each
+from flaxlm.config.enums import MoeDispatch, Router
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,19 +62,12 @@ def expert_width(moe: MoeConfig, d_ff: int) -> int:
 
 def validate_moe(moe: MoeConfig, n_layers: int, scan_layers: bool) -> None:
     """Checks of model.moe that types cannot express; ConfigError names key, value and fix."""
-
-    def require(ok: bool, message: str) -> None:
-        if not ok:
-            raise ConfigError(message)
-
-    for key in ("num_experts", "num_shared_experts", "first_dense_layers"):
-        value = getattr(moe, key)
-        require(value >= 0, f"model.moe.{key}={value} must be >= 0")
+    counts = ("num_experts", "num_shared_experts", "first_dense_layers")
+    require_each(moe, "model.moe", counts, lambda v: v >= 0, "must be >= 0")
     if not moe.enabled:
         return
-    for key in ("experts_per_token", "every"):
-        value = getattr(moe, key)
-        require(value > 0, f"model.moe.{key}={value} must be positive")
+    sizes = ("experts_per_token", "every")
+    require_each(moe, "model.moe", sizes, lambda v: v > 0, "must be positive")
     require(
         moe.experts_per_token <= moe.num_experts,
         f"model.moe.experts_per_token={moe.experts_per_token} exceeds model.moe.num_experts="

@@ -13,6 +13,8 @@ import functools
 import typing
 from typing import Any
 
+from flaxlm.config.checks import require as _require
+from flaxlm.config.checks import require_each
 from flaxlm.config.enums import (
     BYTE_VOCAB_SIZE,
     AttentionKernel,
@@ -34,11 +36,6 @@ from flaxlm.config.schema import (
     SourceFields,
     TrainConfig,
 )
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
 
 
 def validate(cfg: Config) -> None:
@@ -84,9 +81,8 @@ def _validate_choices(cfg: Config) -> None:
 
 def _validate_model(m: ModelConfig, d: DataConfig) -> None:
     validate_moe(m.moe, m.n_layers, m.scan_layers)
-    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
-        value = getattr(m, key)
-        _require(value > 0, f"model.{key}={value} must be positive")
+    positive = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len")
+    require_each(m, "model", positive, lambda v: v > 0, "must be positive")
     _require(
         m.n_kv_heads is None or 0 < m.n_kv_heads <= m.n_heads,
         f"model.n_kv_heads={m.n_kv_heads} must be between 1 and model.n_heads={m.n_heads}",
@@ -123,12 +119,10 @@ def _validate_model(m: ModelConfig, d: DataConfig) -> None:
         "model.global_every alternates the attention of layers, which nn.scan cannot do; "
         "set model.scan_layers=false",
     )
-    for key in ("query_scale", "attn_logit_softcap", "final_logit_softcap"):
-        value = getattr(m, key)
-        _require(value is None or value > 0, f"model.{key}={value} must be positive or null")
-    for key in ("dropout_embed", "dropout_attn", "dropout_residual"):
-        rate = getattr(m, key)
-        _require(0.0 <= rate < 1.0, f"model.{key}={rate} must be in [0, 1)")
+    scales = ("query_scale", "attn_logit_softcap", "final_logit_softcap")
+    require_each(m, "model", scales, lambda v: v is None or v > 0, "must be positive or null")
+    dropouts = ("dropout_embed", "dropout_attn", "dropout_residual")
+    require_each(m, "model", dropouts, lambda rate: 0.0 <= rate < 1.0, "must be in [0, 1)")
     if m.attention == AttentionKernel.cudnn:
         _require(
             m.dtype in (DType.bfloat16, DType.float16),

@@ -155,7 +155,10 @@ def top_to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
     return out
 
 
-def layer_from_hf(t: Mapping[str, np.ndarray], p: str, cfg: ModelConfig) -> dict:
+def attention_from_hf(t: Mapping[str, np.ndarray], p: str, cfg: ModelConfig) -> dict:
+    """One decoder layer's params but its MLP: both norms and the attention (with its q/k/v
+    biases and q/k norms where cfg has them), from the tensors under prefix p. Shared with the
+    families that differ from Llama only in the MLP (Mixtral)."""
     d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
     a = f"{p}self_attn."
     attn = {
@@ -174,17 +177,14 @@ def layer_from_hf(t: Mapping[str, np.ndarray], p: str, cfg: ModelConfig) -> dict
         "attn_norm": {"scale": t[f"{p}input_layernorm.weight"]},
         "attn": attn,
         "mlp_norm": {"scale": t[f"{p}post_attention_layernorm.weight"]},
-        "mlp": {
-            "gate": {"kernel": t[f"{p}mlp.gate_proj.weight"].T},
-            "up": {"kernel": t[f"{p}mlp.up_proj.weight"].T},
-            "down": {"kernel": t[f"{p}mlp.down_proj.weight"].T},
-        },
     }
 
 
-def layer_to_hf(layer: dict, p: str, cfg: ModelConfig) -> dict[str, np.ndarray]:
+def attention_to_hf(layer: dict, p: str, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """The Hugging Face tensors of one decoder layer but its MLP (the inverse of
+    `attention_from_hf`)."""
     d = cfg.d_model
-    a, m = layer["attn"], layer["mlp"]
+    a = layer["attn"]
     out = {
         f"{p}input_layernorm.weight": layer["attn_norm"]["scale"],
         f"{p}self_attn.q_proj.weight": a["query"]["kernel"].reshape(d, -1).T,
@@ -192,9 +192,6 @@ def layer_to_hf(layer: dict, p: str, cfg: ModelConfig) -> dict[str, np.ndarray]:
         f"{p}self_attn.v_proj.weight": a["value"]["kernel"].reshape(d, -1).T,
         f"{p}self_attn.o_proj.weight": a["out"]["kernel"].reshape(-1, d).T,
         f"{p}post_attention_layernorm.weight": layer["mlp_norm"]["scale"],
-        f"{p}mlp.gate_proj.weight": m["gate"]["kernel"].T,
-        f"{p}mlp.up_proj.weight": m["up"]["kernel"].T,
-        f"{p}mlp.down_proj.weight": m["down"]["kernel"].T,
     }
     if cfg.qkv_bias:
         for name in ("query", "key", "value"):
@@ -203,3 +200,22 @@ def layer_to_hf(layer: dict, p: str, cfg: ModelConfig) -> dict[str, np.ndarray]:
         out[f"{p}self_attn.q_norm.weight"] = a["query_norm"]["scale"]
         out[f"{p}self_attn.k_norm.weight"] = a["key_norm"]["scale"]
     return out
+
+
+def layer_from_hf(t: Mapping[str, np.ndarray], p: str, cfg: ModelConfig) -> dict:
+    mlp = {
+        "gate": {"kernel": t[f"{p}mlp.gate_proj.weight"].T},
+        "up": {"kernel": t[f"{p}mlp.up_proj.weight"].T},
+        "down": {"kernel": t[f"{p}mlp.down_proj.weight"].T},
+    }
+    return {**attention_from_hf(t, p, cfg), "mlp": mlp}
+
+
+def layer_to_hf(layer: dict, p: str, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    m = layer["mlp"]
+    return {
+        **attention_to_hf(layer, p, cfg),
+        f"{p}mlp.gate_proj.weight": m["gate"]["kernel"].T,
+        f"{p}mlp.up_proj.weight": m["up"]["kernel"].T,
+        f"{p}mlp.down_proj.weight": m["down"]["kernel"].T,
+    }

@@ -88,46 +88,28 @@ def hf_config_fields(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def layer_from_hf(t: Mapping[str, np.ndarray], p: str, cfg: ModelConfig) -> dict:
-    """One decoder layer's flaxlm params from the tensors under prefix p (`model.layers.3.`)."""
-    d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
+    """One decoder layer's flaxlm params from the tensors under prefix p (`model.layers.3.`):
+    Llama's norms and attention, plus the router and the stacked experts."""
     moe = f"{p}block_sparse_moe."
     experts = range(cfg.moe.num_experts)
 
     def stacked(name: str):
         return np.stack([t[f"{moe}experts.{e}.{name}.weight"].T for e in experts])
 
-    return {
-        "attn_norm": {"scale": t[f"{p}input_layernorm.weight"]},
-        "attn": {
-            "query": {"kernel": t[f"{p}self_attn.q_proj.weight"].T.reshape(d, h, hd)},
-            "key": {"kernel": t[f"{p}self_attn.k_proj.weight"].T.reshape(d, kv, hd)},
-            "value": {"kernel": t[f"{p}self_attn.v_proj.weight"].T.reshape(d, kv, hd)},
-            "out": {"kernel": t[f"{p}self_attn.o_proj.weight"].T.reshape(h, hd, d)},
-        },
-        "mlp_norm": {"scale": t[f"{p}post_attention_layernorm.weight"]},
-        "mlp": {
-            "router": t[f"{moe}gate.weight"].T,
-            "gate": stacked("w1"),
-            "up": stacked("w3"),
-            "down": stacked("w2"),
-        },
+    mlp = {
+        "router": t[f"{moe}gate.weight"].T,
+        "gate": stacked("w1"),
+        "up": stacked("w3"),
+        "down": stacked("w2"),
     }
+    return {**llama.attention_from_hf(t, p, cfg), "mlp": mlp}
 
 
 def layer_to_hf(layer: dict, p: str, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """The Hugging Face tensors of one decoder layer (the inverse of `layer_from_hf`)."""
-    d = cfg.d_model
-    a, m = layer["attn"], layer["mlp"]
+    m = layer["mlp"]
     moe = f"{p}block_sparse_moe."
-    out = {
-        f"{p}input_layernorm.weight": layer["attn_norm"]["scale"],
-        f"{p}self_attn.q_proj.weight": a["query"]["kernel"].reshape(d, -1).T,
-        f"{p}self_attn.k_proj.weight": a["key"]["kernel"].reshape(d, -1).T,
-        f"{p}self_attn.v_proj.weight": a["value"]["kernel"].reshape(d, -1).T,
-        f"{p}self_attn.o_proj.weight": a["out"]["kernel"].reshape(-1, d).T,
-        f"{p}post_attention_layernorm.weight": layer["mlp_norm"]["scale"],
-        f"{moe}gate.weight": m["router"].T,
-    }
+    out = {**llama.attention_to_hf(layer, p, cfg), f"{moe}gate.weight": m["router"].T}
     for e in range(cfg.moe.num_experts):
         for hf_name, name in (("w1", "gate"), ("w3", "up"), ("w2", "down")):
             out[f"{moe}experts.{e}.{hf_name}.weight"] = m[name][e].T
