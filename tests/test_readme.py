@@ -25,8 +25,6 @@ import tomllib
 import pytest
 from conftest import REPO
 
-pytestmark = pytest.mark.slow
-
 README = (REPO / "README.md").read_text()
 TRAIN = [
     "train.steps=3", "train.log_every=1", "train.eval_every=3", "data.eval_batches=1",
@@ -137,6 +135,7 @@ def test_the_readme_has_the_blocks_this_test_runs():
     assert sum(len(commands(b)) for b in blocks) >= 20
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(bash_blocks())))
 def test_readme_block(index, workspace):
     cwd, env = workspace
@@ -159,3 +158,35 @@ def test_readme_block(index, workspace):
         assert "Traceback" not in proc.stderr, f"{command}\n{proc.stderr[-4000:]}"
         if command.startswith("flaxlm generate"):
             assert proc.stdout.startswith("Once upon a time")
+
+
+def yaml_blocks() -> list[str]:
+    return re.findall(r"^```yaml\n(.*?)^```", README, flags=re.S | re.M)
+
+
+def test_readme_config_snippets_are_valid_configs(tmp_path):
+    from omegaconf import OmegaConf
+
+    from flaxlm import config
+
+    quickstart, *snippets = yaml_blocks()
+    # The quickstart shown is the file shipped.
+    assert OmegaConf.create(quickstart) == OmegaConf.load(REPO / "configs" / "quickstart.yaml")
+    assert len(snippets) >= 3
+    for i, snippet in enumerate(snippets):
+        path = tmp_path / f"snippet{i}.yaml"
+        path.write_text(f"defaults: [{REPO / 'configs' / 'quickstart.yaml'}]\n{snippet}")
+        cfg = config.load(path)  # type-checked and validated, or ConfigError names the key
+        for key, value in _leaves(OmegaConf.to_container(OmegaConf.create(snippet))):
+            assert OmegaConf.select(OmegaConf.structured(cfg), key) == value, key
+
+
+def _leaves(tree, prefix: str = ""):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _leaves(v, f"{prefix}{k}.")
+    elif isinstance(tree, list) and any(isinstance(v, dict) for v in tree):
+        for i, v in enumerate(tree):
+            yield from _leaves(v, f"{prefix.rstrip('.')}[{i}].")
+    else:
+        yield prefix.rstrip("."), tree
