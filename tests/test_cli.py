@@ -43,6 +43,19 @@ def test_train_writes_the_run_directory(trained_run):
 
 
 @slow
+def test_the_run_throughput_leaves_out_the_compiling_window(trained_run):
+    run, proc = trained_run
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    seconds = [r["step_seconds"] for r in records if "loss" in r]
+    summary = json.loads((run / "summary.json").read_text())
+    # The first window (steps 1-5) holds the compilation; the median is of the windows after it.
+    assert summary["median_step_seconds"] == pytest.approx(sorted(seconds[1:])[1])
+    assert seconds[0] > sorted(seconds[1:])[1]  # compiling is slower than a steady window
+    reported = float(proc.stdout.split("throughput: ")[1].split(" tokens/s")[0].replace(",", ""))
+    assert reported == pytest.approx(summary["tokens_per_second"], abs=1)
+
+
+@slow
 def test_eval_prints_one_json_line(trained_run, corpus_cache):
     run, _ = trained_run
     proc = flaxlm("eval", "--checkpoint", str(run), f"data.cache_dir={corpus_cache}", devices=4)
