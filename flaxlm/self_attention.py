@@ -22,7 +22,7 @@ from flaxlm.attention import (
 )
 from flaxlm.config import ModelConfig, Position
 from flaxlm.layers import RMSNorm, constrain, dtype_of, normal_init
-from flaxlm.positions import apply_rope, rope_frequencies
+from flaxlm.positions import apply_rope, rope_attention_factor, rope_frequencies
 
 Array = jax.Array
 
@@ -70,9 +70,9 @@ class Attention(nn.Module):
             )
             q_BxTxNxH, k_BxTxKxH = norm("query_norm")(q_BxTxNxH), norm("key_norm")(k_BxTxKxH)
         if cfg.position == Position.rope:
-            inv_freq_R = rope_frequencies(cfg)
-            q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, inv_freq_R)
-            k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, inv_freq_R)
+            inv_freq_R, scale = rope_frequencies(cfg), rope_attention_factor(cfg)
+            q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, inv_freq_R, scale)
+            k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, inv_freq_R, scale)
         if cfg.query_scale is not None:  # the kernels divide by sqrt(head_dim): correct for it
             q_BxTxNxH = q_BxTxNxH * jnp.asarray(
                 math.sqrt(head_dim / cfg.query_scale), q_BxTxNxH.dtype

@@ -29,13 +29,22 @@ def _gpt2(tmp_path):
     return _save(transformers.GPT2LMHeadModel(cfg), tmp_path / "hf-gpt2")
 
 
+# Rope scalings, each stretching a context of 16 positions (the test rows have 40).
+ROPES = {
+    "none": {"rope_type": "default"},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+    # DeepSeek's YaRN: other ramp bounds and the attention factor as a ratio of temperatures.
+    "yarn-mscale": {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 16,
+                    "beta_fast": 16.0, "beta_slow": 2.0, "mscale": 1.0, "mscale_all_dim": 0.7},
+}  # fmt: skip
+
+
 def _llama(tmp_path, scaling=True, tie=False):
-    rope = {"rope_type": "default", "rope_theta": 10000.0}
-    if scaling:
-        rope = {
-            "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
-        }  # fmt: skip
+    kind = scaling if isinstance(scaling, str) else ("llama3" if scaling else "none")
+    rope = {**ROPES[kind], "rope_theta": 10000.0}
     cfg = transformers.LlamaConfig(
         vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -85,12 +94,16 @@ def test_gpt2_logits_match_transformers(tmp_path, scan):
     assert convert.family(cfg.model) == "gpt2"
 
 
-@pytest.mark.parametrize("scaling", [True, False])
+@pytest.mark.parametrize("scaling", list(ROPES))
 def test_llama_gqa_rope_scaling_logits_match_transformers(tmp_path, scaling):
     model, src = _llama(tmp_path, scaling=scaling)
     convert.from_hf(src, tmp_path / "run")
     cfg = _compare_logits(model, tmp_path / "run")
-    assert cfg.model.kv_heads == 2 and cfg.model.rope_scaling == ("llama3" if scaling else "none")
+    assert cfg.model.kv_heads == 2 and cfg.model.rope_scaling == scaling.split("-")[0]
+    # Exported, the scaling reads back into transformers as the same model.
+    convert.to_hf(tmp_path / "run", tmp_path / "exported")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    _compare_logits(reloaded, tmp_path / "run")
 
 
 @pytest.mark.parametrize("make", [_gpt2, lambda p: _llama(p, tie=True)])

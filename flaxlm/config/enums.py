@@ -38,6 +38,8 @@ class AttentionKernel(enum.StrEnum):
 class RopeScaling(enum.StrEnum):
     none = "none"
     llama3 = "llama3"  # Llama 3.1+ long-context frequency scaling
+    linear = "linear"  # position interpolation: every frequency divided by the factor
+    yarn = "yarn"  # YaRN: interpolate low frequencies, keep high ones, scale the attention
 
 
 class Remat(enum.StrEnum):

@@ -48,10 +48,15 @@ class ModelConfig:
     position: Position = Position.learned
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling = RopeScaling.none
-    rope_scaling_factor: float = 8.0
-    rope_low_freq_factor: float = 1.0
-    rope_high_freq_factor: float = 4.0
-    rope_original_max_len: int = 8192
+    rope_scaling_factor: float = 8.0  # llama3, linear, yarn: how much longer the context gets
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_original_max_len: int = 8192  # llama3, yarn: the context the model was trained at
+    # yarn: rotations per original context that bound the interpolated (slow) and kept (fast)
+    # frequency ranges, and the factor on cos/sin (null: 0.1 ln(factor) + 1, as in the paper).
+    rope_yarn_beta_fast: float = 32.0
+    rope_yarn_beta_slow: float = 1.0
+    rope_attention_factor: float | None = None
     tie_embeddings: bool = True
     use_bias: bool = True
     # Biases on the query/key/value projections only (Qwen2); use_bias puts them everywhere.

@@ -102,6 +102,11 @@ def _validate_model(m: ModelConfig, d: DataConfig) -> None:
             m.dim_per_head % 2 == 0,
             f"rotary embeddings need an even head_dim, got {m.dim_per_head}",
         )
+        _require(
+            m.rope_scaling == "none" or m.rope_scaling_factor >= 1,
+            f"model.rope_scaling_factor={m.rope_scaling_factor} must be >= 1 (how many times "
+            "longer the context gets)",
+        )
     if m.position == Position.sinusoidal:
         _require(
             m.d_model % 2 == 0, f"sinusoidal positions need an even model.d_model, got {m.d_model}"

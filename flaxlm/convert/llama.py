@@ -8,6 +8,7 @@ keeps per-head kernels (embed, heads, head_dim).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -58,9 +59,37 @@ def _rope_overrides(hf: dict[str, Any], kind: str) -> dict[str, Any]:
             rope_high_freq_factor=float(scaling["high_freq_factor"]),
             rope_original_max_len=int(scaling["original_max_position_embeddings"]),
         )
+    elif rope_type == "linear":
+        out.update(rope_scaling="linear", rope_scaling_factor=float(scaling["factor"]))
+    elif rope_type == "yarn":
+        out.update(_yarn_overrides(hf, scaling))
     elif rope_type not in ("default", None):
-        raise ConfigError(f"{kind} rope scaling {rope_type!r} is not supported (only llama3)")
+        raise ConfigError(
+            f"{kind} rope scaling {rope_type!r} is not supported (llama3, linear and yarn are)"
+        )
     return out
+
+
+def _yarn_overrides(hf: dict[str, Any], scaling: dict[str, Any]) -> dict[str, Any]:
+    old_len = int(scaling.get("original_max_position_embeddings") or hf["max_position_embeddings"])
+    factor = scaling.get("factor") or hf["max_position_embeddings"] / old_len
+    attention = scaling.get("attention_factor")
+    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if attention is None and mscale and mscale_all_dim and factor > 1:
+        # DeepSeek's form: a ratio of two temperatures; flaxlm stores the resulting factor.
+        attention = (0.1 * mscale * math.log(factor) + 1) / (
+            0.1 * mscale_all_dim * math.log(factor) + 1
+        )
+    if scaling.get("truncate", True) is False:
+        raise ConfigError("yarn rope scaling with truncate=false is not supported")
+    return {
+        "rope_scaling": "yarn",
+        "rope_scaling_factor": float(factor),
+        "rope_original_max_len": old_len,
+        "rope_yarn_beta_fast": float(scaling.get("beta_fast") or 32),
+        "rope_yarn_beta_slow": float(scaling.get("beta_slow") or 1),
+        "rope_attention_factor": None if attention is None else float(attention),
+    }
 
 
 def overrides_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
@@ -106,6 +135,20 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
             "high_freq_factor": cfg.rope_high_freq_factor,
             "original_max_position_embeddings": cfg.rope_original_max_len,
         }
+    elif cfg.rope_scaling == "linear":
+        rope = {"rope_type": "linear", "rope_theta": cfg.rope_theta}
+        rope["factor"] = cfg.rope_scaling_factor
+    elif cfg.rope_scaling == "yarn":
+        rope = {
+            "rope_type": "yarn",
+            "rope_theta": cfg.rope_theta,
+            "factor": cfg.rope_scaling_factor,
+            "original_max_position_embeddings": cfg.rope_original_max_len,
+            "beta_fast": cfg.rope_yarn_beta_fast,
+            "beta_slow": cfg.rope_yarn_beta_slow,
+        }
+        if cfg.rope_attention_factor is not None:
+            rope["attention_factor"] = cfg.rope_attention_factor
     out = {
         "architectures": [_ARCHITECTURES[kind]],
         "model_type": kind,
