@@ -75,6 +75,11 @@ def test_impossible_model_combinations():
         config.load(CONFIGS / "tiny.yaml", ["data.seq_len=128"])
     with pytest.raises(ConfigError, match=r"model\.vocab_size=100"):
         config.load(CONFIGS / "tiny.yaml", ["model.vocab_size=100"])
+    with pytest.raises(ConfigError, match=r"rope_scaling=yarn .* set model\.position=rope"):
+        config.load(CONFIGS / "tiny.yaml", ["model.rope_scaling=yarn"])  # learned positions
+    rope = ["model.position=rope", "model.rope_scaling=linear"]
+    with pytest.raises(ConfigError, match=r"rope_scaling_factor=0\.5 must be >= 1"):
+        config.load(CONFIGS / "tiny.yaml", [*rope, "model.rope_scaling_factor=0.5"])
 
 
 def test_override_without_equals_sign():

@@ -175,7 +175,11 @@ def test_readme_config_snippets_are_valid_configs(tmp_path):
     assert len(snippets) >= 3
     for i, snippet in enumerate(snippets):
         path = tmp_path / f"snippet{i}.yaml"
-        path.write_text(f"defaults: [{REPO / 'configs' / 'quickstart.yaml'}]\n{snippet}")
+        # Rope settings go on a rope model (a Llama); the others on the quickstart.
+        base = "models/llama-tiny.yaml" if "rope_" in snippet else "quickstart.yaml"
+        path.write_text(
+            f"defaults: [{REPO / 'configs' / 'base.yaml'}, {REPO / 'configs' / base}]\n{snippet}"
+        )
         cfg = config.load(path)  # type-checked and validated, or ConfigError names the key
         for key, value in _leaves(OmegaConf.to_container(OmegaConf.create(snippet))):
             assert OmegaConf.select(OmegaConf.structured(cfg), key) == value, key

@@ -97,6 +97,11 @@ def _validate_model(m: ModelConfig, d: DataConfig) -> None:
         f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}; "
         "set model.head_dim explicitly",
     )
+    _require(
+        m.rope_scaling == "none" or m.position == Position.rope,
+        f"model.rope_scaling={m.rope_scaling} scales rotary embeddings, but model.position="
+        f"{m.position}; set model.position=rope or model.rope_scaling=none",
+    )
     if m.position == Position.rope:
         _require(
             m.dim_per_head % 2 == 0,
