@@ -123,32 +123,28 @@ def overrides_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def hf_config(cfg: ModelConfig) -> dict[str, Any]:
-    kind = family_of(cfg)
-    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    if cfg.rope_scaling == "llama3":
-        rope = {
-            "rope_type": "llama3",
-            "rope_theta": cfg.rope_theta,
-            "factor": cfg.rope_scaling_factor,
-            "low_freq_factor": cfg.rope_low_freq_factor,
-            "high_freq_factor": cfg.rope_high_freq_factor,
-            "original_max_position_embeddings": cfg.rope_original_max_len,
-        }
-    elif cfg.rope_scaling == "linear":
-        rope = {"rope_type": "linear", "rope_theta": cfg.rope_theta}
+def _hf_rope(cfg: ModelConfig) -> dict[str, Any]:
+    """config.json's rope_parameters for cfg's rotary embedding and its scaling."""
+    kind = cfg.rope_scaling
+    rope: dict[str, Any] = {"rope_type": "default" if kind == "none" else str(kind)}
+    rope["rope_theta"] = cfg.rope_theta
+    if kind != "none":
         rope["factor"] = cfg.rope_scaling_factor
-    elif cfg.rope_scaling == "yarn":
-        rope = {
-            "rope_type": "yarn",
-            "rope_theta": cfg.rope_theta,
-            "factor": cfg.rope_scaling_factor,
-            "original_max_position_embeddings": cfg.rope_original_max_len,
-            "beta_fast": cfg.rope_yarn_beta_fast,
-            "beta_slow": cfg.rope_yarn_beta_slow,
-        }
+    if kind == "llama3":
+        rope["low_freq_factor"] = cfg.rope_low_freq_factor
+        rope["high_freq_factor"] = cfg.rope_high_freq_factor
+    if kind in ("llama3", "yarn"):
+        rope["original_max_position_embeddings"] = cfg.rope_original_max_len
+    if kind == "yarn":
+        rope["beta_fast"], rope["beta_slow"] = cfg.rope_yarn_beta_fast, cfg.rope_yarn_beta_slow
         if cfg.rope_attention_factor is not None:
             rope["attention_factor"] = cfg.rope_attention_factor
+    return rope
+
+
+def hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    kind = family_of(cfg)
+    rope = _hf_rope(cfg)
     out = {
         "architectures": [_ARCHITECTURES[kind]],
         "model_type": kind,
