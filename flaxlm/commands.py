@@ -283,31 +283,12 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     arg("--overwrite", action="store_true", help="rebuild a dataset already prepared there"),
 )
 def cmd_data_build_tfds(args: argparse.Namespace) -> None:
-    from flaxlm.data.tfds_builder import DEFAULT_NAME, build
+    from flaxlm.data.tfds_builder import build, train_overrides
 
-    path = build(
-        args.train_files,
-        args.data_dir,
-        args.eval_files,
-        args.text_field,
-        args.overwrite,
-        args.name,
-        args.version,
-    )
-    # The default version of flaxlm_text is found by name alone; any other needs NAME:VERSION.
-    name = (
-        args.name
-        if (args.name, args.version) == (DEFAULT_NAME, "1.0.0")
-        else f"{args.name}:{args.version}"
-    )
-    # Without --eval-files there is no `validation` split (the default data.eval_split).
-    split = ""
-    if not args.eval_files:
-        split = " data.eval_split=train (evaluates on training text; --eval-files holds some out)"
-    print(
-        f"wrote {path}; train with data.corpus=tfds data.tfds_name={name} "
-        f"data.tfds_data_dir={args.data_dir}{split}"
-    )
+    names = ("train_files", "data_dir", "eval_files", "text_field", "overwrite", "name", "version")
+    path = build(**{key: getattr(args, key) for key in names})
+    then = train_overrides(args.data_dir, args.name, args.version, bool(args.eval_files))
+    print(f"wrote {path}; train with {then}")
 
 
 @command("bench", "time the train step: tokens/s, MFU, memory (JSON)", config_file(), timing)

@@ -106,6 +106,17 @@ def builder_class(name: str = DEFAULT_NAME, version: str = str(FlaxlmText.VERSIO
     )
 
 
+def train_overrides(data_dir: str, name: str, version: str, with_eval: bool) -> str:
+    """The overrides that train on a dataset built here (what `build-tfds` suggests next)."""
+    # The default version of flaxlm_text is found by name alone; any other needs NAME:VERSION.
+    default = (name, version) == (DEFAULT_NAME, str(FlaxlmText.VERSION))
+    out = f"data.corpus=tfds data.tfds_name={name if default else f'{name}:{version}'} "
+    out += f"data.tfds_data_dir={data_dir}"
+    if not with_eval:  # no `validation` split, the default data.eval_split
+        out += " data.eval_split=train (evaluates on training text; --eval-files holds some out)"
+    return out
+
+
 def build(
     train_files: str,
     data_dir: str | os.PathLike,
