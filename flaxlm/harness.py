@@ -67,10 +67,7 @@ class FlaxLM(LM):
     ) -> None:
         self.cfg, self.trainer, self.params, self.step = trainer.cfg, trainer, params, step
         self.tokenizer = tokenizer
-        # A whole number of rows per batch shard of the mesh.
-        shards = _batch_shards(trainer)
-        size = int(batch_size) if str(batch_size).isdigit() else 8
-        self.batch_size = shards * math.ceil(size / shards)
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.max_length = self.cfg.model.max_seq_len
         byte = isinstance(self.tokenizer, ByteTokenizer)
         # The token every sequence starts from: BOS where the model was trained with one.
@@ -201,13 +198,6 @@ class FlaxLM(LM):
                 self.trainer.model, self.params, filled, max_new, sampling,
                 stop_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id, pad_to=width,
             )[: len(prompts)]  # fmt: skip
-
-
-def _batch_shards(trainer: Trainer) -> int:
-    """How many ways the mesh splits a batch (its batch axes' sizes multiplied)."""
-    axes = trainer.batch_sharding.spec[0] if trainer.batch_sharding.spec else None
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-    return math.prod(trainer.mesh.shape[a] for a in axes)
 
 
 def _cut(continuation: str, until: list[str]) -> str:
