@@ -7,6 +7,11 @@ or from the shell: `lm_eval --model flaxlm --model_args checkpoint=RUN_DIR --tas
 `--include_path` for local tasks (the module must be imported first; `python -m flaxlm.harness`
 runs lm_eval's command line with it registered).
 
+Training evaluates harness tasks on its parameters in memory through `FlaxLM.from_params`
+(`flaxlm.eval_tasks`). Scoring runs on any mesh and any number of processes (each process
+makes the same calls and reads the replicated scores); decoding (`generate_until`) runs in
+one process.
+
 Scoring pads requests to a few fixed lengths (multiples of 64) so that the jitted forward pass
 compiles a handful of times, not once per request.
 """
@@ -24,21 +29,44 @@ import numpy as np
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from flaxlm.data.tokenizer import ByteTokenizer
+from flaxlm.config import ConfigError
+from flaxlm.data.tokenizer import ByteTokenizer, Tokenizer
 from flaxlm.generate import SamplingConfig, generate
+from flaxlm.mesh import replicated
 from flaxlm.run_dir import load_run, load_tokenizer
+from flaxlm.train import Trainer
 
 _BUCKET = 64
 
 
 @register_model("flaxlm")
 class FlaxLM(LM):
+    """A flaxlm model for lm-eval: from a run directory (`FlaxLM(checkpoint=RUN_DIR)`, what
+    `model_args` builds) or from parameters in memory (`FlaxLM.from_params`, the training
+    loop's downstream evaluation)."""
+
     def __init__(self, checkpoint: str, step: int | None = None, batch_size: int | str = 8, **_):
         super().__init__()
-        self.cfg, self.trainer, self.params, self.step = load_run(
-            checkpoint, None if step is None else int(step)
-        )
-        self.tokenizer = load_tokenizer(checkpoint)
+        _, trainer, params, step = load_run(checkpoint, None if step is None else int(step))
+        self._attach(trainer, params, load_tokenizer(checkpoint), step, batch_size)
+
+    @classmethod
+    def from_params(
+        cls, trainer: Trainer, params: Any, tokenizer: Tokenizer, step: int = 0, batch_size: int = 8
+    ) -> FlaxLM:
+        """An adapter scoring `params` (arrays on trainer's mesh, as the train state holds them)
+        with trainer's model; set `.params` and `.step` to score newer ones with the same
+        compiled functions. On several processes every process must make the same calls."""
+        lm = cls.__new__(cls)
+        LM.__init__(lm)
+        lm._attach(trainer, params, tokenizer, step, batch_size)
+        return lm
+
+    def _attach(
+        self, trainer: Trainer, params: Any, tokenizer: Tokenizer, step: int, batch_size: int | str
+    ) -> None:
+        self.cfg, self.trainer, self.params, self.step = trainer.cfg, trainer, params, step
+        self.tokenizer = tokenizer
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.max_length = self.cfg.model.max_seq_len
         byte = isinstance(self.tokenizer, ByteTokenizer)
@@ -53,7 +81,8 @@ class FlaxLM(LM):
     def _score_fn(self):
         model = self.trainer.model
 
-        @jax.jit
+        # Replicated results: every process reads them whole, whatever the mesh.
+        @functools.partial(jax.jit, out_shardings=replicated(self.trainer.mesh))
         def score(params, tokens, segments):
             logits = model.apply({"params": params}, tokens, None, segments)
             logprobs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
@@ -63,6 +92,11 @@ class FlaxLM(LM):
             return picked, greedy
 
         return score
+
+    def _on_mesh(self, rows: np.ndarray) -> jax.Array:
+        """rows (the same on every process) as one array replicated over trainer's mesh."""
+        sharding = replicated(self.trainer.mesh)
+        return jax.make_array_from_callback(rows.shape, sharding, lambda index: rows[index])
 
     def _score(self, sequences: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Log-probability and greedy-match of every token after the first, per sequence."""
@@ -76,7 +110,9 @@ class FlaxLM(LM):
                 tokens[row, : len(seq)] = seq
                 segments[row, : len(seq)] = 1
             with self.trainer.context():
-                picked, greedy = jax.device_get(self._score_fn(self.params, tokens, segments))
+                picked, greedy = jax.device_get(
+                    self._score_fn(self.params, self._on_mesh(tokens), self._on_mesh(segments))
+                )
             for row, seq in enumerate(chunk):
                 out.append((picked[row, : len(seq) - 1], greedy[row, : len(seq) - 1]))
         return out
@@ -119,6 +155,12 @@ class FlaxLM(LM):
         """Continuations of the requests, decoded in batches of `batch_size` prompts of similar
         length; each batch is left-padded to a power-of-two width and filled to the full batch
         size, so one compiled decoder serves every batch of a width."""
+        if jax.process_count() > 1:
+            raise ConfigError(
+                "generate_until tasks run in one process (decoding is not multi-host); run "
+                "them on a checkpoint with `python -m flaxlm.harness`, or keep train.eval_tasks "
+                "to log-likelihood and multiple-choice tasks on a multi-host job"
+            )
         results: list[str] = [""] * len(requests)
         groups: dict[tuple[SamplingConfig, int], list[tuple[int, list[int], list[str]]]] = {}
         for index, request in enumerate(requests):

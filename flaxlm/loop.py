@@ -2,8 +2,10 @@
 
 `run(cfg)` trains for `train.steps` steps in `train.run_dir`. It resumes from the newest readable
 checkpoint there (state and data position; an unreadable one is moved aside), evaluates at the
-start, every `train.eval_every` steps and at the end, checkpoints every `checkpoint.every_steps`
-steps and at the end, and on SIGTERM (or JAX's preemption notice) saves and stops.
+start, every `train.eval_every` steps and at the end (and runs the lm-eval tasks of
+`train.eval_tasks` on their schedule: `flaxlm.eval_tasks`), checkpoints every
+`checkpoint.every_steps` steps and at the end, and on SIGTERM (or JAX's preemption notice) saves
+and stops.
 
 The loop is a small driver: `training_steps` dispatches the steps and yields each one, and the
 hooks of `flaxlm.hooks` (metrics and logging, evaluation, checkpoints, progress, preemption,
@@ -29,7 +31,7 @@ from typing import Any
 
 import jax
 
-from flaxlm import fs, hooks, resume, spikes
+from flaxlm import eval_tasks, fs, hooks, resume, spikes
 from flaxlm.checkpoint import Checkpointer
 from flaxlm.config import Config, SpikePolicy, to_dict
 from flaxlm.data import pipeline
@@ -128,6 +130,8 @@ class _Parts:
     watcher: PreemptionWatcher
     timekeeping: hooks.Timekeeping  # the hang watchdog and the goodput ledger
     domains: dict[str, Any]  # a mixture's components' eval sets by name ({} otherwise)
+    tasks: eval_tasks.TaskSet | None  # train.eval_tasks, checked
+    tokenizer: Any
 
 
 def run(cfg: Config) -> RunSummary:
@@ -140,13 +144,14 @@ def run(cfg: Config) -> RunSummary:
         return RunSummary.already_complete(plan.complete)
     cfg, t = plan.cfg, plan.cfg.train
     tokenizer = check_trainable(run_dir, cfg)
+    tasks = eval_tasks.prepare(t)  # an unknown task stops the run before it starts
     check_init_source(cfg)
     mesh = make_mesh(cfg)
     # Taken before anything writes to the directory (or cleans up its half-written saves).
     lock = RunLock(run_dir).acquire() if jax.process_index() == 0 else None
     watchdog = Watchdog(t, jax.process_index())
     try:
-        return _run_locked(cfg, run_dir, tokenizer, mesh, watchdog, started)
+        return _run_locked(cfg, run_dir, tokenizer, mesh, watchdog, started, tasks)
     finally:
         watchdog.close()
         if lock is not None:
@@ -154,7 +159,13 @@ def run(cfg: Config) -> RunSummary:
 
 
 def _run_locked(
-    cfg: Config, run_dir: Any, tokenizer: Any, mesh: Any, watchdog: Watchdog, started: float
+    cfg: Config,
+    run_dir: Any,
+    tokenizer: Any,
+    mesh: Any,
+    watchdog: Watchdog,
+    started: float,
+    tasks: eval_tasks.TaskSet | None,
 ) -> RunSummary:
     t = cfg.train
     write_run_files(run_dir, cfg, tokenizer)
@@ -177,8 +188,9 @@ def _run_locked(
         watchdog.before_exit.append(lambda: ledger.save(force=True))
         domains = domain_eval_sets(cfg.data, jax.process_index(), jax.process_count())
         parts = _Parts(
-            cfg, trainer, data, eval_set, checkpointer, writer, watcher, timekeeping, domains
-        )
+            cfg, trainer, data, eval_set, checkpointer, writer, watcher, timekeeping, domains,
+            tasks, tokenizer,
+        )  # fmt: skip
         return _train(parts, started)
     finally:
         # Closing is not a step: Orbax's last barrier waits for the slowest process and the data
@@ -218,6 +230,8 @@ def _train(p: _Parts, started: float) -> RunSummary:
     # evaluated, and a checkpoint is on its way before a preemption stops the run.
     on_step = [hooks.ReadMetrics(run), evaluation, checkpoint, hooks.Progress(progress), preemption]
     on_step.insert(1, p.timekeeping)  # right after the previous step's metrics are read
+    if p.tasks is not None:  # on the state of the step, before it is checkpointed
+        on_step.insert(3, eval_tasks.EvalTasks(p.trainer, p.tasks, p.tokenizer, p.writer, phase))
     profiler = hooks.Profiler(t.profile_steps, Path(t.run_dir))
     try:
         state = _run_steps(p, run, state, start, on_step, checkpoint.saves, profiler)

@@ -306,6 +306,13 @@ class TrainConfig:
     log_every: int = 10
     # 0 disables periodic evaluation (the run still evaluates at the start and the end).
     eval_every: int = 100
+    # lm-evaluation-harness tasks run on the training parameters (pip install flaxlm[harness]):
+    # task names, or paths of local task YAML files or directories of them (offline). They run
+    # every eval_tasks_every steps and at the last step (0: only at the last step), on the
+    # first eval_tasks_limit examples of each task (None: all).
+    eval_tasks: list[str] = dataclasses.field(default_factory=list)
+    eval_tasks_every: int = 0
+    eval_tasks_limit: int | None = None
     # Peak FLOP/s of one device for MFU; None uses a known table or measures a matmul on CPU.
     peak_flops_per_device: float | None = None
     progress_bar: bool = True

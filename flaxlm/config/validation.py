@@ -174,6 +174,7 @@ def _validate_train(t: TrainConfig) -> None:
     _require(t.log_every > 0, f"train.log_every={t.log_every} must be positive")
     _require(t.eval_every >= 0, f"train.eval_every={t.eval_every} must be >= 0")
     _require(t.spike_factor >= 0, f"train.spike_factor={t.spike_factor} must be >= 0")
+    _validate_eval_tasks(t)
     _require(
         t.hang_timeout_s >= 0,
         f"train.hang_timeout_s={t.hang_timeout_s} must be >= 0 (0: automatic; "
@@ -185,6 +186,16 @@ def _validate_train(t: TrainConfig) -> None:
         not t.profile_steps
         or (len(t.profile_steps) == 2 and 0 <= t.profile_steps[0] < t.profile_steps[1]),
         f"train.profile_steps={t.profile_steps} must be [] or [first, last) with first < last",
+    )
+
+
+def _validate_eval_tasks(t: TrainConfig) -> None:
+    """The harness tasks' schedule (their names and files are checked when training starts:
+    evaluating a finished run must not need them)."""
+    _require(t.eval_tasks_every >= 0, f"train.eval_tasks_every={t.eval_tasks_every} must be >= 0")
+    _require(
+        t.eval_tasks_limit is None or t.eval_tasks_limit > 0,
+        f"train.eval_tasks_limit={t.eval_tasks_limit} must be positive (or null: every example)",
     )
 
 
