@@ -43,9 +43,11 @@ TINY = {
     "flaxlm compile": ["model.n_layers=2", "data.seq_len=2048"],
     "flaxlm generate": [],
     "flaxlm convert": [],
+    "flaxlm scaling": [],  # its ladder is replaced by a smaller one (LADDERS)
     "flaxlm data build-tfds": [],
     "python benchmarks/vs_pytorch.py": ["--steps", "1", "--warmup", "1", "--repeats", "1",
-                                        "--curve-steps", "2", "--no-compile"],
+                                        "--curve-steps", "2", "--no-compile",
+                                        "--set", "data.seq_len=64", "data.global_batch_size=4"],
 }  # fmt: skip
 # The README's ladder with fewer budgets and models (a ladder composes another by defaults).
 LADDERS = {"configs/scaling/tiny-ladder.yaml": "small-ladder.yaml"}
