@@ -231,7 +231,8 @@ def _train(p: _Parts, started: float) -> RunSummary:
     on_step = [hooks.ReadMetrics(run), evaluation, checkpoint, hooks.Progress(progress), preemption]
     on_step.insert(1, p.timekeeping)  # right after the previous step's metrics are read
     if p.tasks is not None:  # on the state of the step, before it is checkpointed
-        on_step.insert(3, eval_tasks.EvalTasks(p.trainer, p.tasks, p.tokenizer, p.writer, phase))
+        tasks = eval_tasks.EvalTasks(p.trainer, p.tasks, p.tokenizer, p.writer, phase)
+        on_step.insert(on_step.index(checkpoint), tasks)
     profiler = hooks.Profiler(t.profile_steps, Path(t.run_dir))
     try:
         state = _run_steps(p, run, state, start, on_step, checkpoint.saves, profiler)
