@@ -31,7 +31,13 @@ class _Run:
         self.run.log({"step": step, **scalars})
 
     def finish(self) -> None:
+        import wandb
+
         self.run.finish()
+        # finish() hands the last records to W&B's service process, which writes them to
+        # the run's .wandb log afterwards; teardown waits for it, so the log is complete on
+        # disk (for `wandb sync`, a copy, the next attempt) when the writer is closed.
+        wandb.teardown()
 
 
 def open_wandb(run_dir: str | os.PathLike, cfg: WandbConfig, config: dict[str, Any]) -> _Run:
