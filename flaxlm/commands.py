@@ -291,6 +291,24 @@ def cmd_data_build_tfds(args: argparse.Namespace) -> None:
     print(f"wrote {path}; train with {then}")
 
 
+@command(
+    "data tokenize",
+    "tokenize a config's train split once into data.token_cache (read by index when training)",
+    config_file("YAML config file (its data.* is read)"),
+    arg("--overwrite", action="store_true", help="rebuild a cache already there"),
+)
+def cmd_data_tokenize(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    from flaxlm.data.token_cache import build
+
+    meta = build(cfg.data, args.overwrite, log=lambda line: print(line, file=sys.stderr))
+    tokens = sum(part["tokens"] for part in meta["sources"])
+    print(
+        f"wrote {tokens:,} tokens to {cfg.data.token_cache}; train with the same config and "
+        f"data.token_cache={cfg.data.token_cache}"
+    )
+
+
 @command("bench", "time the train step: tokens/s, MFU, memory (JSON)", config_file(), timing)
 def cmd_bench(args: argparse.Namespace) -> None:
     cfg = _config(args, join=True)

@@ -251,6 +251,11 @@ class DataConfig(SourceFields):
     # global batch in shard order. 0: the process count of the run that first starts (the value
     # used is saved with every checkpoint). Must be a multiple of the process count.
     num_shards: int = 0
+    # A token cache written by `flaxlm data tokenize` (local or gs://). When set, training reads
+    # its rows by index (flaxlm/data/indexed.py): a run resumes on any process count that
+    # divides the global batch, and its saved data position is a few integers. Unset: the
+    # streaming tf.data pipeline (any source, nothing to build first; data shards as above).
+    token_cache: str | None = None
     # Evaluation uses this many global batches of the eval split, always the same ones.
     eval_batches: int = 4
 

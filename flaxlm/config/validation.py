@@ -334,6 +334,12 @@ def _validate_data(d: DataConfig, m: ModelConfig) -> None:
             f"data.num_shards={d.num_shards} does not divide data.global_batch_size="
             f"{d.global_batch_size}; every data shard gives an equal block of rows",
         )
+    if d.token_cache:
+        _require(
+            not d.num_shards,
+            f"data.num_shards={d.num_shards} is for the streaming pipeline; with "
+            "data.token_cache the data order does not depend on shards (leave num_shards at 0)",
+        )
     if d.tokenizer == TokenizerKind.byte:
         _require(
             m.vocab_size >= BYTE_VOCAB_SIZE,

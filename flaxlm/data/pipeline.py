@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tensorflow as tf
@@ -27,6 +28,9 @@ from flaxlm.data import sources
 from flaxlm.data.packing import pack_documents
 from flaxlm.data.tokenize import tokenize_documents
 from flaxlm.data.tokenizer import Tokenizer, from_config
+
+if TYPE_CHECKING:
+    from flaxlm.data.indexed import IndexedIterator
 
 # TensorFlow only feeds data here: keep it off any accelerator that JAX is going to use.
 tf.config.set_visible_devices([], "GPU")
@@ -104,11 +108,16 @@ def train_iterator(
     process_index: int = 0,
     process_count: int = 1,
     num_shards: int | None = None,
-) -> DataIterator:
+) -> DataIterator | IndexedIterator:
     """The checkpointable iterator of this process's batches of the train split.
 
     num_shards: the V of a checkpoint being resumed; else data.num_shards, else process_count.
+    With data.token_cache set, the index-based iterator of the cache (no data shards).
     """
+    if cfg.token_cache:
+        from flaxlm.data.indexed import IndexedIterator
+
+        return IndexedIterator(cfg, seed, process_index, process_count)
     v = num_shards or cfg.num_shards or process_count
     check_shards(cfg, v)
     shards = owned_shards(v, process_index, process_count)
@@ -220,6 +229,11 @@ class DataIterator:
             raise ConfigError(
                 f"{directory} holds the positions of {saved} data shards, but this iterator "
                 f"has {self.num_shards}; build it with num_shards={saved}"
+            )
+        if (Path(directory) / "position.json").exists():
+            raise ConfigError(
+                f"{directory} holds the data position of a token cache (position.json): the "
+                "run was trained with data.token_cache; resume it with the same data.token_cache"
             )
         for k in self.shards:
             path = Path(directory) / f"shard_{k}"
