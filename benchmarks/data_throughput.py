@@ -7,23 +7,29 @@
    measures the tokens/s it consumes on this machine (the pipeline is not involved).
 2. Times the pipeline alone (train split, this process's batches, tokenized, packed, shuffled)
    for the byte tokenizer and for a SentencePiece model trained on the same corpus, after a
-   warm-up of a few batches.
-3. Prints one JSON line per tokenizer with tokens/s of each and the ratio pipeline / train step
-   (the target is at least 10), plus the padding fraction of the rows.
+   warm-up of a few batches; both loaders: the streaming tf.data pipeline, and the token cache
+   read by index (`flaxlm data tokenize`, built here into a temporary directory first).
+3. Prints one JSON line per tokenizer and loader with tokens/s of each and the ratio pipeline /
+   train step (the target is at least 10), the padding fraction of the rows, and the size of
+   the data position a checkpoint saves (the tf.data iterator with its shuffle buffer, or the
+   token cache's position.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import tempfile
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
 
 from flaxlm import config
-from flaxlm.data import packing, pipeline
+from flaxlm.data import packing, pipeline, token_cache
 from flaxlm.data.train_tokenizer import train_sentencepiece
 from flaxlm.mesh import make_mesh
 from flaxlm.train import Trainer
@@ -44,8 +50,9 @@ def train_tokens_per_second(cfg, steps: int) -> float:
     return steps * cfg.data.global_batch_size * cfg.data.seq_len / elapsed
 
 
-def pipeline_tokens_per_second(data_cfg, batches: int) -> tuple[float, float]:
-    it = iter(pipeline.train_dataset(data_cfg, seed=0).as_numpy_iterator())
+def pipeline_tokens_per_second(data_cfg, batches: int, saved: Path) -> tuple[float, float, int]:
+    """tokens/s and padding of the train iterator, and the bytes of its saved position."""
+    it = pipeline.train_iterator(data_cfg, seed=0)
     for _ in range(5):  # warm up: file reads, tokenizer loading, the shuffle buffer
         next(it)
     start = time.perf_counter()
@@ -54,8 +61,11 @@ def pipeline_tokens_per_second(data_cfg, batches: int) -> tuple[float, float]:
         batch = next(it)
         padding.append(packing.padding_fraction(batch))
     elapsed = time.perf_counter() - start
+    it.save(saved)
+    it.close()
+    size = sum(f.stat().st_size for f in saved.rglob("*") if f.is_file())
     tokens = batches * data_cfg.global_batch_size * data_cfg.seq_len
-    return tokens / elapsed, float(np.mean(padding))
+    return tokens / elapsed, float(np.mean(padding)), size
 
 
 def main() -> None:
@@ -74,19 +84,25 @@ def main() -> None:
             args.config,
             [*args.overrides, "data.tokenizer=sentencepiece", f"data.tokenizer_path={sp}"],
         )
-        for name, data_cfg in (("byte", cfg.data), ("sentencepiece", sp_cfg.data)):
-            rate, padding = pipeline_tokens_per_second(data_cfg, args.batches)
-            record = {
-                "config": args.config,
-                "tokenizer": name,
-                "pipeline_tokens_per_second": round(rate),
-                "train_step_tokens_per_second": round(train),
-                "ratio": round(rate / train, 1),
-                "padding_fraction": padding,
-                "devices": jax.device_count(),
-            }
-            print(json.dumps(record), flush=True)
-
+        for name, base in (("byte", cfg.data), ("sentencepiece", sp_cfg.data)):
+            cache = os.path.join(tmp, f"cache-{name}")
+            indexed = dataclasses.replace(base, token_cache=cache)
+            token_cache.build(indexed, log=lambda _: None)
+            for loader, data_cfg in (("stream", base), ("token_cache", indexed)):
+                saved = Path(tmp) / f"position-{name}-{loader}"
+                rate, padding, size = pipeline_tokens_per_second(data_cfg, args.batches, saved)
+                record = {
+                    "config": args.config,
+                    "tokenizer": name,
+                    "loader": loader,
+                    "pipeline_tokens_per_second": round(rate),
+                    "train_step_tokens_per_second": round(train),
+                    "ratio": round(rate / train, 1),
+                    "padding_fraction": padding,
+                    "data_state_bytes": size,
+                    "devices": jax.device_count(),
+                }
+                print(json.dumps(record), flush=True)
 
 if __name__ == "__main__":
     main()
