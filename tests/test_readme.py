@@ -45,6 +45,7 @@ TINY = {
     "flaxlm convert": [],
     "flaxlm scaling": [],  # its ladder is replaced by a smaller one (LADDERS)
     "flaxlm data build-tfds": [],
+    "flaxlm data tokenize": [],
     "python benchmarks/vs_pytorch.py": ["--steps", "1", "--warmup", "1", "--repeats", "1",
                                         "--curve-steps", "2", "--no-compile",
                                         "--set", "data.seq_len=64", "data.global_batch_size=4"],
