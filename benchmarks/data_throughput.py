@@ -104,5 +104,6 @@ def main() -> None:
                 }
                 print(json.dumps(record), flush=True)
 
+
 if __name__ == "__main__":
     main()

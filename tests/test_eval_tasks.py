@@ -118,3 +118,37 @@ def test_scores_keep_numbers_and_name_filters():
         {"t": {"alias": "t", "sample_len": 3, "acc,none": 0.5, "acc_stderr,none": "N/A", "em,s": 1}}
     )
     assert got == {"eval_task/t/acc": 0.5, "eval_task/t/em/s": 1.0}
+
+
+@pytest.mark.slow
+def test_two_processes_score_the_tasks_together_and_log_them_once(
+    tmp_path, corpus_cache, monkeypatch
+):
+    """Every process of a multi-host job takes part in the tasks' forward passes (the
+    parameters are sharded across both); the scores are logged once and equal the standalone
+    adapter's on the saved checkpoint."""
+    from helpers import flaxlm_processes
+    from lm_eval.tasks import TaskManager
+
+    from flaxlm.eval_tasks import TaskSet, evaluate_tasks
+    from flaxlm.harness import FlaxLM
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    tasks = _write_tasks(tmp_path / "tasks")
+    run = tmp_path / "run"
+    flaxlm_processes(
+        2, 4, "train", "--config", str(CONFIGS / "tiny.yaml"),
+        f"data.cache_dir={corpus_cache}", f"train.run_dir={run}", "train.steps=2",
+        "train.eval_every=0", "checkpoint.every_steps=2", "train.progress_bar=false",
+        "train.tensorboard=false", "train.sample_prompt=", f"train.eval_tasks=[{tasks}]",
+        "train.eval_tasks_every=2", "train.eval_tasks_limit=2",
+    )  # fmt: skip
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    scored = [r for r in records if any(k.startswith("eval_task/") for k in r)]
+    assert [r["step"] for r in scored] == [2]  # one record, from process 0
+    manager = TaskManager(include_path=str(tasks), include_defaults=False)
+    expected = evaluate_tasks(
+        FlaxLM(checkpoint=str(run), step=2), TaskSet(["tiny_choice", "tiny_rolling"], manager), 2
+    )
+    for key, value in expected.items():
+        assert scored[0][key] == pytest.approx(value, rel=1e-5), key
