@@ -191,3 +191,18 @@ def test_a_run_saved_by_one_process_resumes_on_two_with_the_same_losses(tmp_path
     assert sorted(got) == list(range(1, 7))
     for step in (4, 5, 6):
         np.testing.assert_allclose(got[step], want[step], rtol=2e-5, err_msg=f"step {step}")
+
+
+def test_a_tfds_source_is_cached_document_for_document(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    cfg = _cfg(
+        tmp_path, "data.corpus=tfds", "data.tfds_name=lm1b", f"data.tfds_data_dir={tmp_path}/tfds"
+    )
+    with tfds.testing.mock_data(num_examples=16, data_dir=str(tmp_path / "tfds")):
+        meta = token_cache.build(cfg.data, log=lambda _: None)
+        texts = [x["text"] for x in tfds.load("lm1b", split="train").as_numpy_iterator()]
+    tok = ByteTokenizer()
+    docs = [tok.encode(t.decode("utf-8", "replace"), True, True) for t in texts if t]
+    assert meta["sources"][0]["documents"] == len(docs) > 0
+    flat = np.fromfile(tmp_path / "cache" / "source_0.tokens", np.uint16)
+    np.testing.assert_array_equal(flat, np.concatenate(docs))
