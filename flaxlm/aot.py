@@ -17,7 +17,7 @@ from typing import Any
 
 import jax
 
-from flaxlm import memory, xla_stats
+from flaxlm import memory, step_cost, xla_stats
 from flaxlm.config import Config, ConfigError
 from flaxlm.flops import (
     TPU_GENERATIONS,
@@ -96,6 +96,9 @@ def compile_report(cfg: Config, topology: str, num_slices: int = 1) -> dict[str,
             raise
         compiled_mem, error, cost = None, str(e).splitlines()[0], {}
     compile_seconds = time.perf_counter() - started
+    step, how = cost, "the compiled step"
+    if error is None and step_cost.has_loops(cfg):
+        step, how = step_cost.step_cost(cfg, mesh)
     n_params = analytic_param_count(cfg.model)
     tokens = cfg.data.global_batch_size * cfg.data.seq_len
     analytic_flops = flops_per_step(cfg, n_params)
@@ -115,8 +118,12 @@ def compile_report(cfg: Config, topology: str, num_slices: int = 1) -> dict[str,
         "hbm_per_device_gib": hbm,
         "fits": compiled_mem is not None and compiled_mem["total_gib"] <= hbm,
         "error": error,
+        # As compiled: a loop body (scanned layers, micro-batches) counted once.
         "xla_flops_per_device": float(cost.get("flops", 0.0)),
-        **_xla_step_estimate(cfg, cost),
+        # The whole step, loops counted by their trip counts (flaxlm/step_cost.py).
+        "xla_step_flops_per_device": step.get("flops"),
+        "xla_step_bytes_per_device": step.get("bytes_accessed"),
+        **_xla_step_estimate(step, how, analytic_flops / peak),
         "analytic_flops_per_step": analytic_flops,
         # The step time if every chip ran at its bf16 peak: a floor, for planning.
         "step_seconds_at_peak": analytic_flops / peak,
@@ -124,22 +131,11 @@ def compile_report(cfg: Config, topology: str, num_slices: int = 1) -> dict[str,
     }
 
 
-def _xla_step_estimate(cfg: Config, cost: dict[str, float]) -> dict[str, Any]:
-    """XLA's own step-time estimate where it means something, else None and the reason.
-
-    XLA's cost analysis counts a loop body once: with scanned layers or micro-batches its
-    FLOPs and time cover about one iteration, so neither is a step's. On v5e and v6e
-    libtpu gives a negative time, which is no estimate at all.
-    """
-    seconds = cost.get("optimal_seconds")
-    loops = cfg.model.scan_layers or cfg.optimizer.grad_accum_steps > 1
+def _xla_step_estimate(step: dict[str, float], how: str, seconds_at_peak: float) -> dict:
+    """XLA's own step-time estimate (and the MFU it implies) where it means something, else
+    None and the reason: on v5e and v6e libtpu gives a negative time, which is no estimate."""
+    seconds = step.get("optimal_seconds")
     if seconds is None or seconds <= 0:
         why = "XLA gives no step-time estimate for this TPU generation"
-    elif loops:
-        why = (
-            "the program loops (scanned layers or micro-batches) and XLA counts a loop body "
-            "once; compile with model.scan_layers=false and grad_accum_steps=1 for an estimate"
-        )
-    else:
-        return {"xla_step_seconds": seconds, "xla_estimate": "whole step"}
-    return {"xla_step_seconds": None, "xla_estimate": f"unavailable: {why}"}
+        return {"xla_step_seconds": None, "xla_mfu": None, "xla_estimate": f"unavailable: {why}"}
+    return {"xla_step_seconds": seconds, "xla_mfu": seconds_at_peak / seconds, "xla_estimate": how}

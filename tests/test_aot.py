@@ -30,7 +30,8 @@ def test_compile_report_for_a_small_topology(tiny_cfg):
     xla_total = fsdp["xla_flops_per_device"] * fsdp["devices"]
     assert xla_total == pytest.approx(fsdp["analytic_flops_per_step"], rel=0.1)
     # Unrolled layers, no micro-batches: XLA's estimate covers the whole step.
-    assert fsdp["xla_estimate"] == "whole step" and fsdp["xla_step_seconds"] > 0
+    assert fsdp["xla_estimate"] == "the compiled step" and fsdp["xla_step_seconds"] > 0
+    assert fsdp["xla_step_flops_per_device"] == fsdp["xla_flops_per_device"]
 
     # Replicating the state (pure data parallel) must cost about 4x the state memory per device.
     dp = aot.compile_report(tiny_cfg(*TILED, "mesh.data=4"), "v5e:2x2")
@@ -39,12 +40,22 @@ def test_compile_report_for_a_small_topology(tiny_cfg):
     assert dp["memory_per_device"]["arguments_gib"] > 3 * mem["arguments_gib"]
 
 
-def test_xla_step_estimate_is_unavailable_for_loops_and_negative_times(tiny_cfg):
-    unrolled, scanned = tiny_cfg(), tiny_cfg("model.scan_layers=true")
-    assert aot._xla_step_estimate(unrolled, {"optimal_seconds": 0.5})["xla_step_seconds"] == 0.5
-    for cfg, cost in [(scanned, {"optimal_seconds": 0.5}), (unrolled, {"optimal_seconds": -2.0})]:
-        report = aot._xla_step_estimate(cfg, cost)
-        assert report["xla_step_seconds"] is None
+def test_a_scanned_model_reports_the_flops_of_its_whole_step(tiny_cfg):
+    layers = (*TILED, "model.n_layers=4")
+    unrolled = aot.compile_report(tiny_cfg(*layers), "v5e:2x2")
+    scanned = aot.compile_report(tiny_cfg(*layers, "model.scan_layers=true"), "v5e:2x2")
+    want = unrolled["xla_step_flops_per_device"]
+    assert scanned["xla_flops_per_device"] < 0.6 * want  # the loop body, counted once
+    assert scanned["xla_step_flops_per_device"] == pytest.approx(want, rel=0.02)
+    assert scanned["xla_estimate"].startswith(("extrapolated", "unavailable"))
+
+
+def test_xla_step_estimate_is_given_only_where_xla_has_one():
+    seconds = aot._xla_step_estimate({"optimal_seconds": 0.5}, "the compiled step", 0.25)
+    assert seconds == {"xla_step_seconds": 0.5, "xla_mfu": 0.5, "xla_estimate": "the compiled step"}
+    for cost in ({"optimal_seconds": -2.0}, {"flops": 1.0}):
+        report = aot._xla_step_estimate(cost, "the compiled step", 0.25)
+        assert report["xla_step_seconds"] is None and report["xla_mfu"] is None
         assert report["xla_estimate"].startswith("unavailable")
 
 
