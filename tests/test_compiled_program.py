@@ -138,3 +138,19 @@ def test_norm_parameters_are_replicated(tiny_cfg, family):
         assert all(axes is None for axes in sharding.spec), jax.tree_util.keystr(path)
     # The rest of the model is still sharded over FSDP.
     assert any("fsdp" in str(s.spec) for _, s in shardings)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_the_tied_table_is_gathered_once_per_step_not_per_layer(tiny_cfg, scan):
+    """GPT-2's embedding table is also its output projection; sharded over FSDP, it must be
+    gathered for the step (the forward and, at most, again for the backward), never inside
+    the layers' loop or once per layer."""
+    trainer = _tpu_trainer(
+        tiny_cfg, "v5e:2x2", "model.vocab_size=384", "model.n_layers=6", "model.remat=full",
+        f"model.scan_layers={str(scan).lower()}", family="gpt2",
+    )  # fmt: skip
+    assert trainer.cfg.model.tie_embeddings
+    text = trainer.compile_step().as_text()
+    table = re.compile(r"= bf16\[(?:384,256|256,384)\]\S* all-gather(?:-start)?\(.*channel_id=(\d+)")
+    gathers = {m.group(1) for m in map(table.search, text.splitlines()) if m}
+    assert 1 <= len(gathers) <= 2, gathers
