@@ -13,6 +13,7 @@
                     [--max-bytes N] [key.sub=value ...]
     flaxlm data build-tfds --train-files GLOB [--eval-files GLOB] --data-dir DIR
                     [--name N] [--version V] [--text-field NAME] [--overwrite]
+    flaxlm data tokenize --config C data.token_cache=DIR [--overwrite] [key.sub=value ...]
     flaxlm bench    --config configs/X.yaml [--steps N] [--warmup N] [key.sub=value ...]
     flaxlm sweep    mesh --config C --meshes 1x1x1 8x1x1 ... [--per-device-batch B] [--out DIR]
                     [--steps N] [--warmup N] [key.sub=value ...]
@@ -37,7 +38,10 @@ import os
 import sys
 from typing import Any
 
-from flaxlm import __version__
+from flaxlm import (
+    __version__,
+    data_commands,  # noqa: F401  (registers the data tools' commands)
+)
 from flaxlm.commands import COMMANDS
 
 
