@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import CONFIGS
+from gcs_emulator import gcs  # noqa: F401 - the fixture
 from helpers import flaxlm, flaxlm_processes, train_losses
 
 from flaxlm import config
@@ -206,3 +207,19 @@ def test_a_tfds_source_is_cached_document_for_document(tmp_path):
     assert meta["sources"][0]["documents"] == len(docs) > 0
     flat = np.fromfile(tmp_path / "cache" / "source_0.tokens", np.uint16)
     np.testing.assert_array_equal(flat, np.concatenate(docs))
+
+
+@pytest.mark.slow
+def test_a_cache_on_an_object_store_reads_the_same_rows(tmp_path, gcs):  # noqa: F811
+    _write_source(tmp_path / "docs", "docs", 4)
+    files = ("data.corpus=files", f"data.train_files={tmp_path}/docs/*.jsonl")
+    local = _cfg(tmp_path, *files)
+    remote = _cfg(tmp_path, *files, "data.token_cache=gs://flaxlm-test/token-cache")
+    for cfg in (local, remote):
+        token_cache.build(cfg.data, log=lambda _: None)
+    a, b = IndexedIterator(local.data, 3), IndexedIterator(remote.data, 3)
+    for step in range(5):
+        want, got = next(a), next(b)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=f"batch {step} {key}")
+    b.close()
