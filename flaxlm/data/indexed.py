@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -88,8 +89,6 @@ class IndexedIterator:
         self.weights = weights / weights.sum()
         self.step = 0  # batches drawn
         self.consumed = [0] * len(parts)  # rows drawn from each component
-        self.num_shards = None  # no data shards: the position is independent of the processes
-        self.shards: list[int] = []
 
     def __iter__(self) -> IndexedIterator:
         return self
@@ -126,7 +125,7 @@ class IndexedIterator:
         out = [self.cache.row(int(s), int(r)) for s, r in zip(mine, index, strict=True)]
         return {key: np.stack([r[key] for r in out]) for key in out[0]}
 
-    def position(self) -> dict:
+    def position(self) -> dict[str, Any]:
         return {
             "batches": self.step,
             "rows_consumed": list(self.consumed),
