@@ -239,7 +239,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     arg("--step", type=int, default=None, help="to-hf: checkpoint step"),
     arg("--dtype", default=None, help="to-hf: float32, bfloat16, ... (default: the params')"),
     arg("--max-shard-size", type=int, default=5 * 2**30, help="to-hf: bytes per file at most"),
-    overrides("from-hf: key.sub=value for the run config"),
+    overrides("key.sub=value: from-hf, for the run config; to-hf, e.g. distributed.*"),
 )
 def cmd_convert(args: argparse.Namespace) -> None:
     from flaxlm import convert
@@ -248,8 +248,11 @@ def cmd_convert(args: argparse.Namespace) -> None:
         cfg = convert.from_hf(args.src, args.dst, args.overrides)
         print(f"wrote {args.dst}: {convert.family(cfg.model)} model, checkpoint at step 0")
     else:
-        step, files = convert.to_hf(args.src, args.dst, args.step, args.dtype, args.max_shard_size)
-        print(f"wrote {args.dst}: config.json, {', '.join(files)} and the tokenizer of step {step}")
+        step, files = convert.to_hf(
+            args.src, args.dst, args.step, args.dtype, args.max_shard_size, args.overrides
+        )
+        written = ", ".join(files)
+        _result(f"wrote {args.dst}: config.json, {written} and the tokenizer of step {step}")
 
 
 @command("bench", "time the train step: tokens/s, MFU, memory (JSON)", config_file(), timing)

@@ -40,8 +40,8 @@ def test_safetensors_writer_and_lazy_reader_round_trip(tmp_path):
     assert load_file(tmp_path / files[0])["a"].dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_sharded_bf16_checkpoint_converts_both_ways_bit_for_bit(tmp_path, scan):
+def _random_qwen2(directory):
+    """A random bfloat16 Qwen2 saved as several safetensors shards; returns the model."""
     cfg = transformers.Qwen2Config(
         vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -52,8 +52,23 @@ def test_sharded_bf16_checkpoint_converts_both_ways_bit_for_bit(tmp_path, scan):
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(tmp_path / "hf", max_shard_size="60KB")
-    assert (tmp_path / "hf" / INDEX).is_file()
+    model.save_pretrained(directory, max_shard_size="60KB")
+    assert (directory / INDEX).is_file()
+    return model
+
+
+def _assert_same_model(directory, model):
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(directory)
+    original = model.state_dict()
+    assert set(reloaded.state_dict()) == set(original)
+    for name, value in reloaded.state_dict().items():
+        assert value.dtype == torch.bfloat16, name
+        assert torch.equal(value, original[name]), name
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_sharded_bf16_checkpoint_converts_both_ways_bit_for_bit(tmp_path, scan):
+    model = _random_qwen2(tmp_path / "hf")
 
     convert.from_hf(tmp_path / "hf", tmp_path / "run", [f"model.scan_layers={scan}"])
     run_cfg, _, params, _ = load_run(tmp_path / "run")
@@ -62,13 +77,25 @@ def test_sharded_bf16_checkpoint_converts_both_ways_bit_for_bit(tmp_path, scan):
 
     _, files = convert.to_hf(tmp_path / "run", tmp_path / "out", max_shard_bytes=60_000)
     assert len(files) > 1 and (tmp_path / "out" / INDEX).is_file()
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    original = model.state_dict()
-    assert set(reloaded.state_dict()) == set(original)
-    for name, value in reloaded.state_dict().items():
-        assert value.dtype == torch.bfloat16, name
-        assert torch.equal(value, original[name]), name
+    _assert_same_model(tmp_path / "out", model)
 
     _, files = convert.to_hf(tmp_path / "run", tmp_path / "f32", dtype="float32")
     assert files == ["model.safetensors"]
     assert LazySafetensors(tmp_path / "f32")["lm_head.weight"].dtype == np.float32
+
+
+@pytest.mark.slow
+def test_a_two_process_job_exports_the_model_it_shards_across_both(tmp_path):
+    """Each process holds half of every parameter (FSDP over both processes' devices); the
+    layers are gathered one at a time and written once, bit for bit."""
+    from helpers import flaxlm_processes
+
+    model = _random_qwen2(tmp_path / "hf")
+    convert.from_hf(tmp_path / "hf", tmp_path / "run", ["model.scan_layers=true"])
+    out = tmp_path / "out"
+    procs = flaxlm_processes(
+        2, 2, "convert", "to-hf", "--max-shard-size", "60000", str(tmp_path / "run"), str(out)
+    )
+    assert procs[0].stdout.count("wrote") == 1 and procs[1].stdout == ""
+    assert (out / INDEX).is_file()
+    _assert_same_model(out, model)

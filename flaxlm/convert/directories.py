@@ -8,6 +8,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 
 from flaxlm import config as config_lib
 from flaxlm import fs
@@ -91,24 +92,32 @@ def to_hf(
     step: int | None = None,
     dtype: str | None = None,
     max_shard_bytes: int = 5 * 2**30,
+    overrides: list[str] | tuple[str, ...] = (),
 ) -> tuple[int, list[str]]:
     """Writes a run's parameters as a Hugging Face model directory: safetensors shards of at
     most max_shard_bytes (with model.safetensors.index.json when there are several) in `dtype`
     (default: the parameters' own), converted one layer at a time, and the run's tokenizer (a
     byte-level `tokenizer.json` for a byte run, `tokenizer.model` for a SentencePiece one).
-    Returns the exported step and the files."""
+    In a multi-process job (`distributed.*` overrides, or a pod) every process gathers each
+    layer in turn and the first one writes. Returns the exported step and the files."""
     from flaxlm.data.tokenizer import SENTENCEPIECE_FILE
     from flaxlm.run_dir import TOKENIZER_DIR, copy_tokenizer_files, load_run
 
     run_dir = fs.as_path(run_dir)
-    cfg, _, params, step = load_run(run_dir, step, [])
+    cfg, _, params, step = load_run(run_dir, step, overrides)
     out_dtype = jnp.dtype(dtype or cfg.model.param_dtype)
     config = hf_config(cfg.model)
     config["torch_dtype"] = config["dtype"] = out_dtype.name
+    tensors = hf_tensors(params, cfg.model, out_dtype)
+    if jax.process_index() != 0:
+        for _ in tensors:  # the gathers are collective: take part, write nothing
+            pass
+        multihost_utils.sync_global_devices("flaxlm to-hf written")
+        return step, []
     with fs.staged(dst) as local:
         local.mkdir(parents=True, exist_ok=True)
         (local / "config.json").write_text(json.dumps(config, indent=2))
-        files = write_sharded(hf_tensors(params, cfg.model, out_dtype), local, max_shard_bytes)
+        files = write_sharded(tensors, local, max_shard_bytes)
         if cfg.data.tokenizer == "byte":
             write_byte_tokenizer(local)
         elif cfg.data.tokenizer == "sentencepiece":
@@ -116,4 +125,6 @@ def to_hf(
             for warning in write_sentencepiece_tokenizer(model, local):
                 print(f"warning: {warning}", file=sys.stderr)
     copy_tokenizer_files(run_dir / TOKENIZER_DIR, dst)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("flaxlm to-hf written")
     return step, files

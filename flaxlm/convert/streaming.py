@@ -108,6 +108,12 @@ def hf_tensors(params: dict, cfg: ModelConfig, dtype: np.dtype) -> Iterator[tupl
     family = module_for(cfg)
 
     def fetch(tree):
+        if jax.process_count() > 1:
+            # A multi-process job: every process takes part in gathering this layer's shards
+            # (one layer at a time, so no host ever holds the model).
+            from jax.experimental import multihost_utils
+
+            tree = multihost_utils.process_allgather(tree, tiled=True)
         return jax.tree.map(lambda x: np.asarray(jax.device_get(x)).astype(dtype), tree)
 
     top = fetch({k: v for k, v in params.items() if k != "blocks" and not k.startswith("block_")})
