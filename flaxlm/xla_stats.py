@@ -77,7 +77,8 @@ def _result_bytes(kind: str, start: bool, shape: str) -> int:
         return sum(sizes)
     if kind == "collective-permute":
         arrays = _ARRAY.findall(shape)
-        sizes = [n for n, (dtype, dims) in zip(sizes, arrays, strict=True) if dims or dtype != "u32"]
+        pairs = zip(sizes, arrays, strict=True)
+        sizes = [n for n, (dtype, dims) in pairs if dims or dtype != "u32"]
     return sum(sizes[len(sizes) // 2 :])
 
 
