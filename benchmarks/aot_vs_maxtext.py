@@ -38,7 +38,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DRIVER = Path(__file__).resolve().parent / "maxtext_aot_driver.py"
 DEFAULT_VENV = Path.home() / ".cache" / "flaxlm" / "maxtext-venv"
 PYTHON_312 = Path.home() / ".pyenv" / "versions" / "3.12.1" / "bin" / "python"
-MAXTEXT = "maxtext[tpu]==0.2.5"
+# MaxText asks for libtpu>=0.0.46 and gets the newest, which rejects the Mosaic kernels of the
+# jax it installs ("no such field: 'debug_locations'"): jax[tpu] pins its own libtpu.
+MAXTEXT = ("maxtext[tpu]==0.2.5", "jax[tpu]==0.12.0.1")
 GiB = 1024**3
 
 
@@ -91,7 +93,7 @@ def setup_venv(venv: Path) -> None:
     python = venv / "bin" / "python"
     if not python.exists():
         subprocess.run([str(PYTHON_312), "-m", "venv", str(venv)], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "--prefer-binary", MAXTEXT], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "--prefer-binary", *MAXTEXT], check=True)
 
 
 def maxtext_python(venv: Path) -> Path:
@@ -278,6 +280,7 @@ def measure(side: str, row: Row, layers: int, scan: bool, opts: argparse.Namespa
         "cost_is": how,
         "raw_tflops": round(r["cost"].get("flops", 0) / 1e12, 2),
         "collectives": xla_stats.collective_stats(hlo.read_text()),
+        "hlo": str(hlo),
         "compile_seconds": round(r["compile_seconds"]),
         "versions": r["versions"],
     }
@@ -352,9 +355,12 @@ def main() -> None:
     parser.add_argument("--sides", default="flaxlm,maxtext")
     parser.add_argument("--no-correct", dest="correct", action="store_false")
     parser.add_argument("--workdir", type=Path, help="where the HLO texts go (default: a tmp dir)")
+    parser.add_argument("--table", type=Path, help="print the table of the JSON lines in a file")
     opts = parser.parse_args()
     if opts.worker:
         return flaxlm_worker(json.loads(opts.worker))
+    if opts.table:
+        return print(table(_reread(opts.table)))
     if opts.setup:
         return setup_venv(opts.venv)
     sides = opts.sides.split(",")
@@ -377,6 +383,17 @@ def main() -> None:
                 print(json.dumps(record), flush=True)
                 records.append(record)
     print(table(records))
+
+
+def _reread(path: Path) -> list[dict]:
+    """Records printed before, with the collectives read again from their HLO where it is kept."""
+    from flaxlm import xla_stats
+
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+    for r in records:
+        if Path(r.get("hlo", "")).is_file():
+            r["collectives"] = xla_stats.collective_stats(Path(r["hlo"]).read_text())
+    return records
 
 
 def _full_depth(row: Row) -> int:
