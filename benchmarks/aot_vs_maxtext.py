@@ -147,6 +147,9 @@ def maxtext_compile(python: Path, row: Row, layers: int, scan: bool, hlo: Path) 
     env = _env()
     # MaxText's packaged code should not see flaxlm's tree on its path.
     env.pop("PYTHONPATH", None)
+    # This jax attaches the Mosaic kernels' debug locations in a field that libtpu's
+    # compiler rejects ("no such field: 'debug_locations'").
+    env["JAX_MOSAIC_UNZIP_DEBUG_LOCATIONS"] = "false"
     result = _run_json([str(python), str(DRIVER), str(hlo), *args], env, "AOT_RESULT ")
     if "error" in result:
         return result
