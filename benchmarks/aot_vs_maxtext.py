@@ -38,9 +38,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DRIVER = Path(__file__).resolve().parent / "maxtext_aot_driver.py"
 DEFAULT_VENV = Path.home() / ".cache" / "flaxlm" / "maxtext-venv"
 PYTHON_312 = Path.home() / ".pyenv" / "versions" / "3.12.1" / "bin" / "python"
-# MaxText asks for libtpu>=0.0.46 and gets the newest, which rejects the Mosaic kernels of the
-# jax it installs ("no such field: 'debug_locations'"): jax[tpu] pins its own libtpu.
-MAXTEXT = ("maxtext[tpu]==0.2.5", "jax[tpu]==0.12.0.1")
+# As resolved on 2026-12-02: jax 0.12.0.1, libtpu 0.0.52 (the libtpu that jax[tpu] pins,
+# 0.0.50, cannot read this jaxlib's Mosaic bytecode: "unknown attribute code: 23").
+MAXTEXT = ("maxtext[tpu]==0.2.5", "jax==0.12.0.1", "libtpu==0.0.52")
 GiB = 1024**3
 
 
