@@ -38,9 +38,10 @@ ROOT = Path(__file__).resolve().parent.parent
 DRIVER = Path(__file__).resolve().parent / "maxtext_aot_driver.py"
 DEFAULT_VENV = Path.home() / ".cache" / "flaxlm" / "maxtext-venv"
 PYTHON_312 = Path.home() / ".pyenv" / "versions" / "3.12.1" / "bin" / "python"
-# As resolved on 2026-12-02: jax 0.12.0.1, libtpu 0.0.52 (the libtpu that jax[tpu] pins,
-# 0.0.50, cannot read this jaxlib's Mosaic bytecode: "unknown attribute code: 23").
-MAXTEXT = ("maxtext[tpu]==0.2.5", "jax==0.12.0.1", "libtpu==0.0.52")
+# MaxText resolves jax 0.12.0.1 and libtpu 0.0.52, which cannot compile its splash kernel at
+# 8K ("no such field: 'debug_locations'"; with libtpu 0.0.50, "unknown attribute code: 23"):
+# jax[tpu] 0.11.2 with the libtpu it pins (0.0.48.1) does.
+MAXTEXT = ("maxtext[tpu]==0.2.5", "jax[tpu]==0.11.2")
 GiB = 1024**3
 
 
@@ -142,14 +143,12 @@ def maxtext_compile(python: Path, row: Row, layers: int, scan: bool, hlo: Path) 
         "ici_fsdp_parallelism=-1",
         "enable_checkpointing=false",
         "run_name=aot_vs_maxtext",
+        "jax_cache_dir=",  # no persistent cache: a cached program cannot be read back here
         "base_output_directory=" + str(hlo.parent / "maxtext_out"),
     ]
     env = _env()
     # MaxText's packaged code should not see flaxlm's tree on its path.
     env.pop("PYTHONPATH", None)
-    # This jax attaches the Mosaic kernels' debug locations in a field that libtpu's
-    # compiler rejects ("no such field: 'debug_locations'").
-    env["JAX_MOSAIC_UNZIP_DEBUG_LOCATIONS"] = "false"
     result = _run_json([str(python), str(DRIVER), str(hlo), *args], env, "AOT_RESULT ")
     if "error" in result:
         return result
