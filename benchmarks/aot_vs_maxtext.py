@@ -38,9 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DRIVER = Path(__file__).resolve().parent / "maxtext_aot_driver.py"
 DEFAULT_VENV = Path.home() / ".cache" / "flaxlm" / "maxtext-venv"
 PYTHON_312 = Path.home() / ".pyenv" / "versions" / "3.12.1" / "bin" / "python"
-# MaxText resolves jax 0.12.0.1 and libtpu 0.0.52, which cannot compile its splash kernel at
-# 8K ("no such field: 'debug_locations'"; with libtpu 0.0.50, "unknown attribute code: 23"):
-# jax[tpu] 0.11.2 with the libtpu it pins (0.0.48.1) does.
+# jax[tpu] pins the libtpu of its jax (0.11.2: libtpu 0.0.48.1), the versions measured here.
 MAXTEXT = ("maxtext[tpu]==0.2.5", "jax[tpu]==0.11.2")
 GiB = 1024**3
 
@@ -149,6 +147,10 @@ def maxtext_compile(python: Path, row: Row, layers: int, scan: bool, hlo: Path) 
     env = _env()
     # MaxText's packaged code should not see flaxlm's tree on its path.
     env.pop("PYTHONPATH", None)
+    # Importing flaxlm's jax pointed these at flaxlm's own libtpu: MaxText's must load its own
+    # (another libtpu cannot read its Mosaic kernels: "unknown attribute code: 23").
+    for name in ("TPU_LIBRARY_PATH", "TPU_HOST_BOUNDS"):
+        env.pop(name, None)
     result = _run_json([str(python), str(DRIVER), str(hlo), *args], env, "AOT_RESULT ")
     if "error" in result:
         return result
