@@ -61,8 +61,8 @@ class Row:
 _LLAMA_FL = ("model.attention=splash",)
 _LLAMA_MT = ("model_name=llama3-8b", "attention=flash")
 # Measured so far: the llama3-8b/v5p rows (benchmarks/RESULTS.md); the v6e and GPT-2 rows
-# have not been compiled yet. MaxText has no GPT-2: its gpt3 block (learned positions, LayerNorm with bias, GELU MLP,
-# tied embeddings) at GPT-2 XL's sizes. No dropout on either side.
+# have not been compiled yet. MaxText has no GPT-2: its gpt3 block (learned positions,
+# LayerNorm with bias, GELU MLP, tied embeddings) at GPT-2 XL's sizes. No dropout either side.
 _GPT2_FL = ("model.dropout_embed=0", "model.dropout_attn=0", "model.dropout_residual=0")
 _GPT2_MT = (
     "model_name=gpt3-6b",
