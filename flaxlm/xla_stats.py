@@ -68,6 +68,20 @@ def _array_bytes(shape: str) -> list[int]:
     return sizes
 
 
+def _result_bytes(kind: str, start: bool, shape: str) -> int:
+    """Bytes a collective delivers. An async start's result is (operands, results) and, for a
+    collective-permute, two u32[] scalars of context: the results are the second half of the
+    arrays once the scalars are dropped (combined collectives carry several of each)."""
+    sizes = _array_bytes(shape)
+    if not start or kind == "all-reduce":
+        return sum(sizes)
+    if kind == "collective-permute":
+        arrays = _ARRAY.findall(shape)
+        pairs = zip(sizes, arrays, strict=True)
+        sizes = [n for n, (dtype, dims) in pairs if dims or dtype != "u32"]
+    return sum(sizes[len(sizes) // 2 :])
+
+
 def collective_stats(hlo_text: str) -> dict[str, dict[str, int]]:
     """Collectives of a compiled program's HLO text, by kind: {"count", "bytes"} per device
     (bytes of each collective's result). XLA may copy a collective into several computations
@@ -84,9 +98,7 @@ def collective_stats(hlo_text: str) -> dict[str, dict[str, int]]:
         if key in seen:
             continue
         seen.add(key)
-        sizes = _array_bytes(match["shape"])
-        # An async start's result is (operand, result): the result is the last array.
-        nbytes = sizes[-1] if match["start"] and kind != "all-reduce" else sum(sizes)
+        nbytes = _result_bytes(kind, bool(match["start"]), match["shape"])
         entry = stats.setdefault(kind, {"count": 0, "bytes": 0})
         entry["count"] += 1
         entry["bytes"] += nbytes

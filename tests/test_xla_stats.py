@@ -32,3 +32,24 @@ def test_chips_by_generation_and_by_device_kind():
     # v4 in a topology description: two devices per chip share its peak and its HBM.
     assert find_chip("v4").per_device(2.0) == (275e12 / 2, 16)
     assert find_chip("v5e").per_device() == (197e12, 16)
+
+
+# Lines as libtpu prints them in a compiled program (shapes shortened to the ones that matter).
+_HLO = """
+  %ag = (bf16[512,128]{1,0}, bf16[4096,128]{1,0}) all-gather-start(%p), channel_id=1, dims={0}
+  %agd = bf16[4096,128]{1,0} all-gather-done(%ag), channel_id=1
+  %cp = (bf16[1,512,32,128]{3,1,0,2}, bf16[1,512,32,128]{3,1,0,2}, u32[]{:S(2)}, u32[]{:S(2)}) collective-permute-start(%x), channel_id=8, source_target_pairs={{0,1},{1,0}}
+  %agc = ((f32[8]{0}, f32[16]{0}), (f32[64]{0}, f32[128]{0})) all-gather-start(%a, %b), channel_id=3
+  %ar = f32[1000]{0} all-reduce(%g), channel_id=2, to_apply=%add
+  ROOT %rs = bf16[256]{0} reduce-scatter(%h), channel_id=4, dimensions={0}
+"""  # noqa: E501
+
+
+def test_collective_stats_count_the_results_of_async_collectives():
+    stats = xla_stats.collective_stats(_HLO)
+    # The start forms deliver their results (the second half of the arrays), not the context
+    # scalars of a collective-permute or only the last of a combined all-gather's results.
+    assert stats["collective-permute"] == {"count": 1, "bytes": 512 * 32 * 128 * 2}
+    assert stats["all-gather"] == {"count": 2, "bytes": 4096 * 128 * 2 + (64 + 128) * 4}
+    assert stats["all-reduce"] == {"count": 1, "bytes": 4000}
+    assert stats["reduce-scatter"] == {"count": 1, "bytes": 512}
