@@ -109,22 +109,22 @@ def to_hf(
     config = hf_config(cfg.model)
     config["torch_dtype"] = config["dtype"] = out_dtype.name
     tensors = hf_tensors(params, cfg.model, out_dtype)
+    files: list[str] = []
     if jax.process_index() != 0:
         for _ in tensors:  # the gathers are collective: take part, write nothing
             pass
-        multihost_utils.sync_global_devices("flaxlm to-hf written")
-        return step, []
-    with fs.staged(dst) as local:
-        local.mkdir(parents=True, exist_ok=True)
-        (local / "config.json").write_text(json.dumps(config, indent=2))
-        files = write_sharded(tensors, local, max_shard_bytes)
-        if cfg.data.tokenizer == "byte":
-            write_byte_tokenizer(local)
-        elif cfg.data.tokenizer == "sentencepiece":
-            model = fs.local_copy(run_dir / TOKENIZER_DIR / SENTENCEPIECE_FILE)
-            for warning in write_sentencepiece_tokenizer(model, local):
-                print(f"warning: {warning}", file=sys.stderr)
-    copy_tokenizer_files(run_dir / TOKENIZER_DIR, dst)
-    if jax.process_count() > 1:
+    else:
+        with fs.staged(dst) as local:
+            local.mkdir(parents=True, exist_ok=True)
+            (local / "config.json").write_text(json.dumps(config, indent=2))
+            files = write_sharded(tensors, local, max_shard_bytes)
+            if cfg.data.tokenizer == "byte":
+                write_byte_tokenizer(local)
+            elif cfg.data.tokenizer == "sentencepiece":
+                model = fs.local_copy(run_dir / TOKENIZER_DIR / SENTENCEPIECE_FILE)
+                for warning in write_sentencepiece_tokenizer(model, local):
+                    print(f"warning: {warning}", file=sys.stderr)
+        copy_tokenizer_files(run_dir / TOKENIZER_DIR, dst)
+    if jax.process_count() > 1:  # no process leaves before the files are written
         multihost_utils.sync_global_devices("flaxlm to-hf written")
     return step, files

@@ -18,19 +18,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import tensorflow as tf
 
 from flaxlm.config import ConfigError, DataConfig
 from flaxlm.data import sources
+from flaxlm.data.indexed import POSITION_FILE, IndexedIterator
 from flaxlm.data.packing import pack_documents
 from flaxlm.data.tokenize import tokenize_documents
 from flaxlm.data.tokenizer import Tokenizer, from_config
-
-if TYPE_CHECKING:
-    from flaxlm.data.indexed import IndexedIterator
 
 # TensorFlow only feeds data here: keep it off any accelerator that JAX is going to use.
 tf.config.set_visible_devices([], "GPU")
@@ -115,8 +112,6 @@ def train_iterator(
     With data.token_cache set, the index-based iterator of the cache (no data shards).
     """
     if cfg.token_cache:
-        from flaxlm.data.indexed import IndexedIterator
-
         return IndexedIterator(cfg, seed, process_index, process_count)
     v = num_shards or cfg.num_shards or process_count
     check_shards(cfg, v)
@@ -230,9 +225,9 @@ class DataIterator:
                 f"{directory} holds the positions of {saved} data shards, but this iterator "
                 f"has {self.num_shards}; build it with num_shards={saved}"
             )
-        if (Path(directory) / "position.json").exists():
+        if (Path(directory) / POSITION_FILE).exists():
             raise ConfigError(
-                f"{directory} holds the data position of a token cache (position.json): the "
+                f"{directory} holds the data position of a token cache ({POSITION_FILE}): the "
                 "run was trained with data.token_cache; resume it with the same data.token_cache"
             )
         for k in self.shards:

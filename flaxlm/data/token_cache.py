@@ -75,28 +75,25 @@ def build(cfg: DataConfig, overwrite: bool = False, log=print) -> dict[str, Any]
         (root / META).unlink()  # an interrupted rebuild must not look complete
     tok = from_config(cfg)
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
+    on_disk = dtype.newbyteorder(_ENDIAN)
     parts = []
     for i, (src, _, where) in enumerate(sources.components(cfg)):
         started = time.perf_counter()
         docs = _train_documents(src, cfg.cache_dir, where)
         docs = tokenize_documents(docs, tok, cfg.add_bos, cfg.add_eos, with_bytes=False)
-        tokens = documents = 0
-        with (
-            (root / f"source_{i}.tokens").open("wb") as tf_,
-            (root / f"source_{i}.starts").open("wb") as sf,
-        ):
+        starts, tokens = [], 0
+        with (root / f"source_{i}.tokens").open("wb") as f:
             for doc in docs.as_numpy_iterator():
-                ids = doc["ids"]
-                sf.write(np.array([tokens], _ENDIAN + "i8").tobytes())
-                tf_.write(ids.astype(dtype.newbyteorder(_ENDIAN)).tobytes())
-                tokens += len(ids)
-                documents += 1
-        if not documents:
+                starts.append(tokens)
+                f.write(doc["ids"].astype(on_disk).tobytes())
+                tokens += len(doc["ids"])
+        if not starts:
             raise ConfigError(f"{where}: the train split holds no non-empty document")
+        (root / f"source_{i}.starts").write_bytes(np.array(starts, _ENDIAN + "i8").tobytes())
         name = getattr(src, "name", None) or f"source_{i}"
-        parts.append({"name": name, "tokens": tokens, "documents": documents})
+        parts.append({"name": name, "tokens": tokens, "documents": len(starts)})
         log(
-            f"{where}: {documents:,} documents, {tokens:,} tokens "
+            f"{where}: {len(starts):,} documents, {tokens:,} tokens "
             f"({time.perf_counter() - started:.1f} s)"
         )
     meta = {"format": FORMAT, "dtype": dtype.name, "sources": parts, **_tokenizer_key(cfg)}
@@ -162,15 +159,14 @@ class TokenCache:
                 f"the token cache {root} holds {len(meta['sources'])} sources, but the config "
                 f"has {len(components)}; rebuild it for this config (flaxlm data tokenize)"
             )
-        self.root = root
-        self.meta = meta
         self.seq_len = cfg.seq_len
+        self.tokens_per_source = [part["tokens"] for part in meta["sources"]]
+        self.rows_per_source = [n // cfg.seq_len for n in self.tokens_per_source]
         self.packing = cfg.packing
         dtype = np.dtype(meta["dtype"])
         self._sources = []
         for i, part in enumerate(meta["sources"]):
-            with (root / f"source_{i}.starts").open("rb") as f:
-                starts = np.frombuffer(f.read(), _ENDIAN + "i8")
+            starts = np.frombuffer((root / f"source_{i}.starts").read_bytes(), _ENDIAN + "i8")
             if len(starts) != part["documents"]:
                 raise ConfigError(
                     f"{root}/source_{i}.starts holds {len(starts)} documents, {META} says "
@@ -182,17 +178,9 @@ class TokenCache:
         for i, n in enumerate(self.rows_per_source):
             if n == 0:
                 raise ConfigError(
-                    f"component {i} of the token cache has {meta['sources'][i]['tokens']} tokens, "
+                    f"component {i} of the token cache has {self.tokens_per_source[i]} tokens, "
                     f"fewer than one row of data.seq_len={cfg.seq_len}; add data or shorten rows"
                 )
-
-    @property
-    def rows_per_source(self) -> list[int]:
-        return [part["tokens"] // self.seq_len for part in self.meta["sources"]]
-
-    @property
-    def tokens_per_source(self) -> list[int]:
-        return [part["tokens"] for part in self.meta["sources"]]
 
     def row(self, source: int, index: int) -> dict[str, np.ndarray]:
         """Row `index` of a component: tokens, segment_ids and positions (int32)."""
