@@ -2,7 +2,9 @@
 
 Activations carry the logical axis `length`, which the rules map to the `context` mesh axis, so
 every device holds T / C positions of each of its rows (C = the axis size) and the memory of
-activations falls by C. Attention is the one place where positions meet: each layer all-gathers
+activations falls by C. Parameters are split over the context axis too (the `embed` rule:
+FSDP over fsdp x context), so that a long row spread over C chips does not leave each of them
+a whole copy of the model. Attention is the one place where positions meet: each layer all-gathers
 the keys and values over the axis (GSPMD inserts the all-gather where attention asks for them
 whole, and a reduce-scatter of their gradients), while queries stay split.
 
@@ -20,19 +22,23 @@ Decoding (one new position at a time) never reorders.
 
 from __future__ import annotations
 
+import math
+
+import flax.linen as nn
 import numpy as np
 
 from flaxlm.mesh import current_mesh
 
-AXIS = "context"
-
 
 def context_shards() -> int:
-    """The size of the context axis of the mesh being traced under (1 outside a mesh)."""
-    mesh = current_mesh()
-    if mesh is None or AXIS not in mesh.shape:
+    """Into how many shards the mesh being traced under splits each row: the product of the
+    mesh axes that the logical axis `length` maps to (1 outside a mesh or rules context)."""
+    mesh, rules = current_mesh(), nn.get_logical_axis_rules()
+    if mesh is None or not rules:
         return 1
-    return mesh.shape[AXIS]
+    axes = nn.logical_to_mesh_axes(("length",), rules)[0]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return math.prod(mesh.shape[a] for a in axes)
 
 
 def load_balanced_order(length: int, shards: int | None = None) -> np.ndarray | None:

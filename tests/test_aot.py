@@ -17,7 +17,13 @@ TILED = ("data.global_batch_size=16", "model.d_model=256", "model.d_ff=1024", "m
 def test_compile_report_for_a_small_topology(tiny_cfg):
     cfg = tiny_cfg(*TILED)
     fsdp = aot.compile_report(cfg, "v5e:2x2")
-    assert fsdp["devices"] == 4 and fsdp["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1, "expert": 1}
+    assert fsdp["devices"] == 4 and fsdp["mesh"] == {
+        "data": 1,
+        "fsdp": 4,
+        "context": 1,
+        "tensor": 1,
+        "expert": 1,
+    }
     assert fsdp["hbm_per_device_gib"] == 16 and fsdp["fits"]
     mem = fsdp["memory_per_device"]
     assert mem["total_gib"] >= mem["arguments_gib"] > 0
@@ -83,6 +89,7 @@ def test_compile_command_for_two_slices(tmp_path, corpus_cache):
     assert report["chips"] == 8 and report["mesh"] == {
         "data": 2,
         "fsdp": 4,
+        "context": 1,
         "tensor": 1,
         "expert": 1,
     }

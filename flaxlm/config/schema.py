@@ -110,7 +110,7 @@ class ModelConfig:
 
 
 def _default_rules() -> dict[str, list[str]]:
-    # Logical axis -> mesh axes. Parameters: `embed` is split over fsdp (ZeRO-3 style), the
+    # Logical axis -> mesh axes. Parameters: `embed` is split over fsdp and context (ZeRO-3), the
     # head / mlp / vocab dimensions over tensor (Megatron style). Activations: the batch over
     # data and fsdp, their feature dimensions over tensor where the matching weights are.
     return {
@@ -118,7 +118,8 @@ def _default_rules() -> dict[str, list[str]]:
         # The sequence of activations: context parallelism (flaxlm/context_parallel.py).
         "length": ["context"],
         "vocab": ["tensor"],
-        "embed": ["fsdp"],
+        # FSDP over the context axis too: its devices share rows, not the model.
+        "embed": ["fsdp", "context"],
         "heads": ["tensor"],
         "kv_heads": ["tensor"],
         "head_dim": [],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import math
 import typing
 from typing import Any
 
@@ -280,17 +281,20 @@ def check_divisibility(cfg: Config, sizes: dict[str, int]) -> None:
                 f"{named} does not divide {key}={value} (logical axis {logical!r} is sharded "
                 f"over {known}); change the mesh or mesh.rules.{logical}"
             )
-    context = sizes.get("context", 1)
+    # Context parallelism: the mesh axes that split each row (-1 axes: once devices are known).
+    row_axes = [a for a in cfg.mesh.rules.get("length", []) if sizes.get(a, 1) > 1]
+    context = math.prod(sizes[a] for a in row_axes)
+    named = " x ".join(f"mesh.{a}={sizes[a]}" for a in row_axes)
     if context > 1 and d.seq_len % (2 * context):
         raise ConfigError(
-            f"mesh.context={context} needs data.seq_len={d.seq_len} to be a multiple of "
-            f"{2 * context} (2 x mesh.context: each context shard takes one early and one late "
+            f"{named} needs data.seq_len={d.seq_len} to be a multiple of "
+            f"{2 * context} (twice the shards of a row: each shard takes one early and one late "
             "chunk of every row, so that causal attention gives every shard the same work); "
             "change data.seq_len or mesh.context"
         )
     if context > 1 and m.attention == AttentionKernel.splash and d.seq_len % (128 * context):
         raise ConfigError(
-            f"model.attention=splash with mesh.context={context} needs data.seq_len={d.seq_len} "
+            f"model.attention=splash with {named} needs data.seq_len={d.seq_len} "
             f"to be a multiple of {128 * context} (each context shard's queries fill blocks of "
             "128); change data.seq_len or mesh.context"
         )
