@@ -3,9 +3,12 @@ device computes (losses, gradients, parameters, evaluation), with the sequence r
 
 from __future__ import annotations
 
+import json
+
 import jax
 import numpy as np
 import pytest
+from conftest import CONFIGS
 from test_train import _fixed_batch
 
 from flaxlm import config, memory
@@ -146,3 +149,48 @@ def test_context_settings_the_rows_cannot_take_are_named(tiny_cfg):
             "mesh.fsdp=1", "mesh.context=2", "model.attention=splash",
             "data.seq_len=128", "model.max_seq_len=128",
         )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_long_rows_pack_train_over_context_and_evaluate_as_on_one_device(tmp_path, corpus_cache):
+    from helpers import flaxlm, train_tiny
+
+    from flaxlm.data import pipeline
+
+    # Documents of 50 to 800 bytes, many to a 2K row.
+    rng = np.random.default_rng(0)
+    words = ["context", "parallel", "attention", "packing", "row", "token", "shard"]
+    for split, count in (("train", 400), ("eval", 60)):
+        docs = [" ".join(rng.choice(words, rng.integers(8, 100))) for _ in range(count)]
+        lines = [json.dumps({"text": doc}) for doc in docs]
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    long = (
+        "data.seq_len=2048", "model.max_seq_len=2048", "data.global_batch_size=2",
+        "data.eval_batches=2", "model.n_layers=2", "data.corpus=files",
+        f"data.train_files={tmp_path / 'train.jsonl'}",
+        f"data.eval_files={tmp_path / 'eval.jsonl'}",
+    )  # fmt: skip
+    # Packing at 2K: full rows of several documents, each one's positions restarting at 0.
+    cfg = config.load(CONFIGS / "tiny.yaml", [f"data.cache_dir={corpus_cache}", *long])
+    batch = next(pipeline.train_iterator(cfg.data, seed=0))
+    segments_BxT, positions_BxT = batch["segment_ids"], batch["positions"]
+    assert (segments_BxT > 0).mean() > 0.95 and (np.diff(segments_BxT, axis=1) >= 0).all()
+    assert (segments_BxT.max(axis=1) > 3).all()
+    new_document_BxT = np.diff(segments_BxT, axis=1, prepend=0) != 0
+    expected_BxT = np.zeros_like(positions_BxT)
+    for t in range(1, positions_BxT.shape[1]):
+        expected_BxT[:, t] = np.where(new_document_BxT[:, t], 0, expected_BxT[:, t - 1] + 1)
+    real_BxT = segments_BxT > 0
+    np.testing.assert_array_equal(positions_BxT[real_BxT], expected_BxT[real_BxT])
+
+    # Train over fsdp 2 x context 4; the in-training evaluation (on that mesh) equals
+    # `flaxlm eval` of the checkpoint on one device.
+    run = tmp_path / "long"
+    train_tiny(
+        run, corpus_cache, *long, "mesh.fsdp=2", "mesh.context=4", "train.steps=4",
+        "train.eval_every=4", "checkpoint.every_steps=4", "train.sample_prompt=",
+    )  # fmt: skip
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    during = [r["eval_loss"] for r in records if r.get("step") == 4 and "eval_loss" in r][-1]
+    proc = flaxlm("eval", "--checkpoint", str(run), f"data.cache_dir={corpus_cache}", devices=1)
+    assert json.loads(proc.stdout.strip())["loss"] == pytest.approx(during, rel=1e-5)
