@@ -63,6 +63,10 @@ def test_xla_step_estimate_is_given_only_where_xla_has_one():
         report = aot._xla_step_estimate(cost, "the compiled step", 0.25)
         assert report["xla_step_seconds"] is None and report["xla_mfu"] is None
         assert report["xla_estimate"].startswith("unavailable")
+    # Splash is a custom call XLA does not cost: the time is a floor and implies no MFU.
+    splash = aot._xla_step_estimate({"optimal_seconds": 0.5}, "the compiled step", 0.25, True)
+    assert splash["xla_step_seconds"] == 0.5 and splash["xla_mfu"] is None
+    assert "a floor" in splash["xla_estimate"]
 
 
 def test_bad_topologies_and_meshes_are_named(tiny_cfg):
