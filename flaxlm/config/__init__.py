@@ -63,8 +63,8 @@ from flaxlm.config.validation import check_divisibility, validate
 __all__ = [
     "BYTE_MASK_ID",
     "BYTE_VOCAB_SIZE",
-    "Arch",
     "MESH_AXES",
+    "Arch",
     "AttentionKernel",
     "CheckpointConfig",
     "Config",
