@@ -179,3 +179,21 @@ def test_train_eval_fill_mask_and_generate_refusal(bert_cfg, corpus_cache, tmp_p
     assert refused.returncode == 2 and "fill-mask" in refused.stderr
     none = flaxlm("fill-mask", "--checkpoint", str(run), "--text", "no mask", check=False)
     assert none.returncode == 2 and "[MASK]" in none.stderr
+
+
+@pytest.mark.slow
+def test_bert_quickstart_masked_accuracy_rises(corpus_cache, tmp_path):
+    """A short run of configs/bert-quickstart.yaml: masked-token accuracy on the fixed eval
+    masks goes from chance (1/320 for a uniform guess) to many times it."""
+    run = tmp_path / "bert-quickstart"
+    flaxlm(
+        "train", "--config", str(CONFIGS / "bert-quickstart.yaml"), f"train.run_dir={run}",
+        f"data.cache_dir={corpus_cache}", "train.progress_bar=false", "train.steps=60",
+        "train.eval_every=60", "optimizer.warmup_steps=10", "checkpoint.every_steps=60",
+        devices=1,
+    )  # fmt: skip
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in records if "eval_mlm_accuracy" in r}
+    start, end = evals[0]["eval_mlm_accuracy"], evals[60]["eval_mlm_accuracy"]
+    assert start < 0.02 and end > 0.12 and end > 10 * max(start, 1 / 320)
+    assert evals[60]["eval_mlm_loss"] < evals[0]["eval_mlm_loss"] - 1.0
