@@ -80,3 +80,12 @@ def test_bert_export_loads_in_transformers_and_round_trips_exactly(tmp_path):
     assert reloaded.cls.predictions.decoder.weight.data_ptr() == (
         reloaded.bert.embeddings.word_embeddings.weight.data_ptr()
     )
+
+
+def test_byte_level_bert_exports_its_mask_token(tmp_path):
+    _, src = _bert(tmp_path)
+    convert.from_hf(src, tmp_path / "run")
+    convert.to_hf(tmp_path / "run", tmp_path / "exported")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
+    assert tok.mask_token == "[MASK]" and tok.mask_token_id == 259
+    assert tok("a[MASK]b")["input_ids"] == [97, 259, 98]

@@ -197,3 +197,37 @@ def test_bert_quickstart_masked_accuracy_rises(corpus_cache, tmp_path):
     start, end = evals[0]["eval_mlm_accuracy"], evals[60]["eval_mlm_accuracy"]
     assert start < 0.02 and end > 0.12 and end > 10 * max(start, 1 / 320)
     assert evals[60]["eval_mlm_loss"] < evals[0]["eval_mlm_loss"] - 1.0
+
+
+@pytest.mark.slow
+def test_mlm_resume_continues_exactly_on_eight_devices(corpus_cache, tmp_path):
+    """Killed after step 3 and resumed: the same masks and dropout, so the same losses and
+    accuracies, bit for bit (8 CPU devices, parameters sharded over fsdp)."""
+    import shutil
+
+    def train(run):
+        return flaxlm(
+            "train", "--config", str(CONFIGS / "tiny.yaml"), "--config",
+            str(CONFIGS / "models" / "bert-tiny.yaml"), f"train.run_dir={run}",
+            f"data.cache_dir={corpus_cache}", "train.progress_bar=false", "train.steps=6",
+            "train.log_every=1", "checkpoint.every_steps=3", "checkpoint.async_save=false",
+            "model.dropout_embed=0.1", "model.dropout_attn=0.1", "model.dropout_residual=0.1",
+        )  # fmt: skip
+
+    def records(run):
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return {r["step"]: r for r in map(json.loads, lines) if "mlm_accuracy" in r}
+
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    train(full)
+    resumed.mkdir()
+    shutil.copy(full / "config.yaml", resumed / "config.yaml")
+    shutil.copytree(full / "checkpoints" / "3", resumed / "checkpoints" / "3")
+    assert "at step 3" in train(resumed).stderr
+    want, got = records(full), records(resumed)
+    assert sorted(got) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert (got[step]["loss"], got[step]["mlm_accuracy"]) == (
+            want[step]["loss"],
+            want[step]["mlm_accuracy"],
+        )

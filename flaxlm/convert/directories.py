@@ -122,7 +122,7 @@ def to_hf(
             (local / "config.json").write_text(json.dumps(config, indent=2))
             files = write_sharded(tensors, local, max_shard_bytes)
             if cfg.data.tokenizer == "byte":
-                write_byte_tokenizer(local)
+                write_byte_tokenizer(local, mask=cfg.model.arch == "encoder")
             elif cfg.data.tokenizer == "sentencepiece":
                 model = fs.local_copy(run_dir / TOKENIZER_DIR / SENTENCEPIECE_FILE)
                 for warning in write_sentencepiece_tokenizer(model, local):
