@@ -89,3 +89,42 @@ def test_byte_level_bert_exports_its_mask_token(tmp_path):
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
     assert tok.mask_token == "[MASK]" and tok.mask_token_id == 259
     assert tok("a[MASK]b")["input_ids"] == [97, 259, 98]
+
+
+def test_masked_lm_gradients_match_transformers(tmp_path):
+    """The training objective too: gradients of the masked-token cross entropy (summed) equal
+    those of torch's backward through `BertForMaskedLM` (both without dropout: eval mode)."""
+    import jax
+
+    from flaxlm.train import loss_sums
+
+    model, src = _bert(tmp_path)
+    convert.from_hf(src, tmp_path / "run")
+    _, trainer, params, _ = load_run(tmp_path / "run")
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, VOCAB, (2, 40)).astype(np.int32)
+    chosen = rng.random(labels.shape) < 0.3
+    tokens = np.where(chosen, 259, labels).astype(np.int32)
+    batch = {
+        "tokens": tokens,
+        "positions": np.tile(np.arange(40, dtype=np.int32), (2, 1)),
+        "segment_ids": np.ones_like(tokens),
+        "labels": labels,
+        "label_weights": chosen.astype(np.int32),
+    }
+    grads = jax.grad(lambda p: loss_sums(p, trainer.model, batch, 0.0)[0])(params)
+    logits = model(input_ids=torch.tensor(tokens, dtype=torch.long)).logits
+    mask = torch.tensor(chosen)
+    targets = torch.tensor(labels, dtype=torch.long)[mask]
+    torch.nn.functional.cross_entropy(logits[mask], targets, reduction="sum").backward()
+    query = model.bert.encoder.layer[0].attention.self.query.weight.grad.numpy()
+    got_query = np.asarray(grads["block_0"]["attn"]["query"]["kernel"]).reshape(32, 32).T
+    np.testing.assert_allclose(got_query, query, atol=1e-7, rtol=1e-3)
+    for got, want in [
+        (grads["embed"]["embedding"], model.bert.embeddings.word_embeddings.weight.grad),
+        (grads["pos_embed"]["embedding"], model.bert.embeddings.position_embeddings.weight.grad),
+        (grads["mlm_bias"], model.cls.predictions.bias.grad),
+    ]:
+        np.testing.assert_allclose(
+            np.asarray(got), want.numpy(), atol=1e-3 * float(want.abs().max())
+        )
