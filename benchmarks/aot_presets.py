@@ -31,7 +31,12 @@ CASES = [
     ("llama3-70b", "v5p:4x4x4", 64, 8192, ("full",), SPLASH),
     ("llama3-70b", "v6e:8x8", 64, 4096, ("full",), SPLASH),
     ("llama3-70b", "v6e:16x16", 256, 4096, ("full",), SPLASH),
+    # Long context: one row per step split over the chips by context parallelism (parameters
+    # FSDP over the same axis).
+    ("llama3-8b", "v5p:2x2x1", 1, 32768, ("full",), [*SPLASH, "mesh.fsdp=1", "mesh.context=4"]),
+    ("llama3-8b", "v5p:2x2x1", 1, 131072, ("full",), [*SPLASH, "mesh.fsdp=1", "mesh.context=4"]),
     # Mixtral 8x7B: experts split 8 ways (one per device along `expert`), FSDP across the rest.
+    ("mixtral-8x7b", "v5p:2x2x4", 16, 4096, ("full",), [*SPLASH, "mesh.expert=8"]),
     ("mixtral-8x7b", "v5p:4x4x4", 64, 4096, ("full",), [*SPLASH, "mesh.expert=8"]),
 ]
 

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 
 from flaxlm import memory, step_cost, xla_stats
-from flaxlm.config import Config, ConfigError
+from flaxlm.config import AttentionKernel, Config, ConfigError
 from flaxlm.flops import (
     TPU_GENERATIONS,
     active_param_count,
@@ -123,7 +123,9 @@ def compile_report(cfg: Config, topology: str, num_slices: int = 1) -> dict[str,
         # The whole step, loops counted by their trip counts (flaxlm/step_cost.py).
         "xla_step_flops_per_device": step.get("flops"),
         "xla_step_bytes_per_device": step.get("bytes_accessed"),
-        **_xla_step_estimate(step, how, analytic_flops / peak),
+        **_xla_step_estimate(
+            step, how, analytic_flops / peak, cfg.model.attention == AttentionKernel.splash
+        ),
         "analytic_flops_per_step": analytic_flops,
         # The step time if every chip ran at its bf16 peak: a floor, for planning.
         "step_seconds_at_peak": analytic_flops / peak,
@@ -131,11 +133,21 @@ def compile_report(cfg: Config, topology: str, num_slices: int = 1) -> dict[str,
     }
 
 
-def _xla_step_estimate(step: dict[str, float], how: str, seconds_at_peak: float) -> dict:
+def _xla_step_estimate(
+    step: dict[str, float], how: str, seconds_at_peak: float, custom_kernel: bool = False
+) -> dict:
     """XLA's own step-time estimate (and the MFU it implies) where it means something, else
-    None and the reason: on v5e and v6e libtpu gives a negative time, which is no estimate."""
+    None and the reason: on v5e and v6e libtpu gives a negative time, which is no estimate.
+
+    With a custom kernel (splash attention: a Mosaic custom call) XLA costs the step without
+    it: its FLOPs, bytes and time leave attention out, so the time is a floor and no MFU is
+    implied (at long context attention is a large share of the step).
+    """
     seconds = step.get("optimal_seconds")
     if seconds is None or seconds <= 0:
         why = "XLA gives no step-time estimate for this TPU generation"
         return {"xla_step_seconds": None, "xla_mfu": None, "xla_estimate": f"unavailable: {why}"}
+    if custom_kernel:
+        how += "; a floor: XLA does not cost the splash attention kernel (a custom call)"
+        return {"xla_step_seconds": seconds, "xla_mfu": None, "xla_estimate": how}
     return {"xla_step_seconds": seconds, "xla_mfu": seconds_at_peak / seconds, "xla_estimate": how}

@@ -14,10 +14,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from flaxlm.config import AttentionKernel
+from flaxlm.context_parallel import inverse
 from flaxlm.mesh import current_mesh, current_platform, divides
 
 
@@ -25,15 +29,22 @@ def attention_mask(
     q_segment_ids_BxT: jax.Array,
     kv_segment_ids_BxS: jax.Array,
     window: int | None = None,
+    order_T: np.ndarray | None = None,
     causal: bool = True,
 ) -> jax.Array:
     """Boolean mask_Bx1xTxS: causal (unless `causal=False`) and within one non-padding
     segment (and, with a sliding window W, at most W - 1 positions back).
 
-    Assumes queries are the last T of the S key positions (T == S for training).
+    Assumes queries are the last T of the S key positions (T == S for training). With order_T
+    (context parallelism: a row reordered so that `order_T[t]` is the original index of its
+    position t; `flaxlm.context_parallel`), queries and keys are both reordered so, and
+    causality follows the original indices.
     """
     t, s = q_segment_ids_BxT.shape[-1], kv_segment_ids_BxS.shape[-1]
-    q_pos_T, kv_pos_S = jnp.arange(t) + (s - t), jnp.arange(s)
+    if order_T is not None:
+        q_pos_T = kv_pos_S = jnp.asarray(order_T)
+    else:
+        q_pos_T, kv_pos_S = jnp.arange(t) + (s - t), jnp.arange(s)
     return position_mask(q_pos_T, kv_pos_S, q_segment_ids_BxT, kv_segment_ids_BxS, window, causal)
 
 
@@ -112,10 +123,12 @@ def splash_attention(
     interpret: bool | None = None,
     window: int | None = None,
     softcap: float | None = None,
+    order_T: np.ndarray | None = None,
     causal: bool = True,
 ) -> jax.Array:
     """The Pallas splash attention kernel (TPU), on q_BxTxNxH with segment ids (and a sliding
     window of W positions: the kernel's local mask, which also skips the blocks outside it).
+    With order_T, the row is reordered for context parallelism: see `_context_splash`.
 
     Splash takes one example at a time in (heads, length, head_dim) layout and does not scale
     by 1/sqrt(d), so q is pre-scaled and the batch vmapped. Off TPU it runs interpreted (slow;
@@ -157,10 +170,10 @@ def splash_attention(
 
     args = (q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_ids_BxT, kv_segment_ids_BxS)
     mesh = current_mesh()
+    if order_T is not None:
+        return _context_splash(*args, order_T, mesh, window, softcap, interpret)
     if mesh is None or mesh.size == 1:
         return per_shard(*args)
-    import flax.linen as nn
-    from jax.sharding import PartitionSpec
 
     q_spec = nn.logical_to_mesh_axes(("batch", None, "act_heads", None))
     kv_spec = nn.logical_to_mesh_axes(("batch", None, "act_kv_heads", None))
@@ -178,6 +191,85 @@ def splash_attention(
     )(*args)
 
 
+def _context_splash(
+    q_BxTxNxH: jax.Array,
+    k_BxSxKxH: jax.Array,
+    v_BxSxKxH: jax.Array,
+    q_segment_ids_BxT: jax.Array,
+    kv_segment_ids_BxS: jax.Array,
+    order_T: np.ndarray,
+    mesh,
+    window: int | None,
+    softcap: float | None,
+    interpret: bool,
+) -> jax.Array:
+    """Splash attention on a row reordered for context parallelism (`flaxlm.context_parallel`).
+
+    Keys and values arrive whole (all-gathered) and go back to the row's own order, a local
+    gather; queries keep the reordered layout, each context shard its own chunks. One kernel
+    covers the whole T x S mask with the queries' original indices as its `q_sequence`, so its
+    causal (or local) mask follows them; the kernel's block tables are split over the context
+    axis like the queries (`manual_sharding_spec`), so each shard skips the blocks its own
+    chunks never see.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    inverse_S = inverse(order_T)
+    k_BxSxKxH, v_BxSxKxH = k_BxSxKxH[:, inverse_S], v_BxSxKxH[:, inverse_S]
+    kv_segment_ids_BxS = kv_segment_ids_BxS[:, inverse_S]
+    _, t, n, h = q_BxTxNxH.shape
+    s = k_BxSxKxH.shape[1]
+    q_spec = nn.logical_to_mesh_axes(("batch", "length", "act_heads", None))
+    kv_spec = nn.logical_to_mesh_axes(("batch", None, "act_kv_heads", None))
+    seq_axes, head_axes = q_spec[1], q_spec[2]
+    # Shapes the mesh does not divide (model.init traces a batch of one): one unsharded kernel.
+    sharded = all(
+        divides(mesh, spec, x.shape) for spec, x in ((q_spec, q_BxTxNxH), (kv_spec, k_BxSxKxH))
+    )
+    shards = lambda axes: math.prod(  # noqa: E731
+        mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()) if sharded
+    )
+    if window is None:
+        head_mask = sm.CausalMask((t, s), shard_count=shards(seq_axes))
+    else:
+        head_mask = sm.LocalMask((t, s), (window - 1, 0), offset=0, shard_count=shards(seq_axes))
+    head_mask.q_sequence = np.asarray(order_T, np.int32)
+    kernel = sk.make_splash_mha(
+        sm.MultiHeadMask(tuple(head_mask for _ in range(n))),
+        head_shards=shards(head_axes),
+        q_seq_shards=shards(seq_axes),
+        block_sizes=_splash_block_sizes(t // shards(seq_axes), s),
+        attn_logits_soft_cap=softcap,
+        interpret=interpret,
+    )
+
+    def per_shard(kernel, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_seg_BxT, kv_seg_BxS):
+        scale = jnp.sqrt(jnp.float32(h)).astype(q_BxTxNxH.dtype)
+        q_BxNxTxH = (q_BxTxNxH / scale).transpose(0, 2, 1, 3)
+        k_BxKxSxH, v_BxKxSxH = k_BxSxKxH.transpose(0, 2, 1, 3), v_BxSxKxH.transpose(0, 2, 1, 3)
+        segments = sk.SegmentIds(q=q_seg_BxT, kv=kv_seg_BxS)
+        out_BxNxTxH = jax.vmap(kernel)(q_BxNxTxH, k_BxKxSxH, v_BxKxSxH, segment_ids=segments)
+        return out_BxNxTxH.transpose(0, 2, 1, 3)
+
+    args = (kernel, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_ids_BxT, kv_segment_ids_BxS)
+    if not sharded:
+        return per_shard(*args)
+    kernel_spec = kernel.manual_sharding_spec(
+        NamedSharding(mesh, PartitionSpec(head_axes, seq_axes))
+    )
+    return jax.shard_map(
+        per_shard,
+        mesh=mesh,
+        in_specs=(
+            kernel_spec, q_spec, kv_spec, kv_spec,
+            PartitionSpec(q_spec[0], seq_axes), PartitionSpec(q_spec[0], None),
+        ),
+        out_specs=q_spec,
+        check_vma=False,
+    )(*args)  # fmt: skip
+
+
 def dot_product_attention(
     q_BxTxNxH: jax.Array,
     k_BxSxKxH: jax.Array,
@@ -187,25 +279,28 @@ def dot_product_attention(
     kernel: AttentionKernel = AttentionKernel.xla,
     window: int | None = None,
     softcap: float | None = None,
+    order_T: np.ndarray | None = None,
     causal: bool = True,
 ) -> jax.Array:
     """Masked multi-head attention with the selected kernel: out_BxTxNxH (window: sliding
     window length, None for the whole causal prefix; softcap: logit soft-capping, which the
-    XLA and cuDNN kernels lack, so they hand it to the reference kernel; causal=False: each
-    token sees its whole segment, as in an encoder)."""
+    XLA and cuDNN kernels lack, so they hand it to the reference kernel; order_T: the original
+    index of each position of a row reordered for context parallelism, see `attention_mask`;
+    causal=False: each token sees its whole segment, as in an encoder)."""
     q, k, v = q_BxTxNxH, k_BxSxKxH, v_BxSxKxH
     if kernel == AttentionKernel.splash:
         return splash_attention(
             q, k, v, q_segment_ids_BxT, kv_segment_ids_BxS, window=window, softcap=softcap,
-            causal=causal,
+            order_T=order_T, causal=causal,
         )  # fmt: skip
-    mask_Bx1xTxS = attention_mask(q_segment_ids_BxT, kv_segment_ids_BxS, window, causal)
-    if kernel == AttentionKernel.cudnn and softcap is None:
+    mask_Bx1xTxS = attention_mask(q_segment_ids_BxT, kv_segment_ids_BxS, window, order_T, causal)
+    # cuDNN's causal flag means causal in row order, which a reordered row is not.
+    if kernel == AttentionKernel.cudnn and softcap is None and order_T is None:
         # is_causal selects cuDNN's fused causal path; the mask adds the segment boundaries.
         return jax.nn.dot_product_attention(
             q, k, v, mask=mask_Bx1xTxS, is_causal=causal, implementation="cudnn"
         )
-    if kernel in (AttentionKernel.reference, AttentionKernel.xla) or softcap is not None:
+    if kernel in (AttentionKernel.reference, AttentionKernel.xla, AttentionKernel.cudnn):
         return masked_attention(q, k, v, mask_Bx1xTxS, kernel, softcap)
     raise ValueError(f"unknown attention kernel {kernel!r}")
 

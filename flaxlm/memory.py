@@ -4,7 +4,9 @@ The analytic model counts, per device,
 - the train state (parameters and optimizer state), exactly, from each array's shard shape;
 - the gradients, one more copy of the parameters' shards (float32, as the optimizer sees them);
 - the activations the backward pass keeps, from the remat policy: per layer and per local
-  token, a number of d_model-wide (and d_ff-wide, and attention-score) tensors, plus the logits.
+  token (rows split over the batch axes, positions over the context axis), a number of
+  d_model-wide (and d_ff-wide, and attention-score) tensors, plus the logits, plus one layer's
+  all-gathered keys and values under context parallelism.
 Activation counts are estimates (XLA fuses, aliases and schedules buffers its own way); the
 state is exact. `compiled_memory` reads XLA's memory analysis of the same step
 (`flaxlm.xla_stats`) so that the two can be printed side by side (benchmarks/memory_model.py,
@@ -80,18 +82,28 @@ def estimate(cfg: Config, abstract_state: Any, mesh_shape: dict[str, int]) -> Me
     grad_scale = 4 / np.dtype(cfg.model.param_dtype).itemsize
     gradients = int(params * grad_scale)
 
-    batch_shards = math.prod(
-        mesh_shape.get(a, 1) for a in cfg.mesh.rules.get("batch", []) if a in mesh_shape
-    )
+    def shards(logical: str) -> int:
+        return math.prod(mesh_shape.get(a, 1) for a in cfg.mesh.rules.get(logical, []))
+
+    m = cfg.model
     micro_batch = cfg.data.global_batch_size // cfg.optimizer.grad_accum_steps
-    local_tokens = micro_batch * cfg.data.seq_len / batch_shards
-    act_bytes = np.dtype(cfg.model.dtype).itemsize
+    # Rows over the batch axes; with context parallelism, each row's positions over the length
+    # axes as well.
+    local_rows = micro_batch / shards("batch")
+    local_tokens = local_rows * cfg.data.seq_len / shards("length")
+    act_bytes = np.dtype(m.dtype).itemsize
     width, scores = _activation_widths(cfg)
+    # Local queries attend to the whole row's keys.
     per_layer = local_tokens * (width + scores * cfg.data.seq_len) * act_bytes
     # Logits and their gradient in float32, over the vocabulary shards.
-    vocab_shards = math.prod(mesh_shape.get(a, 1) for a in cfg.mesh.rules.get("vocab", []))
-    logits = 2 * local_tokens * cfg.model.vocab_size / vocab_shards * 4
-    activations = int(cfg.model.n_layers * per_layer + logits)
+    logits = 2 * local_tokens * m.vocab_size / shards("vocab") * 4
+    # Context parallelism: the layer being computed holds its whole rows' keys and values
+    # (gathered), and in the backward pass their gradients before the reduce-scatter.
+    gathered = 0.0
+    if shards("length") > 1:
+        kv_width = 2 * m.kv_heads * m.dim_per_head / shards("kv_heads")
+        gathered = 2 * local_rows * cfg.data.seq_len * kv_width * act_bytes
+    activations = int(m.n_layers * per_layer + logits + gathered)
     return MemoryEstimate(params, optimizer, gradients, activations)
 
 

@@ -1,7 +1,8 @@
 """Device meshes and logical-axis sharding.
 
-The mesh has four axes, `data`, `fsdp`, `tensor` and `expert` (mixture-of-experts layers
-only: routed experts and the batch are split over it), each sized by `MeshConfig` for ICI
+The mesh has five axes, `data`, `fsdp`, `context` (the sequence of activations is split over
+it; `flaxlm.context_parallel`), `tensor` and `expert` (mixture-of-experts layers only: routed
+experts and the batch are split over it), each sized by `MeshConfig` for ICI
 (within a slice; one axis may be -1 to take the slice's remaining devices) times DCN (across
 slices, outermost). `MeshConfig.rules` maps logical axis names (as carried by parameters and
 activations) to mesh axes; this module turns those names into `NamedSharding`s. Going from data
@@ -59,8 +60,8 @@ def resolve_shape(mesh_cfg: MeshConfig, num_devices: int, num_slices: int = 1) -
 
 
 def _describe(sizes: dict[str, int], prefix: str = "") -> str:
-    # The expert axis is named only when used: most meshes have no experts.
-    shown = {a: s for a, s in sizes.items() if a != "expert" or s != 1}
+    # The expert and context axes are named only when used: most meshes have neither.
+    shown = {a: s for a, s in sizes.items() if a not in ("expert", "context") or s != 1}
     return " x ".join(f"{prefix}{a}={s}" for a, s in shown.items())
 
 
@@ -121,8 +122,12 @@ def logical_to_sharding(logical_tree, mesh: Mesh, cfg: Config):
 
 
 def batch_sharding(mesh: Mesh, cfg: Config) -> NamedSharding:
-    """Sharding of (batch, length) input arrays: the batch over its mesh axes."""
-    spec = nn.logical_to_mesh_axes(("batch", "length"), logical_rules(cfg))
+    """Sharding of (batch, length) input arrays: the batch over its mesh axes, each row whole.
+
+    Rows stay whole under context parallelism too: each process feeds whole rows, and the
+    model reorders a row's tokens for the context shards locally (a few integers per token).
+    """
+    spec = nn.logical_to_mesh_axes(("batch", None), logical_rules(cfg))
     return NamedSharding(mesh, spec)
 
 

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxlm.config import Arch, ModelConfig, Position, Remat, is_sparse_layer
+from flaxlm.context_parallel import inverse, load_balanced_order
 from flaxlm.encoder import encoder_embeddings, mlm_logits
 from flaxlm.layers import (
     FeedForward,
@@ -230,6 +231,13 @@ class Transformer(nn.Module):
             x_BxTxD = decoder_stack(cfg, x_BxTxD, positions, segment_ids)
             return mlm_logits(self, cfg, x_BxTxD, embed)
 
+        # Context parallelism: lay each row out for the context shards (a no-op without them).
+        order_T = None if self.decode else load_balanced_order(tokens.shape[1])
+        if order_T is not None:
+            tokens, positions, segment_ids = (
+                a[:, order_T] for a in (tokens, positions, segment_ids)
+            )
+
         embed = embedding(cfg, cfg.vocab_size, "vocab", "embed")
         x_BxTxD = embed(tokens)
         if cfg.embed_scale:  # Gemma: sqrt(d_model), rounded to the compute dtype as in Gemma
@@ -243,6 +251,8 @@ class Transformer(nn.Module):
         x_BxTxD = constrain(x_BxTxD, ("batch", "length", "act_embed"))
 
         x_BxTxD = decoder_stack(cfg, x_BxTxD, positions, segment_ids, self.decode)
+        if order_T is not None:  # back to the row's own order
+            x_BxTxD = constrain(x_BxTxD[:, inverse(order_T)], ("batch", "length", "act_embed"))
         x_BxTxD = make_norm(cfg, "final_norm")(x_BxTxD)
 
         if cfg.tie_embeddings:

@@ -135,7 +135,9 @@ def _sharded_routed_experts(
 ) -> tuple[Array, dict[str, Array]]:
     """`routed_experts` per device: tokens split over the batch axes, experts over the expert
     axes; weights are gathered over any other axis (fsdp, tensor) on the way in."""
-    token_axes = tuple(a for a in _mesh_axes("batch") if mesh.shape[a] > 1)
+    # Tokens are rows x positions: split over the batch axes and, with context parallelism,
+    # the length axes too (rows are the outer dimension of the flattened tokens).
+    token_axes = tuple(a for a in _mesh_axes("batch") + _mesh_axes("length") if mesh.shape[a] > 1)
     expert_axes = tuple(a for a in _mesh_axes("expert") if mesh.shape[a] > 1)
     tokens_spec = PartitionSpec(token_axes or None, None)
     expert_spec = PartitionSpec(expert_axes or None, None, None)
@@ -151,12 +153,14 @@ def _sharded_routed_experts(
     )(x_QxD, router_DxE, w)
 
 
-def _per_device(mesh, moe: MoeConfig, rows: int) -> bool:
+def _per_device(mesh, moe: MoeConfig, rows: int, length: int) -> bool:
     """Whether dropless dispatch runs per device: under a mesh whose batch axes divide the rows
-    (a decode step of a few prompts on many devices falls back to XLA's partitioning)."""
+    and whose length axes the positions (a decode step of a few prompts on many devices falls
+    back to XLA's partitioning)."""
     if mesh is None or moe.dispatch != MoeDispatch.dropless:
         return False
-    return rows % math.prod(mesh.shape[a] for a in _mesh_axes("batch")) == 0
+    shards = lambda logical: math.prod(mesh.shape[a] for a in _mesh_axes(logical))  # noqa: E731
+    return rows % shards("batch") == 0 and length % shards("length") == 0
 
 
 class MoeFeedForward(nn.Module):
@@ -194,7 +198,7 @@ class MoeFeedForward(nn.Module):
         w = {k: v.astype(dtype) for k, v in self._expert_weights().items()}
         x_QxD = x_BxTxD.reshape(b * t, d)
         mesh = current_mesh()
-        if _per_device(mesh, moe, b):
+        if _per_device(mesh, moe, b, t):
             y_QxD, stats = _sharded_routed_experts(x_QxD, router_DxE, w, cfg, mesh)
         else:
             y_QxD, stats = routed_experts(x_QxD, router_DxE, w, cfg)

@@ -214,9 +214,11 @@ def with_run_tokenizer(cfg: Config, run_dir: str | Path) -> Config:
 # Evaluation runs in one process: one slice, FSDP only.
 _SINGLE_SLICE = (
     "mesh.data=1",
+    "mesh.context=1",
     "mesh.tensor=1",
     "mesh.expert=1",
     "mesh.dcn_data=1",
+    "mesh.dcn_context=1",
     "mesh.dcn_fsdp=1",
     "mesh.dcn_tensor=1",
     "mesh.dcn_expert=1",

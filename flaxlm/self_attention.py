@@ -21,6 +21,7 @@ from flaxlm.attention import (
     reference_attention,
 )
 from flaxlm.config import Arch, ModelConfig, Position
+from flaxlm.context_parallel import load_balanced_order
 from flaxlm.layers import RMSNorm, constrain, dtype_of, normal_init
 from flaxlm.positions import apply_rope, rope_attention_factor, rope_frequencies
 
@@ -81,9 +82,13 @@ class Attention(nn.Module):
         q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = (
             checkpoint_name(a, "qkv") for a in (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
         )
+        # Context parallelism (the model reordered the row): queries stay split over the
+        # context axis, every shard needs every key and value (all-gathered here).
+        order_T = None if self.decode else load_balanced_order(x_BxTxD.shape[1])
+        kv_length = "length" if order_T is None else None
         q_BxTxNxH = constrain(q_BxTxNxH, ("batch", "length", "act_heads", None))
-        k_BxTxKxH = constrain(k_BxTxKxH, ("batch", "length", "act_kv_heads", None))
-        v_BxTxKxH = constrain(v_BxTxKxH, ("batch", "length", "act_kv_heads", None))
+        k_BxTxKxH = constrain(k_BxTxKxH, ("batch", kv_length, "act_kv_heads", None))
+        v_BxTxKxH = constrain(v_BxTxKxH, ("batch", kv_length, "act_kv_heads", None))
         qkv = (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
         causal = cfg.arch != Arch.encoder  # an encoder sees its whole segment
         if self.decode and self.window is not None:
@@ -92,14 +97,16 @@ class Attention(nn.Module):
             out_BxTxNxH = self._cached_attention(*qkv, segment_ids_BxT)
         elif cfg.dropout_attn > 0 and self.has_rng("dropout"):
             # Dropout needs the probabilities themselves: the explicit kernel.
-            mask_Bx1xTxS = attention_mask(segment_ids_BxT, segment_ids_BxT, self.window, causal)
+            mask_Bx1xTxS = attention_mask(
+                segment_ids_BxT, segment_ids_BxT, self.window, order_T, causal
+            )
             out_BxTxNxH = reference_attention(
                 *qkv, mask_Bx1xTxS, self._attention_dropout, cfg.attn_logit_softcap
             )
         else:
             out_BxTxNxH = dot_product_attention(
                 *qkv, segment_ids_BxT, segment_ids_BxT, cfg.attention, self.window,
-                cfg.attn_logit_softcap, causal,
+                cfg.attn_logit_softcap, order_T, causal,
             )  # fmt: skip
         out_BxTxNxH = checkpoint_name(
             constrain(out_BxTxNxH, ("batch", "length", "act_heads", None)), "attn_out"

@@ -31,16 +31,17 @@ Record = dict[str, Any]
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
-    """'2x4x1' -> {'data': 2, 'fsdp': 4, 'tensor': 1, 'expert': 1}; a fourth size is the
-    expert axis."""
+    """'2x4x1' -> {'data': 2, 'fsdp': 4, 'context': 1, 'tensor': 1, 'expert': 1}; a fourth size
+    is the expert axis, a fifth the context axis."""
+    order = ("data", "fsdp", "tensor", "expert", "context")
     parts = spec.lower().split("x")
-    if len(parts) not in (3, len(MESH_AXES)) or not all(p.isdigit() and int(p) > 0 for p in parts):
+    if not 3 <= len(parts) <= len(order) or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise ConfigError(
-            f"mesh {spec!r} is not DATAxFSDPxTENSOR[xEXPERT] with positive sizes (for example "
-            "2x2x2)"
+            f"mesh {spec!r} is not DATAxFSDPxTENSOR[xEXPERT[xCONTEXT]] with positive sizes (for "
+            "example 2x2x2)"
         )
-    parts += ["1"] * (len(MESH_AXES) - len(parts))
-    return dict(zip(MESH_AXES, map(int, parts), strict=True))
+    sizes = dict(zip(order, map(int, parts + ["1"] * (len(order) - len(parts))), strict=True))
+    return {a: sizes[a] for a in MESH_AXES}
 
 
 def _run_points(points: Sequence[tuple[str, Callable[[], Record]]], desc: str) -> Iterator[Record]:

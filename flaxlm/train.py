@@ -118,7 +118,7 @@ def _micro_batches(batch: Batch, steps: int) -> Batch:
     def split(x_BxT: jax.Array) -> jax.Array:
         b = x_BxT.shape[0]
         x_AxBaxT = x_BxT.reshape(b // steps, steps, *x_BxT.shape[1:]).swapaxes(0, 1)
-        return logical_constraint(x_AxBaxT, (None, "batch", "length"))
+        return logical_constraint(x_AxBaxT, (None, "batch", None))
 
     return jax.tree.map(split, batch)
 

@@ -17,7 +17,13 @@ TILED = ("data.global_batch_size=16", "model.d_model=256", "model.d_ff=1024", "m
 def test_compile_report_for_a_small_topology(tiny_cfg):
     cfg = tiny_cfg(*TILED)
     fsdp = aot.compile_report(cfg, "v5e:2x2")
-    assert fsdp["devices"] == 4 and fsdp["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1, "expert": 1}
+    assert fsdp["devices"] == 4 and fsdp["mesh"] == {
+        "data": 1,
+        "fsdp": 4,
+        "context": 1,
+        "tensor": 1,
+        "expert": 1,
+    }
     assert fsdp["hbm_per_device_gib"] == 16 and fsdp["fits"]
     mem = fsdp["memory_per_device"]
     assert mem["total_gib"] >= mem["arguments_gib"] > 0
@@ -57,6 +63,10 @@ def test_xla_step_estimate_is_given_only_where_xla_has_one():
         report = aot._xla_step_estimate(cost, "the compiled step", 0.25)
         assert report["xla_step_seconds"] is None and report["xla_mfu"] is None
         assert report["xla_estimate"].startswith("unavailable")
+    # Splash is a custom call XLA does not cost: the time is a floor and implies no MFU.
+    splash = aot._xla_step_estimate({"optimal_seconds": 0.5}, "the compiled step", 0.25, True)
+    assert splash["xla_step_seconds"] == 0.5 and splash["xla_mfu"] is None
+    assert "a floor" in splash["xla_estimate"]
 
 
 def test_bad_topologies_and_meshes_are_named(tiny_cfg):
@@ -83,6 +93,7 @@ def test_compile_command_for_two_slices(tmp_path, corpus_cache):
     assert report["chips"] == 8 and report["mesh"] == {
         "data": 2,
         "fsdp": 4,
+        "context": 1,
         "tensor": 1,
         "expert": 1,
     }

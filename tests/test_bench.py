@@ -98,7 +98,8 @@ def _check_consistent(r: dict, cfg, devices: int, peak_per_device: float) -> Non
 def test_bad_bench_inputs_fail_early():
     with pytest.raises(ConfigError, match="DATAxFSDPxTENSOR"):
         parse_mesh("2x2")
-    assert parse_mesh("2x4x1") == {"data": 2, "fsdp": 4, "tensor": 1, "expert": 1}
+    assert parse_mesh("2x4x1") == {"data": 2, "fsdp": 4, "context": 1, "tensor": 1, "expert": 1}
+    assert parse_mesh("1x2x1x1x4")["context"] == 4
     assert parse_mesh("1x2x1x4")["expert"] == 4
     with pytest.raises(ConfigError, match="needs 16 devices but 8"):
         list(mesh_sweep(_cfg(), ["4x4x1"]))

@@ -57,7 +57,13 @@ def test_mesh_that_does_not_match_devices():
 
 def test_mesh_fill_axis():
     cfg = config.load(CONFIGS / "tiny.yaml", ["mesh.data=2", "mesh.fsdp=-1", "mesh.tensor=2"])
-    assert resolve_shape(cfg.mesh, 8) == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
+    assert resolve_shape(cfg.mesh, 8) == {
+        "data": 2,
+        "fsdp": 2,
+        "context": 1,
+        "tensor": 2,
+        "expert": 1,
+    }
     four_way = config.load(CONFIGS / "tiny.yaml", ["mesh.data=4", "mesh.fsdp=-1"])
     with pytest.raises(ConfigError, match="does not divide 6"):
         resolve_shape(four_way.mesh, 6)

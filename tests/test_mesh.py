@@ -18,6 +18,7 @@ def test_dcn_axes_multiply_the_ici_axes(tiny_cfg):
     assert resolve_shape(cfg.mesh, 16, num_slices=2) == {
         "data": 2,
         "fsdp": 4,
+        "context": 1,
         "tensor": 2,
         "expert": 1,
     }
@@ -47,7 +48,7 @@ def test_dcn_sizes_are_validated_with_the_divisibility_of_the_whole_axis(tiny_cf
 
 def test_single_slice_mesh_keeps_the_requested_shape(tiny_cfg):
     mesh = make_mesh(tiny_cfg("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"))
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "context": 1, "tensor": 2, "expert": 1}
     assert sorted(d.id for d in np.ravel(mesh.devices)) == list(range(8))
 
 

@@ -159,6 +159,9 @@ MOE_MESHES = {
     "data=2 x fsdp=2 x expert=2": (dict(data=2, fsdp=2, expert=2), "dropless"),
     "tensor=2 x expert=4": (dict(tensor=2, expert=4), "dropless"),
     "fsdp=2 x expert=4, capacity": (dict(fsdp=2, expert=4), "capacity"),
+    # Context parallelism: each device routes the tokens of its rows' positions.
+    "fsdp=2 x context=2 x expert=2": (dict(fsdp=2, context=2, expert=2), "dropless"),
+    "context=4 x expert=2, capacity": (dict(context=4, expert=2), "capacity"),
 }
 
 
@@ -167,7 +170,7 @@ def _two_steps(cfg, mesh: dict, dispatch: str = "dropless"):
     from flaxlm.mesh import make_mesh
     from flaxlm.train import Trainer
 
-    sizes = {"data": 1, "fsdp": 1, "tensor": 1, "expert": 1, **mesh}
+    sizes = {"data": 1, "fsdp": 1, "context": 1, "tensor": 1, "expert": 1, **mesh}
     moe = dataclasses.replace(cfg.model.moe, dispatch=dispatch)
     cfg = config.replace(cfg, mesh=sizes, model={"moe": moe})
     devices = jax.devices()[: int(np.prod(list(sizes.values())))]

@@ -97,7 +97,7 @@ def test_every_mesh_gives_the_same_losses_and_parameters(tiny_cfg, family):
 
 
 def _assert_sharded_as_the_rules_say(trainer, state, shape):
-    sizes = dict(zip(("data", "fsdp", "tensor"), shape, strict=True))
+    sizes = {**dict(zip(("data", "fsdp", "tensor"), shape, strict=True)), "context": 1}
     rules = trainer.cfg.mesh.rules
     params = state.params
     logical = trainer.logical_specs.params

@@ -30,6 +30,9 @@ def validate_mlm(cfg: Config) -> None:
         "model.post_norms": (m.post_norms, not m.post_norms, "false"),
         "model.tie_embeddings": (m.tie_embeddings, m.tie_embeddings, "true"),
         "data.token_cache": (d.token_cache, not d.token_cache, "null (the streaming pipeline)"),
+        # Context parallelism reorders rows for a causal mask's load balance.
+        "mesh.context": (cfg.mesh.context, cfg.mesh.context == 1, "1"),
+        "mesh.dcn_context": (cfg.mesh.dcn_context, cfg.mesh.dcn_context == 1, "1"),
     }
     for key, (value, ok, fix) in unsupported.items():
         require(ok, f"{key}={value} is not supported by model.arch=encoder; set {key}={fix}")

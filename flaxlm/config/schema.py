@@ -117,14 +117,16 @@ class ModelConfig:
 
 
 def _default_rules() -> dict[str, list[str]]:
-    # Logical axis -> mesh axes. Parameters: `embed` is split over fsdp (ZeRO-3 style), the
+    # Logical axis -> mesh axes. Parameters: `embed` is split over fsdp and context (ZeRO-3), the
     # head / mlp / vocab dimensions over tensor (Megatron style). Activations: the batch over
     # data and fsdp, their feature dimensions over tensor where the matching weights are.
     return {
         "batch": ["data", "fsdp", "expert"],
-        "length": [],
+        # The sequence of activations: context parallelism (flaxlm/context_parallel.py).
+        "length": ["context"],
         "vocab": ["tensor"],
-        "embed": ["fsdp"],
+        # FSDP over the context axis too: its devices share rows, not the model.
+        "embed": ["fsdp", "context"],
         "heads": ["tensor"],
         "kv_heads": ["tensor"],
         "head_dim": [],
@@ -140,7 +142,7 @@ def _default_rules() -> dict[str, list[str]]:
     }
 
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
+MESH_AXES = ("data", "fsdp", "context", "tensor", "expert")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +156,10 @@ class MeshConfig:
     # Expert parallelism: routed experts are split over this axis, and so is the batch (each
     # device routes its own tokens, then an all-to-all brings them to their experts' devices).
     expert: int = 1
+    # Context parallelism: each sequence is split over this axis (activations, attention
+    # queries); keys and values are all-gathered per layer. For long sequences whose
+    # activations do not fit on one device (flaxlm/context_parallel.py).
+    context: int = 1
     # Slices along each mesh axis (DCN: the data-center network between TPU slices, or between
     # hosts when each process is its own slice). The product is the number of slices; a mesh
     # axis spans ici x dcn devices, with the DCN part outermost. Put only `data` (or `fsdp`)
@@ -162,16 +168,24 @@ class MeshConfig:
     dcn_fsdp: int = 1
     dcn_tensor: int = 1
     dcn_expert: int = 1
+    dcn_context: int = 1
     rules: dict[str, list[str]] = dataclasses.field(default_factory=_default_rules)
 
     def shape(self) -> dict[str, int]:
         """The ICI (per-slice) sizes; -1 marks the axis that fills the slice."""
-        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor, "expert": self.expert}
+        return {
+            "data": self.data,
+            "fsdp": self.fsdp,
+            "context": self.context,
+            "tensor": self.tensor,
+            "expert": self.expert,
+        }
 
     def dcn_shape(self) -> dict[str, int]:
         return {
             "data": self.dcn_data,
             "fsdp": self.dcn_fsdp,
+            "context": self.dcn_context,
             "tensor": self.dcn_tensor,
             "expert": self.dcn_expert,
         }

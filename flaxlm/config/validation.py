@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import math
 import typing
 from typing import Any
 
@@ -220,8 +221,8 @@ def _validate_mesh(cfg: Config) -> None:
         _require(size > 0, f"mesh.dcn_{axis}={size} must be positive (slices along {axis})")
     _require(
         sum(size == -1 for size in sizes.values()) <= 1,
-        "only one of mesh.data, mesh.fsdp, mesh.tensor, mesh.expert may be -1 (fill with "
-        "remaining devices)",
+        "only one of mesh.data, mesh.fsdp, mesh.context, mesh.tensor, mesh.expert may be -1 "
+        "(fill with remaining devices)",
     )
     for logical, axes in mesh.rules.items():
         for axis in axes:
@@ -282,6 +283,23 @@ def check_divisibility(cfg: Config, sizes: dict[str, int]) -> None:
                 f"{named} does not divide {key}={value} (logical axis {logical!r} is sharded "
                 f"over {known}); change the mesh or mesh.rules.{logical}"
             )
+    # Context parallelism: the mesh axes that split each row (-1 axes: once devices are known).
+    row_axes = [a for a in cfg.mesh.rules.get("length", []) if sizes.get(a, 1) > 1]
+    context = math.prod(sizes[a] for a in row_axes)
+    named = " x ".join(f"mesh.{a}={sizes[a]}" for a in row_axes)
+    if context > 1 and d.seq_len % (2 * context):
+        raise ConfigError(
+            f"{named} needs data.seq_len={d.seq_len} to be a multiple of "
+            f"{2 * context} (twice the shards of a row: each shard takes one early and one late "
+            "chunk of every row, so that causal attention gives every shard the same work); "
+            "change data.seq_len or mesh.context"
+        )
+    if context > 1 and m.attention == AttentionKernel.splash and d.seq_len % (128 * context):
+        raise ConfigError(
+            f"model.attention=splash with {named} needs data.seq_len={d.seq_len} "
+            f"to be a multiple of {128 * context} (each context shard's queries fill blocks of "
+            "128); change data.seq_len or mesh.context"
+        )
 
 
 def _validate_source(src: SourceFields, where: str) -> None:
