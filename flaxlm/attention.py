@@ -6,6 +6,7 @@ kernels take q_BxTxNxH, k_BxSxKxH and v_BxSxKxH (grouped-query attention: each k
 serves G query heads) and return out_BxTxNxH. Which tokens may attend to which is described by
 segment ids, never by a hand-built mask: token t sees token s when s <= t (causal) and both belong
 to the same non-zero segment (packed documents never see each other; segment 0 is padding).
+Encoders (`causal=False`) drop the causal condition: each token sees its whole segment.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ def attention_mask(
     kv_segment_ids_BxS: jax.Array,
     window: int | None = None,
     order_T: np.ndarray | None = None,
+    causal: bool = True,
 ) -> jax.Array:
-    """Boolean mask_Bx1xTxS: causal and within one non-padding segment (and, with a sliding
-    window W, at most W - 1 positions back).
+    """Boolean mask_Bx1xTxS: causal (unless `causal=False`) and within one non-padding
+    segment (and, with a sliding window W, at most W - 1 positions back).
 
     Assumes queries are the last T of the S key positions (T == S for training). With order_T
     (context parallelism: a row reordered so that `order_T[t]` is the original index of its
@@ -43,7 +45,7 @@ def attention_mask(
         q_pos_T = kv_pos_S = jnp.asarray(order_T)
     else:
         q_pos_T, kv_pos_S = jnp.arange(t) + (s - t), jnp.arange(s)
-    return position_mask(q_pos_T, kv_pos_S, q_segment_ids_BxT, kv_segment_ids_BxS, window)
+    return position_mask(q_pos_T, kv_pos_S, q_segment_ids_BxT, kv_segment_ids_BxS, window, causal)
 
 
 def position_mask(
@@ -52,12 +54,13 @@ def position_mask(
     q_segment_ids_BxT: jax.Array,
     kv_segment_ids_BxS: jax.Array,
     window: int | None = None,
+    causal: bool = True,
 ) -> jax.Array:
     """Boolean mask_Bx1xTxS from absolute positions: query t sees key s when kv_pos_S[s] <=
     q_pos_T[t] (and, with a sliding window W, kv_pos_S[s] > q_pos_T[t] - W) and both are in
     the same non-padding segment. The one mask of training, cached and ring-buffer decoding."""
     q_pos_Tx1, k_pos_1xS = q_pos_T[:, None], kv_pos_S[None, :]
-    causal_TxS = k_pos_1xS <= q_pos_Tx1
+    causal_TxS = k_pos_1xS <= q_pos_Tx1 if causal else jnp.ones_like(k_pos_1xS <= q_pos_Tx1)
     if window is not None:
         causal_TxS &= q_pos_Tx1 - k_pos_1xS < window
     same_BxTxS = q_segment_ids_BxT[:, :, None] == kv_segment_ids_BxS[:, None, :]
@@ -121,6 +124,7 @@ def splash_attention(
     window: int | None = None,
     softcap: float | None = None,
     order_T: np.ndarray | None = None,
+    causal: bool = True,
 ) -> jax.Array:
     """The Pallas splash attention kernel (TPU), on q_BxTxNxH with segment ids (and a sliding
     window of W positions: the kernel's local mask, which also skips the blocks outside it).
@@ -142,7 +146,9 @@ def splash_attention(
     def per_shard(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_seg_BxT, kv_seg_BxS):
         _, t, n, h = q_BxTxNxH.shape
         s = k_BxSxKxH.shape[1]
-        if window is None:
+        if not causal:
+            head_mask = sm.FullMask((t, s))
+        elif window is None:
             head_mask = sm.CausalMask((t, s))
         else:
             head_mask = sm.LocalMask((t, s), window_size=(window - 1, 0), offset=s - t)
@@ -274,23 +280,25 @@ def dot_product_attention(
     window: int | None = None,
     softcap: float | None = None,
     order_T: np.ndarray | None = None,
+    causal: bool = True,
 ) -> jax.Array:
     """Masked multi-head attention with the selected kernel: out_BxTxNxH (window: sliding
     window length, None for the whole causal prefix; softcap: logit soft-capping, which the
     XLA and cuDNN kernels lack, so they hand it to the reference kernel; order_T: the original
-    index of each position of a row reordered for context parallelism, see `attention_mask`)."""
+    index of each position of a row reordered for context parallelism, see `attention_mask`;
+    causal=False: each token sees its whole segment, as in an encoder)."""
     q, k, v = q_BxTxNxH, k_BxSxKxH, v_BxSxKxH
     if kernel == AttentionKernel.splash:
         return splash_attention(
             q, k, v, q_segment_ids_BxT, kv_segment_ids_BxS, window=window, softcap=softcap,
-            order_T=order_T,
+            order_T=order_T, causal=causal,
         )  # fmt: skip
-    mask_Bx1xTxS = attention_mask(q_segment_ids_BxT, kv_segment_ids_BxS, window, order_T)
+    mask_Bx1xTxS = attention_mask(q_segment_ids_BxT, kv_segment_ids_BxS, window, order_T, causal)
     # cuDNN's causal flag means causal in row order, which a reordered row is not.
     if kernel == AttentionKernel.cudnn and softcap is None and order_T is None:
         # is_causal selects cuDNN's fused causal path; the mask adds the segment boundaries.
         return jax.nn.dot_product_attention(
-            q, k, v, mask=mask_Bx1xTxS, is_causal=True, implementation="cudnn"
+            q, k, v, mask=mask_Bx1xTxS, is_causal=causal, implementation="cudnn"
         )
     if kernel in (AttentionKernel.reference, AttentionKernel.xla, AttentionKernel.cudnn):
         return masked_attention(q, k, v, mask_Bx1xTxS, kernel, softcap)

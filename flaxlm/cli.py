@@ -5,6 +5,7 @@
     flaxlm generate --checkpoint RUN_DIR [--step N] --prompt TEXT [--prompt TEXT ...]
                     [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
                     [--stop TEXT ...] [--seed S]
+    flaxlm fill-mask --checkpoint RUN_DIR [--step N] --text "... [MASK] ..." [--top-k K]
     flaxlm compile  --config configs/X.yaml --topology v5p:4x4x4 [--slices N] [key.sub=value ...]
     flaxlm export   --checkpoint RUN_DIR [--step N] DST
     flaxlm convert  {from-hf|to-hf} SRC DST [--step N] [--dtype D] [--max-shard-size BYTES]
@@ -22,9 +23,10 @@
     flaxlm goodput  RUN_DIR
     flaxlm --version | --help | COMMAND --help
 
-Results go to stdout (`eval` prints one JSON object per line, `generate` the text); progress and
-errors go to stderr. Exit status: 0 on success; 2 on a bad input and 1 on a failed run (NaN loss,
-failed save, a spike with nothing to roll back to), each with a one-paragraph message; 143 when
+Results go to stdout (`eval` and `fill-mask` print one JSON object per line, `generate` the
+text); progress and errors go to stderr. Exit status: 0 on success; 2 on a bad input and 1 on a
+failed run (NaN loss, failed save, a spike with nothing to roll back to), each with a
+one-paragraph message; 143 when
 SIGTERM stopped training after a save; 75 when the hang watchdog ended a run that made no
 progress (restart it: it resumes from its last checkpoint).
 The subcommands and their arguments are the table in `flaxlm.commands`; handlers import JAX and

@@ -138,6 +138,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     if s.first_eval is not None:
         lines.append(f"bits per byte: {s.first_eval['bits_per_byte']:.3f} at the start")
     lines.append(f"bits per byte: {s.final_eval['bits_per_byte']:.3f} at the end")
+    if "mlm_accuracy" in s.final_eval:  # an encoder: how many masked tokens it gets right
+        start = f"{s.first_eval['mlm_accuracy']:.3f} at the start, " if s.first_eval else ""
+        lines.append(f"masked-token accuracy: {start}{s.final_eval['mlm_accuracy']:.3f} at the end")
     if s.sample is not None:
         lines.append("sample:\n" + s.sample)
     print("\n".join(lines), flush=True)
@@ -203,6 +206,23 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 @command(
+    "fill-mask",
+    "predict the tokens at each [MASK] of a text with an encoder (BERT)",
+    checkpoint,
+    arg("--text", required=True, help='text with one or more [MASK], e.g. "The [MASK] sat."'),
+    arg("--top-k", type=int, default=5, help="predictions per mask (default 5)"),
+)
+def cmd_fill_mask(args: argparse.Namespace) -> None:
+    from flaxlm.fill_mask import fill_mask
+    from flaxlm.run_dir import load_run, load_tokenizer
+
+    tokenizer = load_tokenizer(args.checkpoint)
+    _, trainer, params, _ = load_run(args.checkpoint, args.step, [])
+    for result in fill_mask(trainer, params, args.text, tokenizer, args.top_k):
+        _result(strict_json(result))  # one JSON object per [MASK], in order
+
+
+@command(
     "compile",
     "compile the train step for a TPU topology ahead of time: memory, FLOPs",
     config_file(),
@@ -232,7 +252,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 @command(
     "convert",
-    "import or export Hugging Face GPT-2 / Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 models",
+    "import or export Hugging Face GPT-2 / Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 / Mixtral / "
+    "BERT models",
     arg("direction", choices=["from-hf", "to-hf"]),
     arg("src", help="from-hf: a Hugging Face model directory; to-hf: a run directory"),
     arg("dst", help="from-hf: a new run directory; to-hf: a new model directory"),

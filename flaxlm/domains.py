@@ -11,7 +11,7 @@ import dataclasses
 import re
 from pathlib import Path
 
-from flaxlm.config import Corpus, DataConfig
+from flaxlm.config import Corpus, DataConfig, Objective
 from flaxlm.config.schema import SourceConfig, SourceFields
 from flaxlm.data import pipeline
 
@@ -39,12 +39,17 @@ def component_config(cfg: DataConfig, component: SourceConfig) -> DataConfig:
 
 
 def eval_sets(
-    cfg: DataConfig, process_index: int = 0, process_count: int = 1
+    cfg: DataConfig,
+    process_index: int = 0,
+    process_count: int = 1,
+    objective: Objective = Objective.clm,
 ) -> dict[str, list[pipeline.HostBatch]]:
     """The eval batches of each mixture component by name ({} when cfg is not a mixture)."""
     if cfg.corpus != Corpus.mixture:
         return {}
     return {
-        name: pipeline.eval_batches(component_config(cfg, m), process_index, process_count)
+        name: pipeline.eval_batches(
+            component_config(cfg, m), process_index, process_count, objective
+        )
         for name, m in zip(names(cfg), cfg.mixture, strict=True)
     }

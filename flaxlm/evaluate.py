@@ -24,20 +24,29 @@ from flaxlm.train import Trainer
 def evaluate(
     trainer: Trainer, params, batches: Iterable[dict[str, np.ndarray]]
 ) -> dict[str, float]:
-    """Mean loss, perplexity and bits per byte over an iterable of process-local batches."""
-    nats = tokens = nbytes = 0.0
+    """Mean loss, perplexity and bits per byte over an iterable of process-local batches.
+
+    For an encoder every figure is over the masked tokens alone (`tokens` counts them, bits per
+    byte divides by their bytes), and `mlm_loss` (the same as `loss`) and `mlm_accuracy` (the
+    share of masked tokens whose label is the most likely token) are added.
+    """
+    totals: dict[str, float] = {}
     for local in batches:
         sums = jax.device_get(trainer.eval_step(params, trainer.global_batch(local)))
-        nats += float(sums["nats"])
-        tokens += float(sums["tokens"])
-        nbytes += float(sums["bytes"])
+        for key, value in sums.items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    nats, tokens = totals.get("nats", 0.0), totals.get("tokens", 0.0)
     loss = nats / max(tokens, 1.0)
-    return {
+    result = {
         "loss": loss,
         "perplexity": float(np.exp(min(loss, 700.0))),
-        "bits_per_byte": nats / np.log(2.0) / max(nbytes, 1.0),
+        "bits_per_byte": nats / np.log(2.0) / max(totals.get("bytes", 0.0), 1.0),
         "tokens": int(tokens),
     }
+    if "correct" in totals:
+        result["mlm_loss"] = loss
+        result["mlm_accuracy"] = totals["correct"] / max(tokens, 1.0)
+    return result
 
 
 def evaluate_all_steps(
@@ -48,7 +57,9 @@ def evaluate_all_steps(
     cfg, trainer, checkpointer = open_run(run_dir, overrides)
     try:
         check_tokenizer(run_dir, cfg)
-        batches = pipeline.eval_batches(cfg.data, jax.process_index(), jax.process_count())
+        batches = pipeline.eval_batches(
+            cfg.data, jax.process_index(), jax.process_count(), cfg.train.objective
+        )
         results = []
         for step in checkpointer.all_steps():
             check_model(checkpointer, step, cfg, run_dir)
@@ -82,5 +93,7 @@ def evaluate_run(
     """Evaluates a checkpoint of a run on its configured eval split."""
     cfg, trainer, params, step = load_run(run_dir, step, overrides)
     check_tokenizer(run_dir, cfg)
-    batches = pipeline.eval_batches(cfg.data, jax.process_index(), jax.process_count())
+    batches = pipeline.eval_batches(
+        cfg.data, jax.process_index(), jax.process_count(), cfg.train.objective
+    )
     return {"step": step, **evaluate(trainer, params, batches)}

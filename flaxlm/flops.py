@@ -18,7 +18,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxlm.config import Config, Mlp, ModelConfig, Norm, Position, expert_width, is_sparse_layer
+from flaxlm.config import (
+    Arch,
+    Config,
+    Mlp,
+    ModelConfig,
+    Norm,
+    Position,
+    expert_width,
+    is_sparse_layer,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +126,10 @@ def analytic_param_count(cfg: ModelConfig, active: bool = False) -> int:
         total += cfg.max_seq_len * d
     if not cfg.tie_embeddings:
         total += d * cfg.vocab_size
+    if cfg.arch == Arch.encoder:
+        # Token types, a second norm (the embeddings' and the head's instead of a final one)
+        # and the masked-LM head's dense layer and output bias.
+        total += cfg.type_vocab_size * d + norm + d * d + d + cfg.vocab_size
     return total
 
 

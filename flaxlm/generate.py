@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxlm.config import ConfigError
+from flaxlm.config import Arch, ConfigError, ModelConfig
 from flaxlm.data.tokenizer import ByteTokenizer, Tokenizer
 from flaxlm.model import Transformer
 
@@ -190,6 +190,15 @@ def prefill_and_decode(
     return out_BxM
 
 
+def check_decoder(cfg: ModelConfig) -> None:
+    """Refuses an encoder: it sees every token at once and has no next-token logits to sample."""
+    if cfg.arch != Arch.decoder:
+        raise ConfigError(
+            f"model.arch={cfg.arch}: an encoder (BERT) predicts masked tokens and cannot "
+            "continue text; use `flaxlm fill-mask --checkpoint RUN --text '... [MASK] ...'`"
+        )
+
+
 def check_room(
     trainer: Trainer,
     prompts: list[str],
@@ -200,6 +209,7 @@ def check_room(
     """The number of tokens to generate: new_tokens, or for None the default clipped to the
     room the longest prompt leaves. Refuses (ConfigError) prompts that leave no room and an
     explicit new_tokens past the model's context, rather than clipping it silently."""
+    check_decoder(trainer.cfg.model)
     context = trainer.cfg.model.max_seq_len
     if new_tokens is not None and new_tokens < 0:
         raise ConfigError(f"--max-new-tokens={new_tokens} must be >= 0")
@@ -231,6 +241,7 @@ def generate_text(
     tokenizer: Tokenizer | None = None,
 ) -> list[str]:
     """Continues each prompt; a text ends at EOS or just after the first stop string."""
+    check_decoder(trainer.cfg.model)
     tok = tokenizer or ByteTokenizer()
     ids = [tok.encode(p, add_bos=trainer.cfg.data.add_bos) for p in prompts]
     with trainer.context():

@@ -31,7 +31,7 @@ from lm_eval.api.registry import register_model
 
 from flaxlm.config import ConfigError
 from flaxlm.data.tokenizer import ByteTokenizer, Tokenizer
-from flaxlm.generate import SamplingConfig, generate
+from flaxlm.generate import SamplingConfig, check_decoder, generate
 from flaxlm.mesh import replicated
 from flaxlm.run_dir import load_run, load_tokenizer
 from flaxlm.train import Trainer
@@ -65,6 +65,7 @@ class FlaxLM(LM):
     def _attach(
         self, trainer: Trainer, params: Any, tokenizer: Tokenizer, step: int, batch_size: int | str
     ) -> None:
+        check_decoder(trainer.cfg.model)  # the harness scores and writes continuations
         self.cfg, self.trainer, self.params, self.step = trainer.cfg, trainer, params, step
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8

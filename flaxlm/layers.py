@@ -1,5 +1,5 @@
 """The building blocks shared by the model families: norms, the feed-forward block, and the
-helpers every layer uses (dtypes, initialisers, logical activation constraints).
+helpers every layer uses (dtypes, initialisers, dropout, logical activation constraints).
 
 Shape letters as in `flaxlm.model`.
 """
@@ -34,6 +34,28 @@ def normal_init(std: float) -> nn.initializers.Initializer:
 def constrain(x: Array, names: tuple[str | None, ...]) -> Array:
     """Activation sharding by logical names (a no-op outside a mesh / rules context)."""
     return logical_constraint(x, names)
+
+
+def dropout(module: nn.Module, rate: float, x: Array) -> Array:
+    """Inverted dropout while training (a "dropout" RNG is given); the identity otherwise, and
+    always at rate 0 (then nothing is traced: the step is exactly the one without dropout)."""
+    if rate == 0 or not module.has_rng("dropout"):
+        return x
+    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def embedding(cfg: ModelConfig, rows: int, row_axis: str | None, name: str) -> nn.Embed:
+    """A table of `rows` d_model-wide embeddings (tokens, learned positions or token types),
+    sharded as (row_axis, embed)."""
+    return nn.Embed(
+        rows,
+        cfg.d_model,
+        dtype=dtype_of(cfg.dtype),
+        param_dtype=dtype_of(cfg.param_dtype),
+        embedding_init=nn.with_logical_partitioning(normal_init(cfg.init_std), (row_axis, "embed")),
+        name=name,
+    )
 
 
 class RMSNorm(nn.Module):
@@ -89,7 +111,7 @@ def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
 
 
 class FeedForward(nn.Module):
-    """GELU MLP (GPT-2), SwiGLU (Llama) or GeGLU (Gemma): down(act(up(x))) or
+    """GELU MLP (GPT-2, BERT), SwiGLU (Llama) or GeGLU (Gemma): down(act(up(x))) or
     down(act(gate(x)) * up(x))."""
 
     cfg: ModelConfig
@@ -116,8 +138,8 @@ class FeedForward(nn.Module):
             act = nn.silu if cfg.mlp == Mlp.swiglu else partial(nn.gelu, approximate=True)
             hidden_BxTxF = act(gate_BxTxF) * up_BxTxF
         else:
-            # GPT-2 uses the tanh approximation of GELU.
-            hidden_BxTxF = nn.gelu(up_BxTxF, approximate=True)
+            # GPT-2 uses the tanh approximation of GELU, BERT the exact erf form.
+            hidden_BxTxF = nn.gelu(up_BxTxF, approximate=cfg.mlp != Mlp.gelu_exact)
         hidden_BxTxF = constrain(hidden_BxTxF, ("batch", "length", "act_mlp"))
         hidden_BxTxF = checkpoint_name(hidden_BxTxF, "mlp_hidden")
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)

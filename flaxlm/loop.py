@@ -33,7 +33,7 @@ import jax
 
 from flaxlm import eval_tasks, fs, hooks, resume, spikes
 from flaxlm.checkpoint import Checkpointer
-from flaxlm.config import Config, SpikePolicy, to_dict
+from flaxlm.config import Arch, Config, SpikePolicy, to_dict
 from flaxlm.data import pipeline
 from flaxlm.data.tokenize import STATS
 from flaxlm.data.tokenizer import from_config
@@ -178,15 +178,18 @@ def _run_locked(
     try:
         # A resumed run keeps the data shards of its checkpoints, whatever the process count.
         data = pipeline.train_iterator(
-            cfg.data, t.seed, jax.process_index(), jax.process_count(), checkpointer.data_shards()
+            cfg.data, t.seed, jax.process_index(), jax.process_count(), checkpointer.data_shards(),
+            t.objective,
+        )  # fmt: skip
+        eval_set = pipeline.eval_batches(
+            cfg.data, jax.process_index(), jax.process_count(), t.objective
         )
-        eval_set = pipeline.eval_batches(cfg.data, jax.process_index(), jax.process_count())
         writer = MetricsWriter(run_dir, t.tensorboard, t.wandb, to_dict(cfg))
         watcher = PreemptionWatcher()
         ledger = Ledger(run_dir, jax.process_index() == 0, process_start_time())
         timekeeping = hooks.Timekeeping(ledger, watchdog)
         watchdog.before_exit.append(lambda: ledger.save(force=True))
-        domains = domain_eval_sets(cfg.data, jax.process_index(), jax.process_count())
+        domains = domain_eval_sets(cfg.data, jax.process_index(), jax.process_count(), t.objective)
         parts = _Parts(
             cfg, trainer, data, eval_set, checkpointer, writer, watcher, timekeeping, domains,
             tasks, tokenizer,
@@ -354,7 +357,7 @@ def _summarize(
     """The run's summary, with a sample of text when train.sample_prompt asks for one."""
     t = p.cfg.train
     text = None
-    if t.sample_prompt:
+    if t.sample_prompt and p.cfg.model.arch == Arch.decoder:  # an encoder cannot continue text
         sampling = SamplingConfig(temperature=t.sample_temperature, seed=t.seed)
         tok = from_config(p.cfg.data)
         text = generate_text(

@@ -1,4 +1,5 @@
-"""The language-modelling loss: next-token cross entropy per token, and its weights.
+"""The language-modelling losses: next-token cross entropy per token (decoders) or the cross
+entropy of the masked tokens alone (encoders), and their weights.
 
 Shape letters as in `flaxlm.model`; `flaxlm.train` sums these into the training objective.
 """
@@ -26,6 +27,20 @@ def token_losses(logits_BxTxV: jax.Array, batch: Batch) -> tuple[jax.Array, jax.
     targets_BxT = jnp.concatenate([tokens_BxT[:, 1:], tokens_BxT[:, -1:]], axis=1)
     losses_BxT = cross_entropy(logits_BxTxV, targets_BxT)
     return losses_BxT[:, :-1], weights_BxTm1.astype(jnp.float32)
+
+
+def masked_losses(logits_BxTxV: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """Masked-LM cross entropy losses_BxT against the original tokens (`labels`), weighted by
+    `label_weights`: 1 at the positions the pipeline chose (`flaxlm.data.masking`), 0 elsewhere,
+    so that only they count."""
+    losses_BxT = cross_entropy(logits_BxTxV, batch["labels"])
+    return losses_BxT, batch["label_weights"].astype(jnp.float32)
+
+
+def correct_predictions(logits_BxTxV: jax.Array, batch: Batch, weights_BxT: jax.Array) -> jax.Array:
+    """How many weighted positions have the label as their most likely token (a float sum)."""
+    hits_BxT = jnp.argmax(logits_BxTxV, axis=-1) == batch["labels"]
+    return (hits_BxT.astype(jnp.float32) * weights_BxT).sum()
 
 
 def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:

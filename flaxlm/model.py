@@ -5,6 +5,8 @@ One module covers both families through `ModelConfig`:
 - GPT-2: LayerNorm, GELU MLP, learned absolute positions, biases, tied input/output embeddings.
 - Llama: RMSNorm, SwiGLU MLP, rotary positions, grouped-query attention, no biases, untied output.
 - The classic sinusoidal encoding of Vaswani et al. (x + PE(p)) is a third position choice.
+- BERT (model.arch=encoder): bidirectional attention, post-norm blocks, token-type embeddings
+  and a masked-LM head (`flaxlm.encoder`).
 - Options on the Llama shape give Mistral (sliding window), Qwen2 (q/k/v biases), Qwen3 (q/k
   norms) and Gemma 2 (GeGLU, (1 + scale) norms, post-norms, embedding scaling, soft-capped
   logits, alternating local/global layers).
@@ -32,9 +34,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxlm.config import ModelConfig, Position, Remat, is_sparse_layer
+from flaxlm.config import Arch, ModelConfig, Position, Remat, is_sparse_layer
 from flaxlm.context_parallel import inverse, load_balanced_order
-from flaxlm.layers import FeedForward, constrain, dtype_of, make_norm, normal_init
+from flaxlm.encoder import encoder_embeddings, mlm_logits
+from flaxlm.layers import (
+    FeedForward,
+    constrain,
+    dropout,
+    dtype_of,
+    embedding,
+    make_norm,
+    normal_init,
+)
 from flaxlm.mesh import current_platform
 from flaxlm.moe import MOE_COLLECTION, MoeFeedForward
 from flaxlm.positions import sinusoidal_encoding
@@ -68,21 +79,27 @@ class Block(nn.Module):
         return constrain(x_BxTxD, ("batch", "length", "act_embed"))
 
 
+class PostNormBlock(Block):
+    """Post-norm residual block of an encoder (BERT): Norm(x + Attn(x)), then Norm(x + MLP(x))."""
+
+    @nn.compact
+    def __call__(self, x_BxTxD: Array, positions_BxT: Array, segment_ids_BxT: Array) -> Array:
+        cfg = self.cfg
+        h_BxTxD = Attention(cfg, name="attn")(x_BxTxD, positions_BxT, segment_ids_BxT)
+        x_BxTxD = make_norm(cfg, "attn_norm")(
+            x_BxTxD + dropout(self, cfg.dropout_residual, h_BxTxD)
+        )
+        h_BxTxD = FeedForward(cfg, name="mlp")(x_BxTxD)
+        x_BxTxD = make_norm(cfg, "mlp_norm")(x_BxTxD + dropout(self, cfg.dropout_residual, h_BxTxD))
+        return constrain(x_BxTxD, ("batch", "length", "act_embed"))
+
+
 def layer_window(cfg: ModelConfig, layer: int) -> int | None:
     """The sliding window of layer `layer`: cfg.sliding_window, except every global_every-th
     layer, which sees the whole prefix (Gemma 2 alternates local and global layers)."""
     if cfg.global_every and (layer + 1) % cfg.global_every == 0:
         return None
     return cfg.sliding_window
-
-
-def dropout(module: nn.Module, rate: float, x: Array) -> Array:
-    """Inverted dropout while training (a "dropout" RNG is given); the identity otherwise, and
-    always at rate 0 (then nothing is traced: the step is exactly the one without dropout)."""
-    if rate == 0 or not module.has_rng("dropout"):
-        return x
-    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 class ScannedBlock(Block):
@@ -137,6 +154,8 @@ def decoder_stack(
 ) -> Array:
     """The n_layers blocks: a Python loop, or one nn.scan'd block with stacked parameters."""
     block_cls = ScannedBlock if cfg.scan_layers else Block
+    if cfg.arch == Arch.encoder:  # validation keeps encoders unscanned
+        block_cls = PostNormBlock
     if cfg.remat != Remat.none and not decode:
         # prevent_cse keeps XLA from merging recomputation back into the forward pass; inside
         # scan it is unnecessary and only slows things down.
@@ -175,21 +194,9 @@ def _scan_groups(cfg: ModelConfig) -> list[tuple[str, int, bool]]:
     return [("dense_blocks", dense, False), ("blocks", cfg.n_layers - dense, True)]
 
 
-def _embedding(cfg: ModelConfig, rows: int, row_axis: str | None, name: str) -> nn.Embed:
-    """A table of `rows` d_model-wide embeddings (tokens or learned positions), sharded as
-    (row_axis, embed)."""
-    return nn.Embed(
-        rows,
-        cfg.d_model,
-        dtype=dtype_of(cfg.dtype),
-        param_dtype=dtype_of(cfg.param_dtype),
-        embedding_init=nn.with_logical_partitioning(normal_init(cfg.init_std), (row_axis, "embed")),
-        name=name,
-    )
-
-
 class Transformer(nn.Module):
-    """Decoder-only Transformer language model.
+    """Transformer language model: a decoder (next-token logits) or, with model.arch=encoder,
+    a BERT encoder (masked-LM logits at every position).
 
     Args to __call__:
       tokens: int (B, T) token ids.
@@ -197,6 +204,7 @@ class Transformer(nn.Module):
         defaults to 0..T-1.
       segment_ids: int (B, T) document id of each token within its row, 0 for padding;
         defaults to all ones (one document).
+      token_types: int (B, T) token-type (segment A/B) ids of an encoder; defaults to 0.
     Returns float32 logits (B, T, vocab_size). With `decode=True` the attention layers keep a
     key/value cache (see `Attention`); `flaxlm.generate` drives it.
     """
@@ -210,6 +218,7 @@ class Transformer(nn.Module):
         tokens: Array,
         positions: Array | None = None,
         segment_ids: Array | None = None,
+        token_types: Array | None = None,
     ) -> Array:
         cfg = self.cfg
         dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
@@ -217,6 +226,10 @@ class Transformer(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
+        if cfg.arch == Arch.encoder:
+            x_BxTxD, embed = encoder_embeddings(self, cfg, tokens, positions, token_types)
+            x_BxTxD = decoder_stack(cfg, x_BxTxD, positions, segment_ids)
+            return mlm_logits(self, cfg, x_BxTxD, embed)
 
         # Context parallelism: lay each row out for the context shards (a no-op without them).
         order_T = None if self.decode else load_balanced_order(tokens.shape[1])
@@ -225,12 +238,12 @@ class Transformer(nn.Module):
                 a[:, order_T] for a in (tokens, positions, segment_ids)
             )
 
-        embed = _embedding(cfg, cfg.vocab_size, "vocab", "embed")
+        embed = embedding(cfg, cfg.vocab_size, "vocab", "embed")
         x_BxTxD = embed(tokens)
         if cfg.embed_scale:  # Gemma: sqrt(d_model), rounded to the compute dtype as in Gemma
             x_BxTxD = x_BxTxD * jnp.asarray(math.sqrt(cfg.d_model), dtype)
         if cfg.position == Position.learned:
-            pos_table = _embedding(cfg, cfg.max_seq_len, None, "pos_embed")
+            pos_table = embedding(cfg, cfg.max_seq_len, None, "pos_embed")
             x_BxTxD = x_BxTxD + pos_table(positions)
         elif cfg.position == Position.sinusoidal:
             x_BxTxD = x_BxTxD + sinusoidal_encoding(positions, cfg.d_model).astype(dtype)

@@ -20,7 +20,7 @@ from flaxlm.attention import (
     position_mask,
     reference_attention,
 )
-from flaxlm.config import ModelConfig, Position
+from flaxlm.config import Arch, ModelConfig, Position
 from flaxlm.context_parallel import load_balanced_order
 from flaxlm.layers import RMSNorm, constrain, dtype_of, normal_init
 from flaxlm.positions import apply_rope, rope_attention_factor, rope_frequencies
@@ -29,7 +29,8 @@ Array = jax.Array
 
 
 class Attention(nn.Module):
-    """Multi-head (or grouped-query) causal self-attention over packed segments.
+    """Multi-head (or grouped-query) causal self-attention over packed segments
+    (bidirectional within each segment for an encoder).
 
     With `decode=True` keys and values go into a cache (the "cache" collection, sized by the
     input at `init`), so that each call attends to everything cached so far: a prompt is
@@ -89,20 +90,23 @@ class Attention(nn.Module):
         k_BxTxKxH = constrain(k_BxTxKxH, ("batch", kv_length, "act_kv_heads", None))
         v_BxTxKxH = constrain(v_BxTxKxH, ("batch", kv_length, "act_kv_heads", None))
         qkv = (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
+        causal = cfg.arch != Arch.encoder  # an encoder sees its whole segment
         if self.decode and self.window is not None:
             out_BxTxNxH = self._ring_attention(*qkv, segment_ids_BxT)
         elif self.decode:
             out_BxTxNxH = self._cached_attention(*qkv, segment_ids_BxT)
         elif cfg.dropout_attn > 0 and self.has_rng("dropout"):
             # Dropout needs the probabilities themselves: the explicit kernel.
-            mask_Bx1xTxS = attention_mask(segment_ids_BxT, segment_ids_BxT, self.window, order_T)
+            mask_Bx1xTxS = attention_mask(
+                segment_ids_BxT, segment_ids_BxT, self.window, order_T, causal
+            )
             out_BxTxNxH = reference_attention(
                 *qkv, mask_Bx1xTxS, self._attention_dropout, cfg.attn_logit_softcap
             )
         else:
             out_BxTxNxH = dot_product_attention(
                 *qkv, segment_ids_BxT, segment_ids_BxT, cfg.attention, self.window,
-                cfg.attn_logit_softcap, order_T,
+                cfg.attn_logit_softcap, order_T, causal,
             )  # fmt: skip
         out_BxTxNxH = checkpoint_name(
             constrain(out_BxTxNxH, ("batch", "length", "act_heads", None)), "attn_out"

@@ -22,8 +22,13 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, PartitionSpec
 
-from flaxlm.config import Config, NanPolicy
-from flaxlm.losses import cross_entropy, token_losses  # noqa: F401 - part of this API
+from flaxlm.config import Arch, Config, NanPolicy
+from flaxlm.losses import (  # noqa: F401 - cross_entropy is part of this API
+    correct_predictions,
+    cross_entropy,
+    masked_losses,
+    token_losses,
+)
 from flaxlm.mesh import (
     batch_sharding,
     logical_constraint,
@@ -54,6 +59,8 @@ def forward_losses(
 ) -> tuple[jax.Array, jax.Array, jax.Array, dict]:
     """The model's logits_BxTxV on a batch, with its per-token losses, their weights and the
     router statistics of mixture-of-experts layers (their own collection; {} for dense models).
+    A decoder's losses are those of the next tokens (B x T-1), an encoder's those of the masked
+    tokens (B x T, weight 0 elsewhere).
 
     With a dropout_key the model's dropout is on (training); without, it is deterministic.
     """
@@ -66,6 +73,8 @@ def forward_losses(
         rngs=rngs,
         mutable=[MOE_COLLECTION],
     )
+    if model.cfg.arch == Arch.encoder:
+        return logits_BxTxV, *masked_losses(logits_BxTxV, batch), stats
     return logits_BxTxV, *token_losses(logits_BxTxV, batch), stats
 
 
@@ -82,13 +91,16 @@ def loss_sums(
     )
     nats = (losses_BxTm1 * weights_BxTm1).sum()
     aux = {"nats": nats, "tokens": weights_BxTm1.sum()}
+    if model.cfg.arch == Arch.encoder:  # masked-LM accuracy, summed like the loss
+        aux["correct"] = correct_predictions(logits_BxTxV, batch, weights_BxTm1)
     objective = nats
     if model.cfg.moe.enabled:
         extra, moe_sums = router_losses(stats, model.cfg.moe, aux["tokens"])
         objective = objective + extra
         aux.update(moe_sums)
     if z_loss:
-        log_z_BxTm1 = jax.nn.logsumexp(logits_BxTxV, axis=-1)[:, :-1]
+        # The positions of the losses: the first T-1 (decoders) or all T (encoders).
+        log_z_BxTm1 = jax.nn.logsumexp(logits_BxTxV, axis=-1)[:, : weights_BxTm1.shape[1]]
         z = (log_z_BxTm1**2 * weights_BxTm1).sum()
         objective = objective + z_loss * z
         aux["z"] = z
@@ -184,23 +196,28 @@ def train_step(
     }
     if z_loss:
         metrics["z_loss"] = aux["z"] / aux["count"]
+    if "correct" in aux:
+        metrics["mlm_accuracy"] = aux["correct"] / aux["count"]
     metrics.update({k: v / aux["count"] for k, v in aux.items() if k.startswith("moe_")})
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, skipped=skipped)
     return new_state, metrics
 
 
 def eval_step(params, batch: Batch, *, model: Transformer) -> dict[str, jax.Array]:
-    """Sums over the batch: nats of every predicted token, their count, and the bytes among them."""
-    _, losses, weights, _ = forward_losses(params, model, batch)
+    """Sums over the batch: nats of every predicted token, their count, and the bytes among them
+    (an encoder's predicted tokens are its masked ones; it also counts those predicted right)."""
+    logits, losses, weights, _ = forward_losses(params, model, batch)
+    encoder = model.cfg.arch == Arch.encoder
+    targets = batch["labels"] if encoder else batch["tokens"][:, 1:]
     if "bytes" in batch:  # the pipeline says how many bytes of text each token stands for
-        is_byte = batch["bytes"][:, 1:].astype(jnp.float32) * weights
+        nbytes = batch["bytes"] if encoder else batch["bytes"][:, 1:]
+        is_byte = nbytes.astype(jnp.float32) * weights
     else:  # byte ids: one byte each
-        is_byte = (batch["tokens"][:, 1:] < BYTE_IDS).astype(jnp.float32) * weights
-    return {
-        "nats": (losses * weights).sum(),
-        "tokens": weights.sum(),
-        "bytes": is_byte.sum(),
-    }
+        is_byte = (targets < BYTE_IDS).astype(jnp.float32) * weights
+    sums = {"nats": (losses * weights).sum(), "tokens": weights.sum(), "bytes": is_byte.sum()}
+    if encoder:
+        sums["correct"] = correct_predictions(logits, batch, weights)
+    return sums
 
 
 def _path_keys(path) -> tuple[str, ...]:
@@ -335,11 +352,14 @@ class Trainer:
         rng = np.random.default_rng(seed + jax.process_index())
         tokens = rng.integers(0, cfg.model.vocab_size, (rows, cfg.data.seq_len), dtype=np.int32)
         positions = np.broadcast_to(np.arange(cfg.data.seq_len, dtype=np.int32), tokens.shape)
-        return {
-            "tokens": tokens,
-            "positions": np.ascontiguousarray(positions),
-            "segment_ids": np.ones_like(tokens),
-        }
+        batch = {"tokens": tokens, "positions": np.ascontiguousarray(positions)}
+        batch["segment_ids"] = np.ones_like(tokens)
+        if cfg.model.arch == Arch.encoder:  # a masked-LM batch: labels and their weights
+            batch["labels"] = tokens.copy()
+            batch["label_weights"] = (rng.random(tokens.shape) < cfg.data.mask_rate).astype(
+                np.int32
+            )
+        return batch
 
     def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
         """Shapes, dtypes and shardings of one global batch (for ahead-of-time lowering): those
@@ -347,8 +367,11 @@ class Trainer:
         shape = (self.cfg.data.global_batch_size, self.cfg.data.seq_len)
         return {
             k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding)
-            for k in ("tokens", "segment_ids", "positions")
+            for k in ("tokens", "segment_ids", "positions", *self._label_keys())
         }
+
+    def _label_keys(self) -> tuple[str, ...]:
+        return ("labels", "label_weights") if self.cfg.model.arch == Arch.encoder else ()
 
     def lower_step(self, batch: Batch | None = None) -> jax.stages.Lowered:
         """The train step lowered for the abstract state and `batch` (arrays or

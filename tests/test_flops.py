@@ -24,6 +24,9 @@ PUBLISHED = {
     "qwen2.5-0.5b": 494_032_768,
     "qwen3-0.6b": 596_049_920,
     "gemma2-2b": 2_614_341_888,
+    # BertForMaskedLM's own count (transformers), without the pooler and next-sentence head.
+    "bert-base-uncased": 109_514_298,
+    "bert-large-uncased": 335_174_458,
 }
 
 
@@ -52,6 +55,15 @@ def test_analytic_count_matches_the_model_for_every_option(family, scan):
         ["model.use_bias=false", "model.qkv_bias=true", "model.qk_norm=true"],
     ):
         cfg = _preset(family, f"model.scan_layers={scan}", *extra)
+        shapes = jax.eval_shape(
+            lambda c=cfg: Transformer(c.model).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+        )
+        assert param_count(shapes) == analytic_param_count(cfg.model), extra
+
+
+def test_analytic_count_matches_the_encoder_model():
+    for extra in ([], ["model.type_vocab_size=3", "model.vocab_size=384"]):
+        cfg = _preset("bert-tiny", *extra)
         shapes = jax.eval_shape(
             lambda c=cfg: Transformer(c.model).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
         )

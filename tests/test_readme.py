@@ -42,6 +42,7 @@ TINY = {
     "flaxlm tokenizer train": ["--max-bytes", "3000000"],
     "flaxlm compile": ["model.n_layers=2", "data.seq_len=2048"],
     "flaxlm generate": [],
+    "flaxlm fill-mask": [],
     "flaxlm convert": [],
     "flaxlm scaling": [],  # its ladder is replaced by a smaller one (LADDERS)
     "flaxlm data build-tfds": [],

@@ -11,7 +11,9 @@ Everything public is importable from `flaxlm.config` itself.
 """
 
 from flaxlm.config.enums import (
+    BYTE_MASK_ID,
     BYTE_VOCAB_SIZE,
+    Arch,
     AttentionKernel,
     ConfigError,
     Corpus,
@@ -22,6 +24,7 @@ from flaxlm.config.enums import (
     MoeDispatch,
     NanPolicy,
     Norm,
+    Objective,
     OptimizerName,
     Packing,
     Position,
@@ -58,8 +61,10 @@ from flaxlm.config.trackers import WandbConfig
 from flaxlm.config.validation import check_divisibility, validate
 
 __all__ = [
+    "BYTE_MASK_ID",
     "BYTE_VOCAB_SIZE",
     "MESH_AXES",
+    "Arch",
     "AttentionKernel",
     "CheckpointConfig",
     "Config",
@@ -77,6 +82,7 @@ __all__ = [
     "MoeDispatch",
     "NanPolicy",
     "Norm",
+    "Objective",
     "OptimizerConfig",
     "OptimizerName",
     "Packing",

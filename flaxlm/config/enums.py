@@ -16,9 +16,24 @@ class Norm(enum.StrEnum):
 
 
 class Mlp(enum.StrEnum):
-    gelu = "gelu"
+    gelu = "gelu"  # GPT-2: the tanh approximation of GELU
+    gelu_exact = "gelu_exact"  # BERT: the exact (erf) GELU
     swiglu = "swiglu"
     geglu = "geglu"  # Gemma: down(gelu_tanh(gate(x)) * up(x))
+
+
+class Arch(enum.StrEnum):
+    """The shape of the stack: which tokens see which, and what the logits predict."""
+
+    decoder = "decoder"  # causal attention, pre-norm blocks, next-token logits (GPT-2, Llama)
+    # bidirectional attention (padding mask only), post-norm blocks, token-type embeddings and
+    # the masked-LM head (BERT)
+    encoder = "encoder"
+
+
+class Objective(enum.StrEnum):
+    clm = "clm"  # causal language modelling: predict each next token (decoders)
+    mlm = "mlm"  # masked language modelling: predict the masked tokens (encoders)
 
 
 class Position(enum.StrEnum):
@@ -112,6 +127,9 @@ class Packing(enum.StrEnum):
 # BOS, EOS and PAD. It lives here so that validation can check model.vocab_size against it
 # without the config package importing the data package.
 BYTE_VOCAB_SIZE = 259
+# The masked-LM runs of the byte tokenizer also use the id after PAD as [MASK] (BOS and EOS
+# play [CLS] and [SEP]): their model.vocab_size must reach beyond it.
+BYTE_MASK_ID = BYTE_VOCAB_SIZE
 
 
 class DistributedInit(enum.StrEnum):

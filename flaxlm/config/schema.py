@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from flaxlm.config.enums import (
+    Arch,
     AttentionKernel,
     Corpus,
     Decay,
@@ -18,6 +19,7 @@ from flaxlm.config.enums import (
     Mlp,
     NanPolicy,
     Norm,
+    Objective,
     OptimizerName,
     Packing,
     Position,
@@ -32,6 +34,9 @@ from flaxlm.config.trackers import WandbConfig
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+    # decoder: causal, pre-norm (GPT-2, Llama, ...); encoder: bidirectional, post-norm, with
+    # token-type embeddings and a masked-LM head (BERT; flaxlm/encoder.py).
+    arch: Arch = Arch.decoder
     vocab_size: int = 320
     d_model: int = 256
     n_layers: int = 4
@@ -42,6 +47,8 @@ class ModelConfig:
     head_dim: int | None = None
     d_ff: int = 1024
     max_seq_len: int = 256
+    # Encoders: rows of the token-type (segment A/B) embedding table.
+    type_vocab_size: int = 2
     norm: Norm = Norm.layernorm
     norm_eps: float = 1e-5
     mlp: Mlp = Mlp.gelu
@@ -272,6 +279,9 @@ class DataConfig(SourceFields):
     token_cache: str | None = None
     # Evaluation uses this many global batches of the eval split, always the same ones.
     eval_batches: int = 4
+    # train.objective=mlm: the share of tokens chosen for prediction (BERT: 15%); of those, 80%
+    # become [MASK], 10% a random token and 10% stay (flaxlm/data/masking.py).
+    mask_rate: float = 0.15
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,6 +325,8 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+    # clm: next-token prediction (decoders); mlm: masked-token prediction (model.arch=encoder).
+    objective: Objective = Objective.clm
     steps: int = 1000
     run_dir: str = "runs/default"
     # Start a new run from the parameters of another run directory, an export or an imported

@@ -25,6 +25,7 @@ from flaxlm.config.enums import (
     Position,
     TokenizerKind,
 )
+from flaxlm.config.mlm import validate_mlm
 from flaxlm.config.moe import validate_moe
 from flaxlm.config.schema import (
     MESH_AXES,
@@ -49,6 +50,7 @@ def validate(cfg: Config) -> None:
     _validate_checkpoint(cfg.checkpoint)
     _validate_mesh(cfg)
     _validate_distributed(cfg.distributed)
+    validate_mlm(cfg)
 
 
 @functools.cache

@@ -53,7 +53,10 @@ def from_hf(
     if (dst / "checkpoints").exists():
         raise ConfigError(f"{dst} already holds checkpoints; choose a new directory")
     hf = _read_hf_config(src / "config.json")
-    model = [f"model.{k}={v}" for k, v in model_overrides_from_hf(hf).items() if v is not None]
+    model_keys = model_overrides_from_hf(hf)
+    model = [f"model.{k}={v}" for k, v in model_keys.items() if v is not None]
+    if model_keys.get("arch") == "encoder":  # an encoder goes on training as it was trained
+        model.append("train.objective=mlm")
     data_len = min(hf.get("n_positions") or hf.get("max_position_embeddings"), 1024)
     # The run trains and evaluates with the model's own tokenizer (copied into dst/tokenizer).
     data = []
@@ -119,7 +122,7 @@ def to_hf(
             (local / "config.json").write_text(json.dumps(config, indent=2))
             files = write_sharded(tensors, local, max_shard_bytes)
             if cfg.data.tokenizer == "byte":
-                write_byte_tokenizer(local)
+                write_byte_tokenizer(local, mask=cfg.model.arch == "encoder")
             elif cfg.data.tokenizer == "sentencepiece":
                 model = fs.local_copy(run_dir / TOKENIZER_DIR / SENTENCEPIECE_FILE)
                 for warning in write_sentencepiece_tokenizer(model, local):

@@ -13,10 +13,10 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from flaxlm.config import ConfigError, ModelConfig
-from flaxlm.convert import gemma, gpt2, llama, mixtral
+from flaxlm.config import Arch, ConfigError, ModelConfig
+from flaxlm.convert import bert, gemma, gpt2, llama, mixtral
 
-MODULES: tuple[ModuleType, ...] = (gpt2, llama, gemma, mixtral)
+MODULES: tuple[ModuleType, ...] = (gpt2, llama, gemma, mixtral, bert)
 
 
 def module_for_model_type(kind: str | None) -> ModuleType:
@@ -34,7 +34,15 @@ def model_overrides_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
 
 def family(cfg: ModelConfig) -> str:
     """The Hugging Face model_type of cfg's architecture ('gpt2', 'llama', 'mistral', 'qwen2',
-    'qwen3', 'gemma2', 'mixtral'), else a ConfigError."""
+    'qwen3', 'gemma2', 'mixtral', 'bert'), else a ConfigError."""
+    if cfg.arch == Arch.encoder:
+        # Validation keeps encoders to BERT's shape but for these choices.
+        if cfg.norm != "layernorm" or cfg.mlp not in ("gelu", "gelu_exact") or not cfg.use_bias:
+            raise ConfigError(
+                "only a BERT-shaped encoder converts (model.norm=layernorm, model.mlp=gelu_exact, "
+                "model.use_bias=true)"
+            )
+        return "bert"
     gpt2_shape = dict(
         norm="layernorm", mlp="gelu", position="learned", tie_embeddings=True, use_bias=True
     )

@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from flaxlm.config import ConfigError, DataConfig
+from flaxlm.config import ConfigError, DataConfig, Objective
 from flaxlm.data import sources
 from flaxlm.data.indexed import POSITION_FILE, IndexedIterator
+from flaxlm.data.masking import mask_dataset
 from flaxlm.data.packing import pack_documents
 from flaxlm.data.tokenize import tokenize_documents
 from flaxlm.data.tokenizer import Tokenizer, from_config
@@ -34,6 +35,8 @@ tf.config.set_visible_devices([], "GPU")
 
 HostBatch = dict[str, np.ndarray]  # one process's rows; train.Batch is the global jax.Array one
 SHARDS_FILE = "num_shards.json"
+# The masks of the eval set do not depend on the run's seed: runs compare on the same tokens.
+EVAL_MASK_SEED = 12345
 
 
 def _options() -> tf.data.Options:
@@ -63,9 +66,15 @@ def _documents(cfg: DataConfig, seed: int, shard: int, num_shards: int) -> tf.da
 
 
 def shard_dataset(
-    cfg: DataConfig, seed: int, shard: int, num_shards: int, tok: Tokenizer | None = None
+    cfg: DataConfig,
+    seed: int,
+    shard: int,
+    num_shards: int,
+    tok: Tokenizer | None = None,
+    objective: Objective = Objective.clm,
 ) -> tf.data.Dataset:
-    """Endless, shuffled row-blocks (global_batch / V rows) of data shard k of V."""
+    """Endless, shuffled row-blocks (global_batch / V rows) of data shard k of V; masked for
+    the masked-LM objective (keyed on the seed, the shard and the block's index)."""
     tok = tok or from_config(cfg)
     docs = _documents(cfg, seed, shard, num_shards)
     ds = tokenize_documents(docs, tok, cfg.add_bos, cfg.add_eos, with_bytes=False)
@@ -75,6 +84,8 @@ def shard_dataset(
             cfg.shuffle_buffer, seed=seed + 1 + 1_000_003 * shard, reshuffle_each_iteration=True
         )
     ds = ds.batch(cfg.global_batch_size // num_shards, drop_remainder=True)
+    if objective == Objective.mlm:
+        ds = mask_dataset(ds, tok, cfg.mask_rate, seed + 2 + 1_000_003 * shard)
     return ds.with_options(_options()).prefetch(tf.data.AUTOTUNE)
 
 
@@ -105,6 +116,7 @@ def train_iterator(
     process_index: int = 0,
     process_count: int = 1,
     num_shards: int | None = None,
+    objective: Objective = Objective.clm,
 ) -> DataIterator | IndexedIterator:
     """The checkpointable iterator of this process's batches of the train split.
 
@@ -117,7 +129,8 @@ def train_iterator(
     check_shards(cfg, v)
     shards = owned_shards(v, process_index, process_count)
     tok = from_config(cfg)
-    return DataIterator({k: shard_dataset(cfg, seed, k, v, tok) for k in shards}, v)
+    datasets = {k: shard_dataset(cfg, seed, k, v, tok, objective) for k in shards}
+    return DataIterator(datasets, v)
 
 
 def train_dataset(
@@ -142,12 +155,17 @@ def train_dataset(
 
 
 def eval_batches(
-    cfg: DataConfig, process_index: int = 0, process_count: int = 1
+    cfg: DataConfig,
+    process_index: int = 0,
+    process_count: int = 1,
+    objective: Objective = Objective.clm,
 ) -> list[HostBatch]:
     """The fixed eval set: the first `eval_batches` global batches of the eval split, in order.
 
     Every process packs the whole (small) eval split and keeps its rows of each global batch.
-    Rows carry `bytes` (bytes of text per token) for bits per byte.
+    Rows carry `bytes` (bytes of text per token) for bits per byte. For the masked-LM
+    objective the global batches are masked with a fixed seed: every evaluation of every
+    checkpoint predicts the same tokens.
     """
     if cfg.global_batch_size % process_count:
         raise ConfigError(
@@ -162,9 +180,13 @@ def eval_batches(
     else:
         weights = [w / sum(w for _, w, _ in parts) for _, w, _ in parts]
         docs = tf.data.Dataset.sample_from_datasets(streams, weights=weights, seed=0)
-    ds = tokenize_documents(docs, from_config(cfg), cfg.add_bos, cfg.add_eos)
+    tok = from_config(cfg)
+    ds = tokenize_documents(docs, tok, cfg.add_bos, cfg.add_eos)
     ds = pack_documents(ds, cfg.seq_len, cfg.packing, with_bytes=True)
-    ds = ds.batch(cfg.global_batch_size, drop_remainder=True).with_options(_options())
+    ds = ds.batch(cfg.global_batch_size, drop_remainder=True)
+    if objective == Objective.mlm:
+        ds = mask_dataset(ds, tok, cfg.mask_rate, seed=EVAL_MASK_SEED)
+    ds = ds.with_options(_options())
     batches = []
     lo, hi = process_index * local_batch, (process_index + 1) * local_batch
     for batch in ds.take(cfg.eval_batches).as_numpy_iterator():
