@@ -144,7 +144,7 @@ def splash_attention(
         interpret = current_platform() != "tpu"
 
     def per_shard(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_seg_BxT, kv_seg_BxS):
-        _, t, n, h = q_BxTxNxH.shape
+        _, t, n, _ = q_BxTxNxH.shape
         s = k_BxSxKxH.shape[1]
         if not causal:
             head_mask = sm.FullMask((t, s))
@@ -161,12 +161,7 @@ def splash_attention(
             attn_logits_soft_cap=softcap,
             interpret=interpret,
         )
-        scale = jnp.sqrt(jnp.float32(h)).astype(q_BxTxNxH.dtype)
-        q_BxNxTxH = (q_BxTxNxH / scale).transpose(0, 2, 1, 3)
-        k_BxKxSxH, v_BxKxSxH = k_BxSxKxH.transpose(0, 2, 1, 3), v_BxSxKxH.transpose(0, 2, 1, 3)
-        segments = sk.SegmentIds(q=q_seg_BxT, kv=kv_seg_BxS)
-        out_BxNxTxH = jax.vmap(kernel)(q_BxNxTxH, k_BxKxSxH, v_BxKxSxH, segment_ids=segments)
-        return out_BxNxTxH.transpose(0, 2, 1, 3)
+        return _apply_splash(kernel, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_seg_BxT, kv_seg_BxS)
 
     args = (q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_ids_BxT, kv_segment_ids_BxS)
     mesh = current_mesh()
@@ -189,6 +184,27 @@ def splash_attention(
         out_specs=q_spec,
         check_vma=False,
     )(*args)
+
+
+def _apply_splash(
+    kernel,
+    q_BxTxNxH: jax.Array,
+    k_BxSxKxH: jax.Array,
+    v_BxSxKxH: jax.Array,
+    q_segment_ids_BxT: jax.Array,
+    kv_segment_ids_BxS: jax.Array,
+) -> jax.Array:
+    """Runs a splash kernel on a batch: splash takes one example at a time in (heads, length,
+    head_dim) layout and does not scale by 1/sqrt(d), so q is pre-scaled and the batch vmapped."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+
+    h = q_BxTxNxH.shape[-1]
+    scale = jnp.sqrt(jnp.float32(h)).astype(q_BxTxNxH.dtype)
+    q_BxNxTxH = (q_BxTxNxH / scale).transpose(0, 2, 1, 3)
+    k_BxKxSxH, v_BxKxSxH = k_BxSxKxH.transpose(0, 2, 1, 3), v_BxSxKxH.transpose(0, 2, 1, 3)
+    segments = sk.SegmentIds(q=q_segment_ids_BxT, kv=kv_segment_ids_BxS)
+    out_BxNxTxH = jax.vmap(kernel)(q_BxNxTxH, k_BxKxSxH, v_BxKxSxH, segment_ids=segments)
+    return out_BxNxTxH.transpose(0, 2, 1, 3)
 
 
 def _context_splash(
@@ -218,7 +234,7 @@ def _context_splash(
     inverse_S = inverse(order_T)
     k_BxSxKxH, v_BxSxKxH = k_BxSxKxH[:, inverse_S], v_BxSxKxH[:, inverse_S]
     kv_segment_ids_BxS = kv_segment_ids_BxS[:, inverse_S]
-    _, t, n, h = q_BxTxNxH.shape
+    _, t, n, _ = q_BxTxNxH.shape
     s = k_BxSxKxH.shape[1]
     q_spec = nn.logical_to_mesh_axes(("batch", "length", "act_heads", None))
     kv_spec = nn.logical_to_mesh_axes(("batch", None, "act_kv_heads", None))
@@ -244,14 +260,7 @@ def _context_splash(
         interpret=interpret,
     )
 
-    def per_shard(kernel, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_seg_BxT, kv_seg_BxS):
-        scale = jnp.sqrt(jnp.float32(h)).astype(q_BxTxNxH.dtype)
-        q_BxNxTxH = (q_BxTxNxH / scale).transpose(0, 2, 1, 3)
-        k_BxKxSxH, v_BxKxSxH = k_BxSxKxH.transpose(0, 2, 1, 3), v_BxSxKxH.transpose(0, 2, 1, 3)
-        segments = sk.SegmentIds(q=q_seg_BxT, kv=kv_seg_BxS)
-        out_BxNxTxH = jax.vmap(kernel)(q_BxNxTxH, k_BxKxSxH, v_BxKxSxH, segment_ids=segments)
-        return out_BxNxTxH.transpose(0, 2, 1, 3)
-
+    per_shard = _apply_splash
     args = (kernel, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_ids_BxT, kv_segment_ids_BxS)
     if not sharded:
         return per_shard(*args)
