@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from flaxlm.config import AttentionKernel
 from flaxlm.context_parallel import inverse
-from flaxlm.mesh import current_mesh, current_platform, divides
+from flaxlm.mesh import current_mesh, current_platform, divides, shard_count
 
 
 def attention_mask(
@@ -243,9 +243,7 @@ def _context_splash(
     sharded = all(
         divides(mesh, spec, x.shape) for spec, x in ((q_spec, q_BxTxNxH), (kv_spec, k_BxSxKxH))
     )
-    shards = lambda axes: math.prod(  # noqa: E731
-        mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()) if sharded
-    )
+    shards = lambda entry: shard_count(mesh, entry) if sharded else 1  # noqa: E731
     if window is None:
         head_mask = sm.CausalMask((t, s), shard_count=shards(seq_axes))
     else:

@@ -22,23 +22,16 @@ Decoding (one new position at a time) never reorders.
 
 from __future__ import annotations
 
-import math
-
-import flax.linen as nn
 import numpy as np
 
-from flaxlm.mesh import current_mesh
+from flaxlm.mesh import current_mesh, logical_mesh_axes, shard_count
 
 
 def context_shards() -> int:
     """Into how many shards the mesh being traced under splits each row: the product of the
     mesh axes that the logical axis `length` maps to (1 outside a mesh or rules context)."""
-    mesh, rules = current_mesh(), nn.get_logical_axis_rules()
-    if mesh is None or not rules:
-        return 1
-    axes = nn.logical_to_mesh_axes(("length",), rules)[0]
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    return math.prod(mesh.shape[a] for a in axes)
+    mesh = current_mesh()
+    return 1 if mesh is None else shard_count(mesh, logical_mesh_axes("length"))
 
 
 def load_balanced_order(length: int, shards: int | None = None) -> np.ndarray | None:

@@ -176,10 +176,23 @@ def logical_constraint(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def spec_axes(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry: None, one name or a tuple of names."""
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
+def shard_count(mesh: Mesh, entry: str | tuple[str, ...] | None) -> int:
+    """Into how many pieces one PartitionSpec entry splits its dimension on mesh."""
+    return math.prod(mesh.shape[name] for name in spec_axes(entry))
+
+
+def logical_mesh_axes(logical: str) -> tuple[str, ...]:
+    """The mesh axes a logical axis maps to under the active rules (() when unmapped or
+    outside a `nn.logical_axis_rules` context)."""
+    rules = nn.get_logical_axis_rules()
+    return spec_axes(nn.logical_to_mesh_axes((logical,), rules)[0]) if rules else ()
+
+
 def divides(mesh: Mesh, spec: PartitionSpec, shape: tuple[int, ...]) -> bool:
     """Whether every dimension of shape is a multiple of the mesh axes spec shards it over."""
-    for dim, axes in zip(shape, spec, strict=False):
-        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        if dim % math.prod(mesh.shape[name] for name in names):
-            return False
-    return True
+    return all(dim % shard_count(mesh, entry) == 0 for dim, entry in zip(shape, spec, strict=False))

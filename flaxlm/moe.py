@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec
 
 from flaxlm.config import Mlp, ModelConfig, MoeConfig, MoeDispatch, Router, expert_width
 from flaxlm.layers import FeedForward, dtype_of, normal_init
-from flaxlm.mesh import current_mesh
+from flaxlm.mesh import current_mesh, logical_mesh_axes, shard_count
 from flaxlm.moe_dispatch import dropless, experts_mlp
 
 Array = jax.Array
@@ -122,14 +122,6 @@ def routed_experts(
     return y_QxD, router_stats(logits_QxE, experts_QxX, kept, token_axes)
 
 
-def _mesh_axes(logical: str) -> tuple[str, ...]:
-    """The mesh axes a logical axis maps to under the active rules (() when unmapped)."""
-    spec = nn.logical_to_mesh_axes((logical,))[0]
-    if spec is None:
-        return ()
-    return (spec,) if isinstance(spec, str) else tuple(spec)
-
-
 def _sharded_routed_experts(
     x_QxD: Array, router_DxE: Array, w: dict[str, Array], cfg: ModelConfig, mesh
 ) -> tuple[Array, dict[str, Array]]:
@@ -137,8 +129,9 @@ def _sharded_routed_experts(
     axes; weights are gathered over any other axis (fsdp, tensor) on the way in."""
     # Tokens are rows x positions: split over the batch axes and, with context parallelism,
     # the length axes too (rows are the outer dimension of the flattened tokens).
-    token_axes = tuple(a for a in _mesh_axes("batch") + _mesh_axes("length") if mesh.shape[a] > 1)
-    expert_axes = tuple(a for a in _mesh_axes("expert") if mesh.shape[a] > 1)
+    token_axes = logical_mesh_axes("batch") + logical_mesh_axes("length")
+    token_axes = tuple(a for a in token_axes if mesh.shape[a] > 1)
+    expert_axes = tuple(a for a in logical_mesh_axes("expert") if mesh.shape[a] > 1)
     tokens_spec = PartitionSpec(token_axes or None, None)
     expert_spec = PartitionSpec(expert_axes or None, None, None)
 
@@ -159,8 +152,8 @@ def _per_device(mesh, moe: MoeConfig, rows: int, length: int) -> bool:
     back to XLA's partitioning)."""
     if mesh is None or moe.dispatch != MoeDispatch.dropless:
         return False
-    shards = lambda logical: math.prod(mesh.shape[a] for a in _mesh_axes(logical))  # noqa: E731
-    return rows % shards("batch") == 0 and length % shards("length") == 0
+    batch_shards = shard_count(mesh, logical_mesh_axes("batch"))
+    return rows % batch_shards == 0 and length % shard_count(mesh, logical_mesh_axes("length")) == 0
 
 
 class MoeFeedForward(nn.Module):

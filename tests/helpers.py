@@ -8,12 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import CONFIGS, REPO
+from conftest import CONFIGS, REPO, xla_flags
 
 
 def flaxlm(*args: str, devices: int = 8, check: bool = True, timeout: int = 600):
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags(devices)
     env["JAX_PLATFORMS"] = "cpu"
     proc = subprocess.run(
         [sys.executable, "-m", "flaxlm.cli", *args],
@@ -49,9 +49,7 @@ def patched_train(
     """The command and environment of `flaxlm train` on configs/tiny.yaml (2 CPU devices, every
     step logged, no eval, sample or TensorBoard, a checkpoint every 5 steps) in a fresh Python
     that first runs `patch`: code that monkeypatches flaxlm to stage a fault."""
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
-    )
+    env = dict(os.environ, XLA_FLAGS=xla_flags(2), JAX_PLATFORMS="cpu")
     args = [
         "train", "--config", str(CONFIGS / "tiny.yaml"), f"train.run_dir={run_dir}",
         f"data.cache_dir={corpus_cache}", "train.progress_bar=false", "train.log_every=1",
@@ -81,7 +79,7 @@ def flaxlm_processes(
     """Runs `flaxlm ARGS` as one multi-process job on this machine (gloo between processes)."""
     port = free_port()
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_process}"
+    env["XLA_FLAGS"] = xla_flags(devices_per_process)
     env["JAX_PLATFORMS"] = "cpu"
     procs = [
         subprocess.Popen(

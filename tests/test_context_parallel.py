@@ -73,7 +73,6 @@ def _assert_same_training(cfg, meshes: dict[str, dict]):
 
 
 CONTEXT_MESHES = {
-    "context=2": {"context": 2},
     "context=4": {"context": 4},
     "fsdp=2 x context=2 x tensor=2": {"fsdp": 2, "context": 2, "tensor": 2},
     "data=2 x context=4": {"data": 2, "context": 4},
@@ -93,7 +92,8 @@ def test_every_context_mesh_gives_the_same_losses_parameters_and_evaluation(tiny
 def test_learned_positions_and_a_sliding_window_split_over_context(tiny_cfg):
     # GPT-2 (learned positions, tied embeddings) with Mistral's window, shorter than a row.
     cfg = tiny_cfg("model.sliding_window=12", "optimizer.warmup_steps=0")
-    _assert_same_training(cfg, {"context=4": {"context": 4}, "context=8": {"context": 8}})
+    # Eight shards: 16 chunks of 4 positions, so the window spans chunks of three shards.
+    _assert_same_training(cfg, {"context=8": {"context": 8}})
 
 
 def test_gradients_of_a_context_mesh_equal_one_device(tiny_cfg):

@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import CONFIGS, REPO
+from conftest import CONFIGS, REPO, xla_flags
 from etils import epath
 from gcs_emulator import gcs  # noqa: F401 - the fixture
 from helpers import flaxlm
@@ -59,7 +59,7 @@ def test_a_run_on_gcs_is_killed_resumes_exactly_then_evaluates_exports_and_gener
 
     url = "gs://flaxlm-test/run"
     run = epath.Path(url)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1))
     proc = subprocess.Popen(
         [sys.executable, "-m", "flaxlm.cli", *_train_args(url, corpus_cache)],
         env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

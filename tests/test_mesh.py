@@ -104,3 +104,22 @@ def test_current_mesh_is_the_entered_mesh_also_while_tracing(tiny_cfg):
         jax.jit(lambda x: seen.append(current_mesh()) or x)(1.0)
     assert seen == [mesh]
     assert current_mesh() is None
+
+
+def test_logical_axes_resolve_through_the_rules_table_to_mesh_axes_and_shard_counts(tiny_cfg):
+    import flax.linen as nn
+
+    from flaxlm.mesh import divides, logical_mesh_axes, logical_rules, shard_count
+
+    cfg = tiny_cfg("mesh.fsdp=2", "mesh.context=2", "mesh.tensor=2")
+    mesh = make_mesh(cfg)
+    assert logical_mesh_axes("embed") == ()  # no rules are active
+    with nn.logical_axis_rules(logical_rules(cfg)):
+        embed = logical_mesh_axes("embed")
+        assert set(embed) == {"fsdp", "context"} and shard_count(mesh, embed) == 4
+        assert shard_count(mesh, logical_mesh_axes("mlp")) == 2
+        assert shard_count(mesh, logical_mesh_axes("length")) == 2
+        spec = nn.logical_to_mesh_axes(("embed", "mlp"))
+    assert shard_count(mesh, None) == 1
+    assert divides(mesh, spec, (8, 6)) and not divides(mesh, spec, (6, 6))
+    assert not divides(mesh, spec, (8, 3))

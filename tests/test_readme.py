@@ -23,7 +23,7 @@ import sys
 import tomllib
 
 import pytest
-from conftest import REPO
+from conftest import REPO, xla_flags
 
 README = (REPO / "README.md").read_text()
 TRAIN = [
@@ -115,7 +115,7 @@ def workspace(tmp_path, corpus_cache):
         **os.environ,
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
         "HOME": str(tmp_path),  # ~/tensorflow_datasets lands here
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "XLA_FLAGS": xla_flags(8),
         "JAX_PLATFORMS": "cpu",
     }
     return tmp_path, env

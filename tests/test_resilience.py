@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import CONFIGS, REPO
+from conftest import CONFIGS, REPO, xla_flags
 from helpers import flaxlm, train_losses, train_tiny
 
 pytestmark = pytest.mark.slow
@@ -28,9 +28,7 @@ BASE = (
 
 
 def _start_training(run_dir: Path, corpus_cache: str, *overrides: str) -> subprocess.Popen:
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
-    )
+    env = dict(os.environ, XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu")
     args = [
         sys.executable, "-m", "flaxlm.cli", "train", "--config", str(CONFIGS / "tiny.yaml"),
         f"train.run_dir={run_dir}", f"data.cache_dir={corpus_cache}", "train.progress_bar=false",
@@ -187,7 +185,7 @@ def test_a_save_the_file_system_refuses_ends_with_one_clean_message(tmp_path, co
     def limit_file_size():  # files over 200 KB fail with EFBIG, as on a full disk
         resource.setrlimit(resource.RLIMIT_FSIZE, (200 * 1024, resource.RLIM_INFINITY))
 
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1)}
     args = [
         sys.executable, "-m", "flaxlm.cli", "train", "--config", str(CONFIGS / "tiny.yaml"),
         f"train.run_dir={tmp_path / 'run'}", f"data.cache_dir={corpus_cache}", *BASE,
