@@ -19,6 +19,8 @@ import resource
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -79,26 +81,62 @@ def write_random_checkpoint(shape: str, dst: Path) -> tuple[int, int]:
     return sum(sizes), 2 * max(sizes)
 
 
+class _StagePeaks:
+    """The peak RSS within each stage of a conversion (a wrapped function's run, or the time
+    from its end to the next one's start), sampled every few milliseconds by a thread."""
+
+    def __init__(self):
+        self.stage, self.peaks = "start", {}
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while True:
+            rss = _rss_bytes()
+            self.peaks[self.stage] = max(self.peaks.get(self.stage, 0), rss)
+            time.sleep(0.005)
+
+    def wrap(self, module, name: str) -> None:
+        inner = getattr(module, name)
+
+        def staged(*args, **kwargs):
+            self.stage = name
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.stage = f"after {name}"
+
+        setattr(module, name, staged)
+
+
 def child(direction: str, src: str, dst: str) -> None:
-    """Runs one conversion; prints baseline, peak and device-resident bytes as JSON."""
+    """Runs one conversion; prints baseline, peak and each stage's peak RSS as JSON."""
     import jax
     import orbax.checkpoint  # noqa: F401
 
     import flaxlm.checkpoint
     import flaxlm.run_dir
-    import flaxlm.train  # noqa: F401
+    import flaxlm.train
     from flaxlm import convert
+    from flaxlm.convert import directories
 
     jax.devices()
     # The fixed overhead: interpreter, JAX, Orbax, TensorFlow and flaxlm imported, devices up.
     baseline = _rss_bytes()
+    stages = _StagePeaks()
+    for module, name in (
+        (directories, "place_params"),
+        (flaxlm.run_dir, "write_checkpoint"),
+        (flaxlm.run_dir, "load_run"),
+        (directories, "write_sharded"),
+    ):
+        stages.wrap(module, name)
     if direction == "from-hf":
         cfg = convert.from_hf(src, dst, OVERRIDES)
         del cfg
     else:
         convert.to_hf(src, dst)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"baseline": baseline, "peak": peak}))
+    print(json.dumps({"baseline": baseline, "peak": peak, "stages": stages.peaks}))
 
 
 def _run_child(direction: str, src: Path, dst: Path) -> dict:
@@ -124,6 +162,7 @@ def main() -> None:
         "| host overhead = peak - baseline - device | overhead / largest |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
+    stage_rows = []
     for shape in args.shapes:
         work = Path(args.workdir) / shape
         shutil.rmtree(work, ignore_errors=True)
@@ -141,7 +180,15 @@ def main() -> None:
                   f"{r['baseline'] / gib:.2f} GiB | {r['peak'] / gib:.2f} GiB | "
                   f"{r['device_bytes'] / gib:.2f} GiB | {over / gib:.2f} GiB | "
                   f"{over / largest:.2f} |", flush=True)  # fmt: skip
+            stage_rows.append(
+                f"| {shape} | {direction} | "
+                + ", ".join(f"{k} {v / gib:.2f}" for k, v in r["stages"].items())
+                + " |"
+            )
         shutil.rmtree(work, ignore_errors=True)
+    print("\nPeak RSS (GiB) within each stage of the conversion:\n")
+    print("| shape | direction | stage peaks |\n|---|---|---|")
+    print("\n".join(stage_rows))
 
 
 if __name__ == "__main__":

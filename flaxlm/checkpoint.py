@@ -127,6 +127,15 @@ class CheckpointSaveError(OSError):
     """A save failed (for example a full disk); the previous checkpoints are untouched."""
 
 
+def _memory_limits(gb: int | None) -> dict[str, int]:
+    """Orbax's bounds on the bytes of arrays in flight at once: copied off the devices, being
+    written, being read. Without them a save copies every array to the host before writing."""
+    if gb is None:
+        return {}
+    return {"save_concurrent_gb": gb, "save_device_host_concurrent_gb": gb,
+            "restore_concurrent_gb": gb}  # fmt: skip
+
+
 class Checkpointer:
     """The checkpoint manager of one run directory."""
 
@@ -145,7 +154,7 @@ class Checkpointer:
             self.directory,
             options=options,
             item_handlers={
-                "state": ocp.PyTreeCheckpointHandler(),
+                "state": ocp.PyTreeCheckpointHandler(**_memory_limits(cfg.host_memory_gb)),
                 "data": DataIteratorHandler(),
                 "config": ocp.JsonCheckpointHandler(),
             },

@@ -304,10 +304,15 @@ def export_params(run_dir: str | Path, dst: str | Path, step: int | None = None)
     return step
 
 
-def write_checkpoint(run_dir: Path, step: int, state: Any, cfg: Config) -> None:
+def write_checkpoint(
+    run_dir: Path, step: int, state: Any, cfg: Config, host_memory_gb: int | None = None
+) -> None:
     """Saves state (without a data position) as the run's checkpoint at step, and waits until
-    it is on disk."""
-    checkpointer = Checkpointer(run_dir, cfg.checkpoint)
+    it is on disk; host_memory_gb, if given, bounds Orbax's in-flight bytes for this save."""
+    options = cfg.checkpoint
+    if host_memory_gb is not None:
+        options = dataclasses.replace(options, host_memory_gb=host_memory_gb)
+    checkpointer = Checkpointer(run_dir, options)
     checkpointer.save(step, state, None, cfg)
     checkpointer.wait()
     checkpointer.close()

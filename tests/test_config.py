@@ -176,3 +176,14 @@ def test_the_config_package_imports_nothing_else_from_flaxlm():
             for name in names:
                 outside = name.startswith("flaxlm.") and not name.startswith("flaxlm.config.")
                 assert not outside, f"{path.name} imports {name}"
+
+
+def test_checkpoint_host_memory_must_be_a_whole_positive_gb():
+    with pytest.raises(ConfigError, match=r"checkpoint\.host_memory_gb=0 must be at least 1"):
+        config.load(CONFIGS / "tiny.yaml", ["checkpoint.host_memory_gb=0"])
+    assert (
+        config.load(
+            CONFIGS / "tiny.yaml", ["checkpoint.host_memory_gb=2"]
+        ).checkpoint.host_memory_gb
+        == 2
+    )

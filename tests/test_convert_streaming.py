@@ -40,6 +40,35 @@ def test_safetensors_writer_and_lazy_reader_round_trip(tmp_path):
     assert load_file(tmp_path / files[0])["a"].dtype == torch.bfloat16
 
 
+def test_the_writer_holds_one_tensor_at_a_time_whatever_the_shard_size(tmp_path, monkeypatch):
+    import tracemalloc
+
+    from flaxlm.convert import safetensors_io
+
+    monkeypatch.setattr(safetensors_io, "_COPY_CHUNK", 2**20)
+    tensor_bytes, count = 4 * 2**20, 16
+
+    def tensors():  # each made when asked for, as the exporter does
+        for i in range(count):
+            yield f"layer.{i}", np.full(tensor_bytes // 4, i, np.float32)
+
+    tracemalloc.start()
+    try:
+        files = write_sharded(tensors(), tmp_path, max_shard_bytes=2**40)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # One 4 MiB tensor and a 1 MiB copy buffer, never the 64 MiB of the one shard.
+    assert peak < 2 * tensor_bytes, peak
+    assert files == ["model.safetensors"] and sorted(p.name for p in tmp_path.iterdir()) == files
+    lazy = LazySafetensors(tmp_path)
+    for i in range(count):
+        np.testing.assert_array_equal(lazy[f"layer.{i}"], np.full(tensor_bytes // 4, i))
+    from safetensors.numpy import load_file
+
+    assert load_file(tmp_path / files[0])["layer.3"][0] == 3
+
+
 def _random_qwen2(directory):
     """A random bfloat16 Qwen2 saved as several safetensors shards; returns the model."""
     cfg = transformers.Qwen2Config(

@@ -321,6 +321,10 @@ class CheckpointConfig:
     async_save: bool = True
     # Also save once this many minutes have passed since the last save (0: by steps only).
     every_minutes: float = 0.0
+    # At most this many GB of arrays in host memory at once while saving or restoring (Orbax's
+    # concurrency limits; None: Orbax's default, 96). A host with little memory beside large
+    # parameters sets it low; `flaxlm convert` uses 1.
+    host_memory_gb: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

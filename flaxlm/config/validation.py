@@ -207,6 +207,10 @@ def _validate_checkpoint(c: CheckpointConfig) -> None:
     _require(c.max_to_keep > 0, f"checkpoint.max_to_keep={c.max_to_keep} must be positive")
     _require(c.keep_every >= 0, f"checkpoint.keep_every={c.keep_every} must be >= 0")
     _require(
+        c.host_memory_gb is None or c.host_memory_gb >= 1,
+        f"checkpoint.host_memory_gb={c.host_memory_gb} must be at least 1 (or null: no limit)",
+    )
+    _require(
         c.every_minutes >= 0,
         f"checkpoint.every_minutes={c.every_minutes} must be >= 0 (0: save by steps only)",
     )

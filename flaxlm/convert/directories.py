@@ -20,6 +20,10 @@ from flaxlm.convert.safetensors_io import LazySafetensors, write_sharded
 from flaxlm.convert.sp_tokenizer import write_sentencepiece_tokenizer
 from flaxlm.convert.streaming import hf_tensors, place_params
 
+# Orbax's bound on array bytes in host memory at once while a conversion saves or restores:
+# a fixed cost, where without it a save copies the whole model to the host first.
+HOST_MEMORY_GB = 1
+
 
 def _read_hf_config(path: Path) -> dict:
     """config.json as a dict; an unreadable or incomplete one is named with what is missing."""
@@ -84,7 +88,7 @@ def from_hf(
 
     dst.mkdir(parents=True, exist_ok=True)
     write_config(dst, cfg)
-    write_checkpoint(dst, 0, state, cfg)
+    write_checkpoint(dst, 0, state, cfg, cfg.checkpoint.host_memory_gb or HOST_MEMORY_GB)
     copy_tokenizer_files(src, dst / TOKENIZER_DIR)
     return cfg
 
@@ -107,7 +111,9 @@ def to_hf(
     from flaxlm.run_dir import TOKENIZER_DIR, copy_tokenizer_files, load_run
 
     run_dir = fs.as_path(run_dir)
-    cfg, _, params, step = load_run(run_dir, step, overrides)
+    cfg, _, params, step = load_run(
+        run_dir, step, [f"checkpoint.host_memory_gb={HOST_MEMORY_GB}", *overrides]
+    )
     out_dtype = jnp.dtype(dtype or cfg.model.param_dtype)
     config = hf_config(cfg.model)
     config["torch_dtype"] = config["dtype"] = out_dtype.name

@@ -1,15 +1,17 @@
 """Streaming safetensors: a lazy, memory-mapped view of (sharded) checkpoint files, and a writer
-of sharded files with their index, one shard in memory at a time.
+of sharded files with their index, one tensor in memory at a time.
 
 The format is an 8-byte little-endian header length, a JSON header naming each tensor's dtype,
 shape and byte range, then the raw bytes. Reading parses the headers only; each tensor is read
 from its file when indexed (into memory of its own, freed when dropped: no mapping keeps the
-file's pages in the process), and bfloat16 stays bfloat16 (ml_dtypes).
+file's pages in the process), and bfloat16 stays bfloat16 (ml_dtypes). Writing sends each tensor
+to disk as it arrives.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -26,6 +28,7 @@ _DTYPES = {
 }  # fmt: skip
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 INDEX = "model.safetensors.index.json"
+_COPY_CHUNK = 16 * 2**20  # bytes per read while a shard's data is copied behind its header
 
 
 def _header(path: Path) -> tuple[dict, int]:
@@ -84,23 +87,37 @@ class LazySafetensors(Mapping):
         return len(self._where)
 
 
-def _write_file(path: Path, tensors: dict[str, np.ndarray]) -> None:
-    header, offset = {}, 0
-    for name, array in tensors.items():
-        size = array.nbytes
-        header[name] = {
+class _ShardWriter:
+    """One safetensors file written as its tensors arrive, holding none of them: the bytes go
+    to a temporary data file at once, and at `close` the header (which comes first and names
+    every tensor's offsets, known only at the end) is written ahead of a copy of them."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._data_path = path.with_name(path.name + ".data")
+        self._data = open(self._data_path, "wb")  # noqa: SIM115 (closed in close)
+        self.header: dict[str, dict] = {}
+        self.size = 0
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        array = np.ascontiguousarray(array)
+        self.header[name] = {
             "dtype": _NAMES[array.dtype],
             "shape": list(array.shape),
-            "data_offsets": [offset, offset + size],
+            "data_offsets": [self.size, self.size + array.nbytes],
         }
-        offset += size
-    header["__metadata__"] = {"format": "pt"}
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        for array in tensors.values():
-            f.write(np.ascontiguousarray(array).tobytes())
+        self._data.write(memoryview(array.reshape(-1).view(np.uint8)))
+        self.size += array.nbytes
+
+    def close(self) -> None:
+        self._data.close()
+        blob = json.dumps({**self.header, "__metadata__": {"format": "pt"}}, separators=(",", ":"))
+        blob = blob.encode()
+        blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+        with open(self.path, "wb") as f, open(self._data_path, "rb") as data:
+            f.write(struct.pack("<Q", len(blob)) + blob)
+            shutil.copyfileobj(data, f, _COPY_CHUNK)
+        self._data_path.unlink()
 
 
 def write_sharded(
@@ -108,38 +125,35 @@ def write_sharded(
 ) -> list[str]:
     """Writes (name, array) pairs, consumed lazily, as shards of at most max_shard_bytes (a
     larger tensor gets a shard of its own) with `model.safetensors.index.json`; a single shard
-    is plain `model.safetensors`. Only the shard being filled is held in memory."""
+    is plain `model.safetensors`. Each tensor goes to disk as it arrives: the host holds one
+    tensor at a time, whatever the shard size (the disk holds one shard's bytes twice while it
+    is closed)."""
     dst = Path(dst)
-    names: list[str] = []
-    current: dict[str, np.ndarray] = {}
-    size, total, weight_map = 0, 0, {}
-
-    def flush() -> None:
-        nonlocal current, size
-        if current:
-            name = f"part-{len(names):05d}.safetensors"
-            _write_file(dst / name, current)
-            names.append(name)
-            weight_map.update({k: name for k in current})
-        current, size = {}, 0
-
+    shards: list[_ShardWriter] = []
+    total = 0
     for name, array in tensors:
-        if current and size + array.nbytes > max_shard_bytes:
-            flush()
-        current[name] = np.ascontiguousarray(array)
-        size += array.nbytes
+        if not shards or (shards[-1].header and shards[-1].size + array.nbytes > max_shard_bytes):
+            if shards:
+                shards[-1].close()
+            shards.append(_ShardWriter(dst / f"part-{len(shards):05d}.safetensors"))
+        shards[-1].add(name, array)
         total += array.nbytes
-    flush()
-    final = [f"model-{i + 1:05d}-of-{len(names):05d}.safetensors" for i in range(len(names))]
-    if len(names) == 1:
+        del array  # the caller's tensor can go before the next one is made
+    if not shards:
+        shards.append(_ShardWriter(dst / "part-00000.safetensors"))
+    shards[-1].close()
+    final = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    if len(shards) == 1:
         final = ["model.safetensors"]
-    for old, new in zip(names, final, strict=True):
-        (dst / old).rename(dst / new)
-    if len(names) > 1:
-        rename = dict(zip(names, final, strict=True))
+    for shard, new in zip(shards, final, strict=True):
+        shard.path.rename(dst / new)
+    if len(shards) > 1:
         index = {
             "metadata": {"total_size": total},
-            "weight_map": {k: rename[v] for k, v in sorted(weight_map.items())},
+            "weight_map": {
+                k: new for shard, new in zip(shards, final, strict=True) for k in shard.header
+            },
         }
+        index["weight_map"] = dict(sorted(index["weight_map"].items()))
         (dst / INDEX).write_text(json.dumps(index, indent=2))
     return final

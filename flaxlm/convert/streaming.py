@@ -27,7 +27,7 @@ def _put(value: np.ndarray, target: jax.ShapeDtypeStruct, name: str) -> jax.Arra
         )
     dtype = target.dtype
     return jax.make_array_from_callback(
-        target.shape, target.sharding, lambda idx: np.asarray(value[idx]).astype(dtype)
+        target.shape, target.sharding, lambda idx: np.asarray(value[idx]).astype(dtype, copy=False)
     )
 
 
@@ -72,7 +72,7 @@ def _put_stacked(t: Mapping, cfg: ModelConfig, targets: dict) -> dict:
                         f"parameter {name} has shape {(target.shape[0], *value.shape)} in the "
                         f"checkpoint but the config implies {tuple(target.shape)}"
                     )
-                layers.append(np.asarray(value[idx[1:]]).astype(target.dtype))
+                layers.append(np.asarray(value[idx[1:]]).astype(target.dtype, copy=False))
             return np.stack(layers)
 
         node = out
@@ -114,7 +114,7 @@ def hf_tensors(params: dict, cfg: ModelConfig, dtype: np.dtype) -> Iterator[tupl
             from jax.experimental import multihost_utils
 
             tree = multihost_utils.process_allgather(tree, tiled=True)
-        return jax.tree.map(lambda x: np.asarray(jax.device_get(x)).astype(dtype), tree)
+        return jax.tree.map(lambda x: np.asarray(jax.device_get(x)).astype(dtype, copy=False), tree)
 
     top = fetch({k: v for k, v in params.items() if k != "blocks" and not k.startswith("block_")})
     for name, value in family.top_to_hf(top, cfg).items():
