@@ -90,6 +90,7 @@ def place_params(tensors: Mapping[str, np.ndarray], cfg: ModelConfig, targets: d
     top = family.top_from_hf(t, cfg)
     top_targets = {k: v for k, v in targets.items() if k in top}
     params = _put_tree(top, top_targets, "")
+    del top  # the embedding's host copy (often the largest tensor) goes before the layers come
     if cfg.scan_layers:
         params["blocks"] = _put_stacked(t, cfg, targets["blocks"])
     else:
