@@ -132,8 +132,8 @@ def _memory_limits(gb: int | None) -> dict[str, int]:
     written, being read. Without them a save copies every array to the host before writing."""
     if gb is None:
         return {}
-    return {"save_concurrent_gb": gb, "save_device_host_concurrent_gb": gb,
-            "restore_concurrent_gb": gb}  # fmt: skip
+    limits = ("save_concurrent_gb", "save_device_host_concurrent_gb", "restore_concurrent_gb")
+    return dict.fromkeys(limits, gb)
 
 
 class Checkpointer:

@@ -148,12 +148,7 @@ def write_sharded(
     for shard, new in zip(shards, final, strict=True):
         shard.path.rename(dst / new)
     if len(shards) > 1:
-        index = {
-            "metadata": {"total_size": total},
-            "weight_map": {
-                k: new for shard, new in zip(shards, final, strict=True) for k in shard.header
-            },
-        }
-        index["weight_map"] = dict(sorted(index["weight_map"].items()))
+        weight_map = {k: f for shard, f in zip(shards, final, strict=True) for k in shard.header}
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (dst / INDEX).write_text(json.dumps(index, indent=2))
     return final
