@@ -64,3 +64,9 @@ def _llama_overrides() -> list[str]:
 
     preset = OmegaConf.load(CONFIGS / "models" / "llama-tiny.yaml")
     return [f"model.{k}={v}" for k, v in preset.model.items()]
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow end-to-end tests first (a stable sort): with two workers, a long test that
+    starts last leaves the other worker idle until it ends."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
