@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 # XLA's CPU backend compiles with LLVM at -O0: the tests' programs are so small that compiling
-# them costs more than running them, and -O0 takes about a fifth off a compile-bound test.
+# them costs more than running them, and -O0 about halves a compile-bound test.
 # It changes code generation only; the HLO (fusion, sharding, collectives) is the same.
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 
