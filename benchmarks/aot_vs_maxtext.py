@@ -3,13 +3,17 @@
     JAX_PLATFORMS=cpu python benchmarks/aot_vs_maxtext.py --setup     # once: MaxText's venv
     JAX_PLATFORMS=cpu python benchmarks/aot_vs_maxtext.py \
         --rows llama3-8b/v5p/1 [--rows ...] [--scan both|true|false] [--layers 4] \
-        [--sides flaxlm,maxtext] [--venv DIR]
+        [--sides flaxlm,maxtext] [--venv DIR] [--compiler same|own]
 
 No TPU is needed: libtpu compiles for any topology on this CPU. Each row compiles one train
 step in flaxlm (this Python) and in MaxText (`train_compile`, in its own Python 3.12 virtual
 environment, made by `--setup` with MaxText from the package registry) with matched settings:
 bfloat16 compute, float32 master weights and Adam state, full remat, splash (flash) attention,
 FSDP over all chips, the same sequences per device and length, scanned or unrolled layers.
+By default (`--compiler same`) flaxlm's side runs in MaxText's venv too, with PYTHONPATH set to
+this tree, so that both programs come from the same jax and libtpu and differ only by the model
+code: libtpu releases differ in their scheduling (one extra all-gather per layer on 0.0.42.1,
+see benchmarks/RESULTS.md). `--compiler own` compiles flaxlm with this Python's jax and libtpu.
 
 It prints one JSON line per (row, side, scan) and then one table: per-device memory (arguments,
 temporaries, peak), whether it fits in HBM, FLOPs and bytes accessed, XLA's estimated step time
@@ -75,6 +79,9 @@ _GPT2_MT = (
     "vocab_size=50257",
     "trainable_position_size=1024",
     "attention=dot_product",
+    # flaxlm's XLA kernel takes the softmax in float32 (as jax.nn.dot_product_attention does);
+    # MaxText's dot_product takes it in bfloat16 unless told.
+    "float32_logits=true",
 )
 
 ROWS = {
@@ -119,10 +126,15 @@ def _run_json(cmd: list[str], env: dict[str, str], marker: str) -> dict:
     return {"error": f"exit {proc.returncode}: {tail.strip()[-3000:]}"}
 
 
-def _env() -> dict[str, str]:
+def _env(venv_python: bool = False) -> dict[str, str]:
     env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1")
     env.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     env.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    if venv_python:
+        # Importing this Python's jax pointed these at its own libtpu: the venv's jax must load
+        # its own (another libtpu cannot read its Mosaic kernels: "unknown attribute code: 23").
+        for name in ("TPU_LIBRARY_PATH", "TPU_HOST_BOUNDS"):
+            env.pop(name, None)
     return env
 
 
@@ -145,13 +157,9 @@ def maxtext_compile(python: Path, row: Row, layers: int, scan: bool, hlo: Path) 
         "jax_cache_dir=",  # no persistent cache: a cached program cannot be read back here
         "base_output_directory=" + str(hlo.parent / "maxtext_out"),
     ]
-    env = _env()
+    env = _env(venv_python=True)
     # MaxText's packaged code should not see flaxlm's tree on its path.
     env.pop("PYTHONPATH", None)
-    # Importing flaxlm's jax pointed these at flaxlm's own libtpu: MaxText's must load its own
-    # (another libtpu cannot read its Mosaic kernels: "unknown attribute code: 23").
-    for name in ("TPU_LIBRARY_PATH", "TPU_HOST_BOUNDS"):
-        env.pop(name, None)
     result = _run_json([str(python), str(DRIVER), str(hlo), *args], env, "AOT_RESULT ")
     if "error" in result:
         return result
@@ -167,12 +175,15 @@ def maxtext_compile(python: Path, row: Row, layers: int, scan: bool, hlo: Path) 
     return result
 
 
-def flaxlm_compile(row: Row, layers: int, scan: bool, hlo: Path, correct: bool) -> dict:
+def flaxlm_compile(
+    python: Path | None, row: Row, layers: int, scan: bool, hlo: Path, correct: bool
+) -> dict:
+    """flaxlm's step compiled in a subprocess: this Python, or `python` (MaxText's venv)."""
     spec = {"row": row.__dict__, "layers": layers, "scan": scan, "hlo": str(hlo)}
     spec["correct"] = correct
-    env = _env()
+    env = _env(venv_python=python is not None)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
+    cmd = [str(python or sys.executable), __file__, "--worker", json.dumps(spec)]
     return _run_json(cmd, env, "AOT_RESULT ")
 
 
@@ -232,11 +243,13 @@ def measure(side: str, row: Row, layers: int, scan: bool, opts: argparse.Namespa
     """One compile (plus the loop correction's) of one side; a flat record for the table."""
     from flaxlm import xla_stats
 
-    tag = f"{side}-{row.preset}-{row.topology}-{row.per_device}-{layers}-{scan}".replace(":", "_")
+    tag = f"{side}-{row.preset}-{row.topology}-{row.per_device}-{layers}-{scan}"
+    tag = tag.replace(":", "_") + ("-own" if side == "flaxlm" and opts.compiler == "own" else "")
     hlo = opts.workdir / f"{tag}.hlo.txt"
     started = time.perf_counter()
     if side == "flaxlm":
-        r = flaxlm_compile(row, layers, scan, hlo, opts.correct)
+        python = opts.python if opts.compiler == "same" else None
+        r = flaxlm_compile(python, row, layers, scan, hlo, opts.correct)
         step, how = r.get("step_cost"), r.get("step_cost_how")
     else:
         r = maxtext_compile(opts.python, row, layers, scan, hlo)
@@ -304,6 +317,7 @@ def table(records: list[dict]) -> str:
     head = (
         "row",
         "side",
+        "libtpu",
         "scan",
         "L",
         "args",
@@ -321,10 +335,11 @@ def table(records: list[dict]) -> str:
             cells = [
                 r["row"],
                 r["side"],
+                "",
                 str(r["scan"]),
                 str(r["layers"]),
                 "error: " + r["error"].splitlines()[-1][:80],
-            ] + [""] * (len(head) - 5)
+            ] + [""] * (len(head) - 6)
         else:
             coll = ", ".join(
                 f"{_KINDS[k]} {v['count']}/{v['bytes'] / 1e9:.2f}"
@@ -334,6 +349,7 @@ def table(records: list[dict]) -> str:
             cells = [
                 r["row"],
                 r["side"],
+                r["versions"].get("libtpu", "?"),
                 str(r["scan"]),
                 str(r["layers"]),
                 f"{r['arguments_gib']}",
@@ -358,6 +374,12 @@ def main() -> None:
     parser.add_argument("--scan", choices=("both", "true", "false"), default="both")
     parser.add_argument("--layers", type=int, help="both sides at this depth (default: full)")
     parser.add_argument("--sides", default="flaxlm,maxtext")
+    parser.add_argument(
+        "--compiler",
+        choices=("same", "own"),
+        default="same",
+        help="flaxlm compiles with MaxText's jax and libtpu (same) or this Python's (own)",
+    )
     parser.add_argument("--no-correct", dest="correct", action="store_false")
     parser.add_argument("--workdir", type=Path, help="where the HLO texts go (default: a tmp dir)")
     parser.add_argument("--table", type=Path, help="print the table of the JSON lines in a file")
@@ -369,7 +391,7 @@ def main() -> None:
     if opts.setup:
         return setup_venv(opts.venv)
     sides = opts.sides.split(",")
-    if "maxtext" in sides:
+    if "maxtext" in sides or opts.compiler == "same":
         opts.python = maxtext_python(opts.venv)
     opts.workdir = opts.workdir or Path(tempfile.mkdtemp(prefix="aot_vs_maxtext_"))
     opts.workdir.mkdir(parents=True, exist_ok=True)
