@@ -6,10 +6,11 @@
         [--sides flaxlm,maxtext] [--venv DIR] [--compiler same|own]
 
 No TPU is needed: libtpu compiles for any topology on this CPU. Each row compiles one train
-step in flaxlm (this Python) and in MaxText (`train_compile`, in its own Python 3.12 virtual
-environment, made by `--setup` with MaxText from the package registry) with matched settings:
-bfloat16 compute, float32 master weights and Adam state, full remat, splash (flash) attention,
-FSDP over all chips, the same sequences per device and length, scanned or unrolled layers.
+step in flaxlm and in MaxText (`train_compile`, in its own Python 3.12 virtual environment,
+made by `--setup` with MaxText from the package registry) with matched settings: bfloat16
+compute, float32 master weights and Adam state, full remat, splash (flash) attention for Llama
+and XLA attention with a float32 softmax for GPT-2, FSDP over all chips, the same sequences per
+device and length, scanned or unrolled layers.
 By default (`--compiler same`) flaxlm's side runs in MaxText's venv too, with PYTHONPATH set to
 this tree, so that both programs come from the same jax and libtpu and differ only by the model
 code: libtpu releases differ in their scheduling (one extra all-gather per layer on 0.0.42.1,
@@ -64,9 +65,8 @@ class Row:
 
 _LLAMA_FL = ("model.attention=splash",)
 _LLAMA_MT = ("model_name=llama3-8b", "attention=flash")
-# Measured so far: the llama3-8b/v5p rows (benchmarks/RESULTS.md); the v6e and GPT-2 rows
-# have not been compiled yet. MaxText has no GPT-2: its gpt3 block (learned positions,
-# LayerNorm with bias, GELU MLP, tied embeddings) at GPT-2 XL's sizes. No dropout either side.
+# MaxText has no GPT-2: its gpt3 block (learned positions, LayerNorm with bias, GELU MLP, tied
+# embeddings) at GPT-2 XL's sizes. No dropout either side.
 _GPT2_FL = ("model.dropout_embed=0", "model.dropout_attn=0", "model.dropout_residual=0")
 _GPT2_MT = (
     "model_name=gpt3-6b",
