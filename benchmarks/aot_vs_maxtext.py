@@ -30,6 +30,7 @@ small CPU, so `--layers N` compiles both sides at reduced depth.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -245,6 +246,8 @@ def measure(side: str, row: Row, layers: int, scan: bool, opts: argparse.Namespa
 
     tag = f"{side}-{row.preset}-{row.topology}-{row.per_device}-{layers}-{scan}"
     tag = tag.replace(":", "_") + ("-own" if side == "flaxlm" and opts.compiler == "own" else "")
+    if opts.logit_chunks > 1:
+        tag += f"-chunks{opts.logit_chunks}"
     hlo = opts.workdir / f"{tag}.hlo.txt"
     started = time.perf_counter()
     if side == "flaxlm":
@@ -269,7 +272,8 @@ def measure(side: str, row: Row, layers: int, scan: bool, opts: argparse.Namespa
                     else (f"extrapolated from 1 and 2 unrolled layers to {layers}")
                 )
     record = {
-        "row": f"{row.preset} {row.topology} {row.per_device}x{row.seq}",
+        "row": f"{row.preset} {row.topology} {row.per_device}x{row.seq}"
+        + (f" chunks={opts.logit_chunks}" if opts.logit_chunks > 1 else ""),
         "side": side,
         "scan": scan,
         "layers": layers,
@@ -380,6 +384,13 @@ def main() -> None:
         default="same",
         help="flaxlm compiles with MaxText's jax and libtpu (same) or this Python's (own)",
     )
+    parser.add_argument(
+        "--logit-chunks",
+        type=int,
+        default=1,
+        help="both sides compute the loss this many chunks of positions at a time "
+        "(flaxlm model.logit_chunks, MaxText num_vocab_tiling)",
+    )
     parser.add_argument("--no-correct", dest="correct", action="store_false")
     parser.add_argument("--workdir", type=Path, help="where the HLO texts go (default: a tmp dir)")
     parser.add_argument("--table", type=Path, help="print the table of the JSON lines in a file")
@@ -399,6 +410,16 @@ def main() -> None:
     from flaxlm.flops import find_chip
 
     rows = [ROWS[name] for name in opts.rows or sorted(ROWS)]
+    if opts.logit_chunks > 1:
+        n = opts.logit_chunks
+        rows = [
+            dataclasses.replace(
+                r,
+                flaxlm=(*r.flaxlm, f"model.logit_chunks={n}"),
+                maxtext=(*r.maxtext, f"num_vocab_tiling={n}"),
+            )
+            for r in rows
+        ]
     opts.hbm = {r.topology: find_chip(aot.parse_topology(r.topology)[0]).hbm_gib for r in rows}
     scans = {"both": (True, False), "true": (True,), "false": (False,)}[opts.scan]
     records = []

@@ -19,14 +19,25 @@ def token_losses(logits_BxTxV: jax.Array, batch: Batch) -> tuple[jax.Array, jax.
     Position t predicts token t+1 when both lie in the same (non-padding) segment, so a packed
     row never trains on predicting the first token of the next document.
     """
-    tokens_BxT, segments_BxT = batch["tokens"], batch["segment_ids"]
-    weights_BxTm1 = (segments_BxT[:, 1:] == segments_BxT[:, :-1]) & (segments_BxT[:, 1:] != 0)
     # The loss at every position (the last one's target is a dummy), then the first T-1 losses:
     # slicing the (B, T) losses rather than the (B, T, V) logits spares a copy of the logits
     # and, in the backward pass, a padded copy of their gradient.
-    targets_BxT = jnp.concatenate([tokens_BxT[:, 1:], tokens_BxT[:, -1:]], axis=1)
-    losses_BxT = cross_entropy(logits_BxTxV, targets_BxT)
-    return losses_BxT[:, :-1], weights_BxTm1.astype(jnp.float32)
+    losses_BxT = cross_entropy(logits_BxTxV, next_tokens(batch))
+    return losses_BxT[:, :-1], next_token_weights(batch)
+
+
+def next_tokens(batch: Batch) -> jax.Array:
+    """targets_BxT: the token after each position; the last position's target is a dummy
+    (its own token) whose loss is never counted."""
+    tokens_BxT = batch["tokens"]
+    return jnp.concatenate([tokens_BxT[:, 1:], tokens_BxT[:, -1:]], axis=1)
+
+
+def next_token_weights(batch: Batch) -> jax.Array:
+    """weights_BxTm1: 1 where position t's next token is in its own (non-padding) segment."""
+    segments_BxT = batch["segment_ids"]
+    same_BxTm1 = segments_BxT[:, 1:] == segments_BxT[:, :-1]
+    return (same_BxTm1 & (segments_BxT[:, 1:] != 0)).astype(jnp.float32)
 
 
 def masked_losses(logits_BxTxV: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
@@ -44,7 +55,15 @@ def correct_predictions(logits_BxTxV: jax.Array, batch: Batch, weights_BxT: jax.
 
 
 def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
-    """losses_BxT = logsumexp(logits) - logits[target], in float32 whatever the logits' dtype.
+    """losses_BxT = logsumexp(logits) - logits[target], in float32 whatever the logits' dtype."""
+    return cross_entropy_and_log_z(logits_BxTxV, targets_BxT)[0]
+
+
+def cross_entropy_and_log_z(
+    logits_BxTxV: jax.Array, targets_BxT: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """(losses_BxT, log_z_BxT): the cross entropy and the log-partition logsumexp(logits) that
+    it subtracts the target's logit from (the z-loss penalises its square).
 
     Both terms are reductions over the vocabulary (the target's logit is picked by comparing
     with an iota, not gathered), so XLA fuses the upcast into them and never writes float32
@@ -56,4 +75,4 @@ def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
     vocab_V = jnp.arange(logits_BxTxV.shape[-1], dtype=targets_BxT.dtype)
     is_target_BxTxV = vocab_V == targets_BxT[..., None]
     target_logit_BxT = jnp.sum(jnp.where(is_target_BxTxV, logits_BxTxV, 0.0), axis=-1)
-    return log_z_BxT - target_logit_BxT
+    return log_z_BxT - target_logit_BxT, log_z_BxT

@@ -95,8 +95,9 @@ def estimate(cfg: Config, abstract_state: Any, mesh_shape: dict[str, int]) -> Me
     width, scores = _activation_widths(cfg)
     # Local queries attend to the whole row's keys.
     per_layer = local_tokens * (width + scores * cfg.data.seq_len) * act_bytes
-    # Logits and their gradient in float32, over the vocabulary shards.
-    logits = 2 * local_tokens * m.vocab_size / shards("vocab") * 4
+    # Logits and their gradient in float32, over the vocabulary shards; a chunked loss holds one
+    # chunk's at a time.
+    logits = 2 * local_tokens * m.vocab_size / shards("vocab") * 4 / m.logit_chunks
     # Context parallelism: the layer being computed holds its whole rows' keys and values
     # (gathered), and in the backward pass their gradients before the reduce-scatter.
     gathered = 0.0

@@ -44,10 +44,10 @@ from flaxlm.layers import (
     dtype_of,
     embedding,
     make_norm,
-    normal_init,
 )
 from flaxlm.mesh import current_platform
 from flaxlm.moe import MOE_COLLECTION, MoeFeedForward
+from flaxlm.output_head import LMHead, head_logits
 from flaxlm.positions import sinusoidal_encoding
 from flaxlm.self_attention import Attention
 
@@ -205,6 +205,8 @@ class Transformer(nn.Module):
       segment_ids: int (B, T) document id of each token within its row, 0 for padding;
         defaults to all ones (one document).
       token_types: int (B, T) token-type (segment A/B) ids of an encoder; defaults to 0.
+      return_hidden: a decoder's final (normalised) hidden states x_BxTxD instead of its
+        logits, for a loss that applies the head itself (`flaxlm.output_head`).
     Returns float32 logits (B, T, vocab_size). With `decode=True` the attention layers keep a
     key/value cache (see `Attention`); `flaxlm.generate` drives it.
     """
@@ -219,9 +221,10 @@ class Transformer(nn.Module):
         positions: Array | None = None,
         segment_ids: Array | None = None,
         token_types: Array | None = None,
+        return_hidden: bool = False,
     ) -> Array:
         cfg = self.cfg
-        dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        dtype = dtype_of(cfg.dtype)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         if segment_ids is None:
@@ -255,22 +258,7 @@ class Transformer(nn.Module):
             x_BxTxD = constrain(x_BxTxD[:, inverse(order_T)], ("batch", "length", "act_embed"))
         x_BxTxD = make_norm(cfg, "final_norm")(x_BxTxD)
 
-        if cfg.tie_embeddings:
-            logits_BxTxV = embed.attend(x_BxTxD)
-        else:
-            logits_BxTxV = nn.Dense(
-                cfg.vocab_size,
-                use_bias=False,
-                dtype=dtype,
-                param_dtype=param_dtype,
-                kernel_init=nn.with_logical_partitioning(
-                    normal_init(cfg.init_std), ("embed", "vocab")
-                ),
-                name="lm_head",
-            )(x_BxTxD)
-        logits_BxTxV = constrain(logits_BxTxV, ("batch", "length", "act_vocab"))
-        logits_BxTxV = logits_BxTxV.astype(jnp.float32)
-        if cfg.final_logit_softcap is not None:
-            cap = cfg.final_logit_softcap
-            logits_BxTxV = cap * jnp.tanh(logits_BxTxV / cap)
-        return logits_BxTxV
+        if return_hidden:
+            return x_BxTxD
+        w_DxV = embed.embedding.T if cfg.tie_embeddings else LMHead(cfg, name="lm_head")()
+        return head_logits(cfg, x_BxTxD, w_DxV)

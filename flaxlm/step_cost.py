@@ -14,7 +14,8 @@ A micro-batches of b rows, at b and 2b rows. The cost is linear in the depth and
     f(L, k) = f(n1, k) + (L - n1) / p * (f(n2, k) - f(n1, k))
 
 A model of at most n2 layers is compiled at its own depth. Without accumulation that is one or
-two compiles, with it two or four, all of a few layers.
+two compiles, with it two or four, all of a few layers. A loss computed in chunks of positions
+(`model.logit_chunks`, a third loop) is traced with its chunks unrolled in these programs.
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ from typing import Any
 
 from flaxlm import xla_stats
 from flaxlm.config import Config
+from flaxlm.output_head import unrolled_chunks
 from flaxlm.train import Trainer
 
 
 def has_loops(cfg: Config) -> bool:
     """Whether the compiled step loops (and XLA's own cost covers one iteration)."""
-    return cfg.model.scan_layers or cfg.optimizer.grad_accum_steps > 1
+    m = cfg.model
+    return m.scan_layers or m.logit_chunks > 1 or cfg.optimizer.grad_accum_steps > 1
 
 
 def layer_pattern(cfg: Config) -> tuple[int, int]:
@@ -70,10 +73,11 @@ def step_cost(cfg: Config, mesh: Any) -> tuple[dict[str, float], str]:
 
     def at_layers(k: int) -> dict[str, float]:
         """The cost at depth `layers` of one pass over k micro-batches of rows."""
-        costs = [
-            xla_stats.cost_stats(Trainer(_unrolled(cfg, n, k * micro), mesh).compile_step())
-            for n in depths
-        ]
+        with unrolled_chunks():
+            costs = [
+                xla_stats.cost_stats(Trainer(_unrolled(cfg, n, k * micro), mesh).compile_step())
+                for n in depths
+            ]
         return costs[0] if len(costs) == 1 else _line(costs[0], costs[1], (layers - n1) / period)
 
     how = (

@@ -23,12 +23,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec
 
 from flaxlm.config import Arch, Config, NanPolicy
-from flaxlm.losses import (  # noqa: F401 - cross_entropy is part of this API
-    correct_predictions,
-    cross_entropy,
-    masked_losses,
-    token_losses,
-)
+from flaxlm.losses import correct_predictions
 from flaxlm.mesh import (
     batch_sharding,
     logical_constraint,
@@ -37,7 +32,7 @@ from flaxlm.mesh import (
     replicated,
 )
 from flaxlm.model import Transformer
-from flaxlm.moe import MOE_COLLECTION, router_losses
+from flaxlm.objective import batch_losses, loss_sums
 from flaxlm.optim import learning_rate_schedule, make_optimizer
 
 Batch = dict[str, jax.Array]
@@ -52,59 +47,6 @@ class TrainState:
     opt_state: Any
     # Updates dropped because the loss or the gradients were not finite (train.nan_policy=skip).
     skipped: jax.Array
-
-
-def forward_losses(
-    params, model: Transformer, batch: Batch, dropout_key: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array, jax.Array, dict]:
-    """The model's logits_BxTxV on a batch, with its per-token losses, their weights and the
-    router statistics of mixture-of-experts layers (their own collection; {} for dense models).
-    A decoder's losses are those of the next tokens (B x T-1), an encoder's those of the masked
-    tokens (B x T, weight 0 elsewhere).
-
-    With a dropout_key the model's dropout is on (training); without, it is deterministic.
-    """
-    rngs = {} if dropout_key is None else {"dropout": dropout_key}
-    logits_BxTxV, stats = model.apply(
-        {"params": params},
-        batch["tokens"],
-        batch["positions"],
-        batch["segment_ids"],
-        rngs=rngs,
-        mutable=[MOE_COLLECTION],
-    )
-    if model.cfg.arch == Arch.encoder:
-        return logits_BxTxV, *masked_losses(logits_BxTxV, batch), stats
-    return logits_BxTxV, *token_losses(logits_BxTxV, batch), stats
-
-
-def loss_sums(
-    params, model: Transformer, batch: Batch, z_loss: float, dropout_key: jax.Array | None = None
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The training objective summed (not averaged) over the batch's predicted tokens.
-
-    Sums make micro-batches add up exactly to the whole batch; the caller divides by the total
-    token count once.
-    """
-    logits_BxTxV, losses_BxTm1, weights_BxTm1, stats = forward_losses(
-        params, model, batch, dropout_key
-    )
-    nats = (losses_BxTm1 * weights_BxTm1).sum()
-    aux = {"nats": nats, "tokens": weights_BxTm1.sum()}
-    if model.cfg.arch == Arch.encoder:  # masked-LM accuracy, summed like the loss
-        aux["correct"] = correct_predictions(logits_BxTxV, batch, weights_BxTm1)
-    objective = nats
-    if model.cfg.moe.enabled:
-        extra, moe_sums = router_losses(stats, model.cfg.moe, aux["tokens"])
-        objective = objective + extra
-        aux.update(moe_sums)
-    if z_loss:
-        # The positions of the losses: the first T-1 (decoders) or all T (encoders).
-        log_z_BxTm1 = jax.nn.logsumexp(logits_BxTxV, axis=-1)[:, : weights_BxTm1.shape[1]]
-        z = (log_z_BxTm1**2 * weights_BxTm1).sum()
-        objective = objective + z_loss * z
-        aux["z"] = z
-    return objective, aux
 
 
 def _micro_batches(batch: Batch, steps: int) -> Batch:
@@ -206,7 +148,8 @@ def train_step(
 def eval_step(params, batch: Batch, *, model: Transformer) -> dict[str, jax.Array]:
     """Sums over the batch: nats of every predicted token, their count, and the bytes among them
     (an encoder's predicted tokens are its masked ones; it also counts those predicted right)."""
-    logits, losses, weights, _ = forward_losses(params, model, batch)
+    out = batch_losses(params, model, batch)
+    losses, weights = out.losses, out.weights
     encoder = model.cfg.arch == Arch.encoder
     targets = batch["labels"] if encoder else batch["tokens"][:, 1:]
     if "bytes" in batch:  # the pipeline says how many bytes of text each token stands for
@@ -216,7 +159,7 @@ def eval_step(params, batch: Batch, *, model: Transformer) -> dict[str, jax.Arra
         is_byte = (targets < BYTE_IDS).astype(jnp.float32) * weights
     sums = {"nats": (losses * weights).sum(), "tokens": weights.sum(), "bytes": is_byte.sum()}
     if encoder:
-        sums["correct"] = correct_predictions(logits, batch, weights)
+        sums["correct"] = correct_predictions(out.logits, batch, weights)
     return sums
 
 

@@ -70,7 +70,7 @@ def test_cross_entropy_matches_optax_in_float32():
     import numpy as np
     import optax
 
-    from flaxlm.train import cross_entropy
+    from flaxlm.losses import cross_entropy
 
     k1, k2 = jax.random.split(jax.random.key(0))
     logits_BxTxV = 4 * jax.random.normal(k1, (2, 8, 50))

@@ -16,7 +16,8 @@ from flaxlm.data import pipeline
 from flaxlm.data.masking import mask_statistics
 from flaxlm.data.tokenizer import ByteTokenizer
 from flaxlm.mesh import make_mesh
-from flaxlm.train import Trainer, forward_losses, loss_sums
+from flaxlm.objective import forward_losses, loss_sums
+from flaxlm.train import Trainer
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from flaxlm.config.checks import require as _require
 from flaxlm.config.checks import require_each
 from flaxlm.config.enums import (
     BYTE_VOCAB_SIZE,
+    Arch,
     AttentionKernel,
     ConfigError,
     Corpus,
@@ -147,6 +148,17 @@ def _validate_model(m: ModelConfig, d: DataConfig) -> None:
             d.seq_len % 128 == 0,
             f"model.attention=splash needs data.seq_len divisible by 128 (its block size), "
             f"got {d.seq_len}",
+        )
+    _require(m.logit_chunks >= 1, f"model.logit_chunks={m.logit_chunks} must be at least 1")
+    if m.logit_chunks > 1:
+        _require(
+            m.arch == Arch.decoder,
+            "model.logit_chunks chunks the next-token loss of a decoder; an encoder's masked-LM "
+            "head has none: set model.logit_chunks=1",
+        )
+        _require(
+            d.seq_len % m.logit_chunks == 0,
+            f"model.logit_chunks={m.logit_chunks} must divide data.seq_len={d.seq_len}",
         )
 
 
@@ -297,6 +309,13 @@ def check_divisibility(cfg: Config, sizes: dict[str, int]) -> None:
             f"{2 * context} (twice the shards of a row: each shard takes one early and one late "
             "chunk of every row, so that causal attention gives every shard the same work); "
             "change data.seq_len or mesh.context"
+        )
+    chunk = d.seq_len // max(m.logit_chunks, 1)
+    if context > 1 and m.logit_chunks > 1 and chunk % context:
+        raise ConfigError(
+            f"{named} needs each of model.logit_chunks={m.logit_chunks} chunks of "
+            f"data.seq_len={d.seq_len} ({chunk} positions) to split evenly over the row's "
+            f"{context} shards; change model.logit_chunks"
         )
     if context > 1 and m.attention == AttentionKernel.splash and d.seq_len % (128 * context):
         raise ConfigError(
