@@ -73,13 +73,13 @@ def test_chunks_on_a_sharded_mesh_train_like_the_whole_logits(tiny_cfg, mesh):
         state = trainer.init_state(seed=0)
         runs = []
         for step in range(3):
-            batch = trainer.global_batch(trainer.synthetic_batch(seed=step))
+            batch = trainer.global_batch(trainer.synthetic_batch(seed=0))
             state, metrics = trainer.step(state, batch)
             runs.append(float(metrics["loss"]))
         sums = trainer.eval_step(state.params, batch)
         losses[chunks] = [*runs, float(sums["nats"]), float(sums["tokens"])]
     np.testing.assert_allclose(losses[4], losses[1], rtol=2e-6)
-    assert losses[1][-1] < losses[1][0]  # it trains
+    assert losses[1][2] < losses[1][0]  # it learns the batch
 
 
 def test_chunks_hold_a_fraction_of_the_logits(tiny_cfg):
