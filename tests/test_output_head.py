@@ -71,9 +71,9 @@ def test_chunks_on_a_sharded_mesh_train_like_the_whole_logits(tiny_cfg, mesh):
         cfg = tiny_cfg(*overrides, f"model.logit_chunks={chunks}", family="llama")
         trainer = Trainer(cfg, make_mesh(cfg))
         state = trainer.init_state(seed=0)
+        batch = trainer.global_batch(trainer.synthetic_batch(seed=0))
         runs = []
-        for step in range(3):
-            batch = trainer.global_batch(trainer.synthetic_batch(seed=0))
+        for _ in range(3):
             state, metrics = trainer.step(state, batch)
             runs.append(float(metrics["loss"]))
         sums = trainer.eval_step(state.params, batch)
