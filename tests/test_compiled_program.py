@@ -155,3 +155,50 @@ def test_the_tied_table_is_gathered_once_per_step_not_per_layer(tiny_cfg, scan):
     table = re.compile(r"= bf16\[384,256\]\S* all-gather(?:-start)?\(.*channel_id=(\d+)")
     gathers = {m.group(1) for m in map(table.search, text.splitlines()) if m}
     assert 1 <= len(gathers) <= 2, gathers
+
+
+def _computations(hlo_text: str) -> dict[str, list[str]]:
+    """The compiled HLO's computations by name: their header (parameters and result types),
+    then their instruction lines."""
+    comps: dict[str, list[str]] = {}
+    name = None
+    for line in hlo_text.splitlines():
+        header = re.match(r"^(?:ENTRY )?%(\S+) .*\{$", line)
+        if header:
+            name = header.group(1)
+            comps[name] = [line]
+        elif name is not None:
+            comps[name].append(line)
+    return comps
+
+
+@pytest.mark.slow
+def test_the_chunked_head_is_gathered_once_for_all_chunks(tiny_cfg):
+    """With model.logit_chunks the output projection is used inside two loops (the chunks'
+    forward and backward passes): its FSDP shards are gathered once before them, never per
+    chunk, and its gradient is summed in float32 across the chunks."""
+    trainer = _tpu_trainer(
+        tiny_cfg, "v5e:2x2", "model.vocab_size=1024", "model.n_layers=1", "model.logit_chunks=4",
+        "data.global_batch_size=4", family="llama",
+    )  # fmt: skip
+    comps = _computations(trainer.compile_step().as_text())
+    head = re.compile(r"= bf16\[256,1024\]\S* all-gather(?:-start)?\(.*channel_id=(\d+)")
+    gathers = {
+        (name, m.group(1)) for name, lines in comps.items() for m in map(head.search, lines) if m
+    }
+    assert len({channel for _, channel in gathers}) == 1, gathers
+    # Everything a while loop runs: its body and what the body calls, transitively.
+    callees = {
+        name: set(re.findall(r"(?:calls|to_apply|body|condition)=%([\w.\-]+)", " ".join(lines)))
+        for name, lines in comps.items()
+    }
+    bodies = set(re.findall(r" body=%([\w.\-]+)", "\n".join(map("\n".join, comps.values()))))
+    in_loops, todo = set(), list(bodies)
+    while todo:
+        name = todo.pop()
+        if name not in in_loops:
+            in_loops.add(name)
+            todo.extend(callees.get(name, ()))
+    assert not {name for name, _ in gathers} & in_loops
+    # A loop carries the head's gradient shard (256 rows over 4 devices: 64) in float32.
+    assert any("f32[64,1024]" in comps[b][0] for b in bodies if b in comps), bodies
