@@ -286,7 +286,9 @@ def measure(side: str, row: Row, layers: int, scan: bool, opts: argparse.Namespa
     peak = m.get("peak") or live
     cost = step if step else r["cost"]
     if not step:
-        how = "loop body once" if scan else "the step unrolled"
+        # A chunked loss is a loop too, in unrolled programs as well.
+        loops = scan or opts.logit_chunks > 1
+        how = "loop body once" if loops else "the step unrolled"
     seconds = cost.get("optimal_seconds")
     return {
         **record,

@@ -88,9 +88,10 @@ class ModelConfig:
     query_scale: float | None = None
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
-    # Training computes the output projection and the loss this many chunks of positions at a
-    # time (a rematerialised scan), so a step holds 1/logit_chunks of the logits and their
-    # gradient; 1: all at once. Must divide data.seq_len (flaxlm/output_head.py).
+    # Training and evaluation compute the output projection and the loss this many chunks of
+    # positions at a time (a scan; the backward pass recomputes each chunk's logits), so a step
+    # holds about 1/logit_chunks of the logits and their gradient; 1: all at once. Must divide
+    # data.seq_len (flaxlm/output_head.py).
     logit_chunks: int = 1
     dropout_embed: float = 0.0
     dropout_attn: float = 0.0
