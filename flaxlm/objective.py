@@ -28,6 +28,22 @@ from flaxlm.output_head import chunked_cross_entropy, head_kernel
 Batch = dict[str, jax.Array]
 
 
+def _apply(
+    params, model: Transformer, batch: Batch, dropout_key: jax.Array | None, **kwargs
+) -> tuple[jax.Array, dict]:
+    """The model on a batch (dropout on with a dropout_key), with the routers' statistics."""
+    rngs = {} if dropout_key is None else {"dropout": dropout_key}
+    return model.apply(
+        {"params": params},
+        batch["tokens"],
+        batch["positions"],
+        batch["segment_ids"],
+        rngs=rngs,
+        mutable=[MOE_COLLECTION],
+        **kwargs,
+    )
+
+
 def forward_losses(
     params, model: Transformer, batch: Batch, dropout_key: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array, jax.Array, dict]:
@@ -38,15 +54,7 @@ def forward_losses(
 
     With a dropout_key the model's dropout is on (training); without, it is deterministic.
     """
-    rngs = {} if dropout_key is None else {"dropout": dropout_key}
-    logits_BxTxV, stats = model.apply(
-        {"params": params},
-        batch["tokens"],
-        batch["positions"],
-        batch["segment_ids"],
-        rngs=rngs,
-        mutable=[MOE_COLLECTION],
-    )
+    logits_BxTxV, stats = _apply(params, model, batch, dropout_key)
     if model.cfg.arch == Arch.encoder:
         return logits_BxTxV, *masked_losses(logits_BxTxV, batch), stats
     return logits_BxTxV, *token_losses(logits_BxTxV, batch), stats
@@ -59,16 +67,7 @@ def chunked_forward_losses(
     router statistics, the head applied model.logit_chunks chunks of positions at a time
     (`flaxlm.output_head`): the same values as forward_losses without all the logits at once."""
     cfg = model.cfg
-    rngs = {} if dropout_key is None else {"dropout": dropout_key}
-    x_BxTxD, stats = model.apply(
-        {"params": params},
-        batch["tokens"],
-        batch["positions"],
-        batch["segment_ids"],
-        return_hidden=True,
-        rngs=rngs,
-        mutable=[MOE_COLLECTION],
-    )
+    x_BxTxD, stats = _apply(params, model, batch, dropout_key, return_hidden=True)
     losses_BxT, log_z_BxT = chunked_cross_entropy(
         cfg, x_BxTxD, head_kernel(cfg, params), next_tokens(batch), cfg.logit_chunks
     )
