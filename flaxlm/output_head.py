@@ -106,7 +106,6 @@ def _chunk_loss(cfg: ModelConfig, x_BxKxD: Array, w_DxV: Array, targets_BxK: Arr
     return cross_entropy_and_log_z(head_logits(cfg, x_BxKxD, w_DxV), targets_BxK)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
 def chunked_cross_entropy(
     cfg: ModelConfig, x_BxTxD: Array, w_DxV: Array, targets_BxT: Array, chunks: int
 ) -> tuple[Array, Array]:
@@ -117,26 +116,37 @@ def chunked_cross_entropy(
     gradient of w, reduce-scattered onto w's shards, into a float32 sum (XLA's own transpose of
     the loop would sum them in the compute dtype).
     """
-    return _chunked_fwd(cfg, x_BxTxD, w_DxV, targets_BxT, chunks)[0]
+    # `unroll` is an argument of the custom VJP, not read inside it: JAX caches the traces of
+    # custom-VJP rules by their static arguments.
+    return _chunked_ce(cfg, x_BxTxD, w_DxV, targets_BxT, chunks, _UNROLL.get())
 
 
-def _chunked_fwd(cfg: ModelConfig, x_BxTxD, w_DxV, targets_BxT, chunks: int):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4, 5))
+def _chunked_ce(cfg: ModelConfig, x_BxTxD, w_DxV, targets_BxT, chunks: int, unroll: bool):
+    return _chunked_fwd(cfg, x_BxTxD, w_DxV, targets_BxT, chunks, unroll)[0]
+
+
+def _chunked_fwd(cfg: ModelConfig, x_BxTxD, w_DxV, targets_BxT, chunks: int, unroll: bool):
     w_gathered_DxV = _gather(cfg, w_DxV)
 
     def chunk(_, xs: tuple[Array, Array]) -> tuple[None, tuple[Array, Array]]:
         return None, _chunk_loss(cfg, *xs[:1], w_gathered_DxV, *xs[1:])
 
     xs = (_chunked(x_BxTxD, chunks), _chunked(targets_BxT, chunks))
-    _, (losses_CxBxK, log_z_CxBxK) = jax.lax.scan(chunk, None, xs, unroll=_UNROLL.get())
+    _, (losses_CxBxK, log_z_CxBxK) = jax.lax.scan(chunk, None, xs, unroll=unroll)
     out = (_unchunked(losses_CxBxK), _unchunked(log_z_CxBxK))
     return out, (x_BxTxD, w_DxV, w_gathered_DxV, targets_BxT)
 
 
-def _chunked_bwd(cfg: ModelConfig, chunks: int, residuals, cotangents):
+def _chunked_bwd(cfg: ModelConfig, chunks: int, unroll: bool, residuals, cotangents):
     x_BxTxD, w_DxV, w_gathered_DxV, targets_BxT = residuals
     g_losses_BxT, g_log_z_BxT = cotangents
 
     def chunk(g_w_DxV: Array, xs) -> tuple[Array, Array]:
+        if unroll:
+            # Unrolled, the recomputed logits equal the forward pass's and XLA would merge the
+            # two (common subexpressions); the loops keep them apart.
+            xs = jax.lax.optimization_barrier(xs)
         x_BxKxD, targets_BxK, g_losses_BxK, g_log_z_BxK = xs
         _, vjp = jax.vjp(lambda x, w: _chunk_loss(cfg, x, w, targets_BxK), x_BxKxD, w_gathered_DxV)
         g_x_BxKxD, g_w_chunk_DxV = vjp((g_losses_BxK, g_log_z_BxK))
@@ -146,10 +156,10 @@ def _chunked_bwd(cfg: ModelConfig, chunks: int, residuals, cotangents):
     g_w_DxV = constrain(jnp.zeros(w_DxV.shape, jnp.float32), ("embed", "vocab"))
     xs = (x_BxTxD, targets_BxT, g_losses_BxT, g_log_z_BxT)
     g_w_DxV, g_x_CxBxKxD = jax.lax.scan(
-        chunk, g_w_DxV, tuple(_chunked(a, chunks) for a in xs), unroll=_UNROLL.get()
+        chunk, g_w_DxV, tuple(_chunked(a, chunks) for a in xs), unroll=unroll
     )
     # Integer targets have no gradient.
     return _unchunked(g_x_CxBxKxD).astype(x_BxTxD.dtype), g_w_DxV.astype(w_DxV.dtype), None
 
 
-chunked_cross_entropy.defvjp(_chunked_fwd, _chunked_bwd)
+_chunked_ce.defvjp(_chunked_fwd, _chunked_bwd)

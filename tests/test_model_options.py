@@ -11,9 +11,11 @@ from test_train import _fixed_batch
 
 from flaxlm.attention import dot_product_attention
 from flaxlm.config import AttentionKernel
+from flaxlm.losses import token_losses
 from flaxlm.mesh import make_mesh
 from flaxlm.model import Transformer
-from flaxlm.train import Trainer, loss_sums, token_losses
+from flaxlm.objective import loss_sums
+from flaxlm.train import Trainer
 
 
 @pytest.mark.parametrize("t", [128, 384])  # 384: blocks of 128, not the default 512
