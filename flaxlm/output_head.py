@@ -130,7 +130,8 @@ def _chunked_fwd(cfg: ModelConfig, x_BxTxD, w_DxV, targets_BxT, chunks: int, unr
     w_gathered_DxV = _gather(cfg, w_DxV)
 
     def chunk(_, xs: tuple[Array, Array]) -> tuple[None, tuple[Array, Array]]:
-        return None, _chunk_loss(cfg, *xs[:1], w_gathered_DxV, *xs[1:])
+        x_BxKxD, targets_BxK = xs
+        return None, _chunk_loss(cfg, x_BxKxD, w_gathered_DxV, targets_BxK)
 
     xs = (_chunked(x_BxTxD, chunks), _chunked(targets_BxT, chunks))
     _, (losses_CxBxK, log_z_CxBxK) = jax.lax.scan(chunk, None, xs, unroll=unroll)
