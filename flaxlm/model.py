@@ -47,7 +47,7 @@ from flaxlm.layers import (
 )
 from flaxlm.mesh import current_platform
 from flaxlm.moe import MOE_COLLECTION, MoeFeedForward
-from flaxlm.output_head import LMHead, head_logits
+from flaxlm.output_head import LMHead, gather_head, head_logits
 from flaxlm.positions import sinusoidal_encoding
 from flaxlm.self_attention import Attention
 
@@ -261,4 +261,4 @@ class Transformer(nn.Module):
         if return_hidden:
             return x_BxTxD
         w_DxV = embed.embedding.T if cfg.tie_embeddings else LMHead(cfg, name="lm_head")()
-        return head_logits(cfg, x_BxTxD, w_DxV)
+        return head_logits(cfg, x_BxTxD, gather_head(cfg, w_DxV))

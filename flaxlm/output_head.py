@@ -76,6 +76,20 @@ def head_logits(cfg: ModelConfig, x_BxTxD: Array, w_DxV: Array) -> Array:
     return logits_BxTxV
 
 
+def gather_head(cfg: ModelConfig, w_DxV: Array) -> Array:
+    """w in the compute dtype, gathered over its FSDP (`embed`) shards before it meets the
+    hidden states.
+
+    Gathered here, once per step direction, the gradient of w is computed whole on every device
+    and reduce-scattered onto its shards in one collective. Left sharded, XLA computes that
+    gradient as a collective matmul (a loop that passes shards of it around the ring), and the
+    loop needs the gradient of the logits as an operand in memory: 2 GiB per 8K-token Llama-3
+    sequence, where otherwise XLA fuses the softmax's backward into both matmuls and never
+    writes it. Inside the chunked loss it also keeps XLA from gathering w once per chunk.
+    """
+    return constrain(w_DxV.astype(dtype_of(cfg.dtype)), (None, "vocab"))
+
+
 def head_kernel(cfg: ModelConfig, params: dict) -> Array:
     """w_DxV of a decoder's parameters: the transposed embedding table when they are tied."""
     if cfg.tie_embeddings:
@@ -93,12 +107,6 @@ def _unchunked(a_CxBxKx_: Array) -> Array:
     """The inverse of _chunked: a_BxTx_ in the positions' order."""
     C, B, K = a_CxBxKx_.shape[:3]
     return jnp.moveaxis(a_CxBxKx_, 0, 2).reshape(B, K * C, *a_CxBxKx_.shape[3:])
-
-
-def _gather(cfg: ModelConfig, w_DxV: Array) -> Array:
-    """w in the compute dtype, gathered over its FSDP (`embed`) shards, once for all chunks
-    (left sharded, XLA gathers it inside the loop: once per chunk, C times the bytes)."""
-    return constrain(w_DxV.astype(dtype_of(cfg.dtype)), (None, "vocab"))
 
 
 def _chunk_loss(cfg: ModelConfig, x_BxKxD: Array, w_DxV: Array, targets_BxK: Array):
@@ -127,7 +135,7 @@ def _chunked_ce(cfg: ModelConfig, x_BxTxD, w_DxV, targets_BxT, chunks: int, unro
 
 
 def _chunked_fwd(cfg: ModelConfig, x_BxTxD, w_DxV, targets_BxT, chunks: int, unroll: bool):
-    w_gathered_DxV = _gather(cfg, w_DxV)
+    w_gathered_DxV = gather_head(cfg, w_DxV)
 
     def chunk(_, xs: tuple[Array, Array]) -> tuple[None, tuple[Array, Array]]:
         x_BxKxD, targets_BxK = xs

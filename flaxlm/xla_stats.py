@@ -56,6 +56,9 @@ _COLLECTIVE = re.compile(
     r"(?P<kind>all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
     r"(?P<start>-start)?\((?P<rest>.*)$"
 )
+_SCATTER_FUSION = re.compile(
+    r"^\s*(?:ROOT\s+)?%\S+\s*=\s*(?P<shape>.+?)\s+fusion\(.*calls=%all-reduce-scatter\b"
+)
 _ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|f8e\w+)\[([\d,]*)\]")
 _CHANNEL = re.compile(r"channel_id=(\d+)")
 
@@ -85,12 +88,31 @@ def _result_bytes(kind: str, start: bool, shape: str) -> int:
 def collective_stats(hlo_text: str) -> dict[str, dict[str, int]]:
     """Collectives of a compiled program's HLO text, by kind: {"count", "bytes"} per device
     (bytes of each collective's result). XLA may copy a collective into several computations
-    (async start/update/done forms): one channel id counts once. A loop body counts once."""
+    (async start/update/done forms): one channel id counts once. A loop body counts once.
+
+    libtpu writes some reduce-scatters as a fusion that calls an `all-reduce-scatter`
+    computation (an all-reduce of the whole operand and a slice of it, run as one
+    reduce-scatter): each counts as a reduce-scatter of the fusion's result, and the all-reduce
+    inside is not counted.
+    """
     seen: set[tuple[str, str]] = set()
     stats: dict[str, dict[str, int]] = {}
+
+    def add(kind: str, nbytes: int) -> None:
+        entry = stats.setdefault(kind, {"count": 0, "bytes": 0})
+        entry["count"] += 1
+        entry["bytes"] += nbytes
+
+    in_scatter_body = False
     for line in hlo_text.splitlines():
+        if line.startswith(("%", "ENTRY")):  # the header of a computation
+            in_scatter_body = line.startswith("%all-reduce-scatter")
+        fused = _SCATTER_FUSION.match(line)
+        if fused:
+            add("reduce-scatter", sum(_array_bytes(fused["shape"])))
+            continue
         match = _COLLECTIVE.match(line)
-        if not match:
+        if not match or in_scatter_body:
             continue
         kind = match["kind"]
         channel = _CHANNEL.search(match["rest"])
@@ -98,8 +120,5 @@ def collective_stats(hlo_text: str) -> dict[str, dict[str, int]]:
         if key in seen:
             continue
         seen.add(key)
-        nbytes = _result_bytes(kind, bool(match["start"]), match["shape"])
-        entry = stats.setdefault(kind, {"count": 0, "bytes": 0})
-        entry["count"] += 1
-        entry["bytes"] += nbytes
+        add(kind, _result_bytes(kind, bool(match["start"]), match["shape"]))
     return stats

@@ -42,6 +42,16 @@ _HLO = """
   %agc = ((f32[8]{0}, f32[16]{0}), (f32[64]{0}, f32[128]{0})) all-gather-start(%a, %b), channel_id=3
   %ar = f32[1000]{0} all-reduce(%g), channel_id=2, to_apply=%add
   ROOT %rs = bf16[256]{0} reduce-scatter(%h), channel_id=4, dimensions={0}
+
+%all-reduce-scatter (input: bf16[4096,128]) -> bf16[512,128] {
+  %input = bf16[4096,128]{1,0} parameter(0)
+  %all-reduce.25 = bf16[4096,128]{1,0} all-reduce(%input), channel_id=127, replica_groups={{0,1,2,3,4,5,6,7}}
+  ROOT %dynamic-slice.241 = bf16[512,128]{1,0} dynamic-slice(%all-reduce.25, %i, %j), dynamic_slice_sizes={512,128}
+}
+
+ENTRY %main {
+  %fusion.11 = bf16[512,128]{1,0:T(8,128)(2,1)} fusion(%fusion.430), kind=kCustom, calls=%all-reduce-scatter, metadata={}
+}
 """  # noqa: E501
 
 
@@ -52,4 +62,6 @@ def test_collective_stats_count_the_results_of_async_collectives():
     assert stats["collective-permute"] == {"count": 1, "bytes": 512 * 32 * 128 * 2}
     assert stats["all-gather"] == {"count": 2, "bytes": 4096 * 128 * 2 + (64 + 128) * 4}
     assert stats["all-reduce"] == {"count": 1, "bytes": 4000}
-    assert stats["reduce-scatter"] == {"count": 1, "bytes": 512}
+    # A reduce-scatter written as a fusion of an all-reduce and a slice counts once, as what
+    # it delivers; the all-reduce inside it is not one of the program's all-reduces.
+    assert stats["reduce-scatter"] == {"count": 2, "bytes": 512 + 512 * 128 * 2}
