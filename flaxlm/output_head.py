@@ -78,16 +78,37 @@ def head_logits(cfg: ModelConfig, x_BxTxD: Array, w_DxV: Array) -> Array:
 
 def gather_head(cfg: ModelConfig, w_DxV: Array) -> Array:
     """w in the compute dtype, gathered over its FSDP (`embed`) shards before it meets the
-    hidden states.
+    hidden states; in the backward pass its gradient is reduce-scattered onto those shards.
 
-    Gathered here, once per step direction, the gradient of w is computed whole on every device
-    and reduce-scattered onto its shards in one collective. Left sharded, XLA computes that
-    gradient as a collective matmul (a loop that passes shards of it around the ring), and the
-    loop needs the gradient of the logits as an operand in memory: 2 GiB per 8K-token Llama-3
-    sequence, where otherwise XLA fuses the softmax's backward into both matmuls and never
-    writes it. Inside the chunked loss it also keeps XLA from gathering w once per chunk.
+    The gradient of w is computed whole on every device (its share of the batch) and then
+    reduce-scattered in one collective. Left to itself, XLA computes that gradient as a
+    collective matmul (a loop that passes shards of it around the ring), and the loop needs
+    the gradient of the logits in memory as its operand: 2 GiB per 8K-token Llama-3 sequence,
+    where otherwise XLA fuses the softmax's backward into both matmuls and never writes it.
+    Inside the chunked loss the gather also keeps XLA from gathering w once per chunk.
     """
-    return constrain(w_DxV.astype(dtype_of(cfg.dtype)), (None, "vocab"))
+    return _gathered(w_DxV.astype(dtype_of(cfg.dtype)))
+
+
+@jax.custom_vjp
+def _gathered(w_DxV: Array) -> Array:
+    return constrain(w_DxV, (None, "vocab"))
+
+
+def _gathered_fwd(w_DxV: Array) -> tuple[Array, None]:
+    return _gathered(w_DxV), None
+
+
+def _gathered_bwd(_, g_w_DxV: Array) -> tuple[Array]:
+    # Whole first (each device's partial sum, as the matmul made it), then onto the shards,
+    # where the barrier keeps it: XLA would otherwise slice the whole gradient only inside
+    # the optimizer's update, at the end of the step. Constrained straight to the shards,
+    # the matmul itself would become the collective matmul.
+    g_w_DxV = constrain(g_w_DxV, (None, "vocab"))
+    return (jax.lax.optimization_barrier(constrain(g_w_DxV, ("embed", "vocab"))),)
+
+
+_gathered.defvjp(_gathered_fwd, _gathered_bwd)
 
 
 def head_kernel(cfg: ModelConfig, params: dict) -> Array:

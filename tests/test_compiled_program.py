@@ -202,3 +202,25 @@ def test_the_chunked_head_is_gathered_once_for_all_chunks(tiny_cfg):
     assert not {name for name, _ in gathers} & in_loops
     # A loop carries the head's gradient shard (256 rows over 4 devices: 64) in float32.
     assert any("f32[64,1024]" in comps[b][0] for b in bodies if b in comps), bodies
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_the_gradient_of_the_logits_is_never_written_whole(tiny_cfg, family):
+    """The softmax's backward fuses into the two matmuls of the output head's backward pass,
+    so the forward pass's logits are the only buffer of a device's whole logits. With the head
+    left sharded over FSDP, XLA computes its gradient as a collective matmul, a loop that
+    takes the gradient of the logits as an operand: a second buffer of the logits' size."""
+    T, V = 2048, 32768
+    trainer = _tpu_trainer(
+        tiny_cfg, "v6e:2x4", "model.d_model=1024", "model.d_ff=2048", "model.n_heads=8",
+        "model.dtype=bfloat16", "model.n_layers=1", f"model.vocab_size={V}", f"data.seq_len={T}",
+        f"model.max_seq_len={T}", "data.global_batch_size=8", "mesh.fsdp=8", family=family,
+    )  # fmt: skip
+    comps = _computations(trainer.compile_step().as_text())
+    entry = next(lines for lines in comps.values() if lines[0].startswith("ENTRY"))
+    # One 2048-token sequence per device: logits of (1, 2048, V) or, flattened, (2048, V).
+    logits = re.compile(rf"^\s*%\S+ = bf16\[(?:1,)?{T},{V}\]")
+    assert len([line for line in entry if logits.match(line)]) == 1, [
+        line[:160] for line in entry if logits.match(line)
+    ]
