@@ -81,7 +81,8 @@ def gather_head(cfg: ModelConfig, w_DxV: Array) -> Array:
     hidden states; in the backward pass its gradient is reduce-scattered onto those shards.
 
     The gradient of w is computed whole on every device (its share of the batch) and then
-    reduce-scattered in one collective. Left to itself, XLA computes that gradient as a
+    reduce-scattered in one collective (which libtpu for v5p runs as an all-reduce and a
+    slice: twice the bytes on the wire). Left to itself, XLA computes that gradient as a
     collective matmul (a loop that passes shards of it around the ring), and the loop needs
     the gradient of the logits in memory as its operand: 2 GiB per 8K-token Llama-3 sequence,
     where otherwise XLA fuses the softmax's backward into both matmuls and never writes it.
