@@ -221,6 +221,5 @@ def test_the_gradient_of_the_logits_is_never_written_whole(tiny_cfg, family):
     entry = next(lines for lines in comps.values() if lines[0].startswith("ENTRY"))
     # One 2048-token sequence per device: logits of (1, 2048, V) or, flattened, (2048, V).
     logits = re.compile(rf"^\s*%\S+ = bf16\[(?:1,)?{T},{V}\]")
-    assert len([line for line in entry if logits.match(line)]) == 1, [
-        line[:160] for line in entry if logits.match(line)
-    ]
+    buffers = [line[:160] for line in entry if logits.match(line)]
+    assert len(buffers) == 1, buffers
