@@ -32,7 +32,7 @@ from flaxlm.config import (
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """One accelerator chip: its dense bf16 peak and its HBM, per chip."""
+    """One accelerator chip: its dense bf16 peak, its HBM and its HBM bandwidth, per chip."""
 
     # As TPU topology names spell it (v5p:4x4x4), or the GPU's model.
     generation: str
@@ -40,6 +40,7 @@ class Chip:
     device_kinds: tuple[str, ...]
     peak_flops: float
     hbm_gib: float | None
+    hbm_bandwidth: float  # bytes per second
 
     def per_device(self, devices_per_chip: float = 1.0) -> tuple[float, float | None]:
         """(peak FLOP/s, HBM GiB) of one JAX device when each chip shows as devices_per_chip
@@ -52,18 +53,23 @@ class Chip:
         hbm = self.hbm_gib / devices_per_chip if self.hbm_gib is not None else None
         return self.peak_flops / devices_per_chip, hbm
 
+    def roofline(self, devices_per_chip: float = 1.0) -> tuple[float, float]:
+        """(peak FLOP/s, HBM bytes/s) of one JAX device (see `per_device`)."""
+        return self.peak_flops / devices_per_chip, self.hbm_bandwidth / devices_per_chip
 
-# Dense bf16 peak per chip from the published TPU and GPU specs. GPU memory differs between
-# variants of one model (A100 40 or 80 GB), so only TPU chips carry their HBM.
+
+# Dense bf16 peak and HBM bandwidth per chip from the published TPU and GPU specs (SXM parts).
+# GPU memory differs between variants of one model (A100 40 or 80 GB), so only TPU chips carry
+# their HBM.
 CHIPS: tuple[Chip, ...] = (
-    Chip("v4", ("TPU v4",), 275e12, 32),
-    Chip("v5e", ("TPU v5 lite", "TPU v5e"), 197e12, 16),
-    Chip("v5p", ("TPU v5p", "TPU v5"), 459e12, 95),
-    Chip("v6e", ("TPU v6 lite", "TPU v6e"), 918e12, 32),
-    Chip("H100", ("NVIDIA H100",), 989e12, None),
-    Chip("H200", ("NVIDIA H200",), 989e12, None),
-    Chip("A100", ("NVIDIA A100",), 312e12, None),
-    Chip("B200", ("NVIDIA B200",), 2250e12, None),
+    Chip("v4", ("TPU v4",), 275e12, 32, 1228e9),
+    Chip("v5e", ("TPU v5 lite", "TPU v5e"), 197e12, 16, 819e9),
+    Chip("v5p", ("TPU v5p", "TPU v5"), 459e12, 95, 2765e9),
+    Chip("v6e", ("TPU v6 lite", "TPU v6e"), 918e12, 32, 1640e9),
+    Chip("H100", ("NVIDIA H100",), 989e12, None, 3.35e12),
+    Chip("H200", ("NVIDIA H200",), 989e12, None, 4.8e12),
+    Chip("A100", ("NVIDIA A100",), 312e12, None, 2.039e12),
+    Chip("B200", ("NVIDIA B200",), 2250e12, None, 8e12),
 )
 TPU_GENERATIONS = tuple(c.generation for c in CHIPS if c.device_kinds[0].startswith("TPU"))
 

@@ -16,6 +16,11 @@ A micro-batches of b rows, at b and 2b rows. The cost is linear in the depth and
 A model of at most n2 layers is compiled at its own depth. Without accumulation that is one or
 two compiles, with it two or four, all of a few layers. A loss computed in chunks of positions
 (`model.logit_chunks`, a third loop) is traced with its chunks unrolled in these programs.
+
+The programs still loop where the compiler made loops: on TPU, a matmul with a sharded operand
+becomes a windowed einsum, a loop over the shards. `program_cost` adds the iterations XLA did
+not count, read from the HLO (`flaxlm.hlo_program`): their matmul FLOPs, their bytes and, on a
+chip that `flaxlm.flops.CHIPS` knows, their seconds at its roofline, to XLA's own figures.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ import dataclasses
 import math
 from typing import Any
 
-from flaxlm import xla_stats
+from flaxlm import hlo_program, xla_stats
 from flaxlm.config import Config
+from flaxlm.flops import find_chip
 from flaxlm.output_head import unrolled_chunks
 from flaxlm.train import Trainer
 
@@ -62,6 +68,31 @@ def _line(a: dict[str, float], b: dict[str, float], t: float) -> dict[str, float
     return {k: a[k] + t * (b[k] - a[k]) for k in a if k in b}
 
 
+def device_roofline(devices: list[Any]) -> tuple[float, float] | None:
+    """(peak FLOP/s, HBM bytes/s) of one of these devices, None for a chip the table does not
+    know (the CPU). libtpu's topologies show a v4 chip as two devices (one per core)."""
+    chip = find_chip(devices[0].device_kind)
+    if chip is None:
+        return None
+    chips = {getattr(d, "coords", None) and tuple(d.coords) for d in devices}
+    return chip.roofline(len(devices) / len(chips) if None not in chips else 1.0)
+
+
+def program_cost(compiled: Any, roofline: tuple[float, float] | None) -> dict[str, float]:
+    """XLA's cost analysis of a compiled program (`flaxlm.xla_stats.cost_stats`) with the loop
+    iterations it left out added back (see the module docstring), and `unknown_loops`, the
+    loops whose trip count could not be read (counted once)."""
+    cost = xla_stats.cost_stats(compiled)
+    missed = hlo_program.program_cost(compiled.as_text(), *(roofline or (None, None)))
+    for key in ("flops", "bytes_accessed"):
+        if key in cost:
+            cost[key] += missed[f"missed_{key}"]
+    if cost.get("optimal_seconds", 0) > 0 and "missed_seconds" in missed:
+        cost["optimal_seconds"] += missed["missed_seconds"]
+    cost["unknown_loops"] = missed["unknown_loops"]
+    return cost
+
+
 def step_cost(cfg: Config, mesh: Any) -> tuple[dict[str, float], str]:
     """Per-device `flops`, `bytes_accessed` (and `optimal_seconds` on TPU) of a whole step
     of cfg on mesh, and how they were obtained (see the module docstring)."""
@@ -71,11 +102,13 @@ def step_cost(cfg: Config, mesh: Any) -> tuple[dict[str, float], str]:
     n1, n2 = first + period, first + 2 * period
     depths = [layers] if layers <= n2 else [n1, n2]
 
+    roofline = device_roofline(list(mesh.devices.flat))
+
     def at_layers(k: int) -> dict[str, float]:
         """The cost at depth `layers` of one pass over k micro-batches of rows."""
         with unrolled_chunks():
             costs = [
-                xla_stats.cost_stats(Trainer(_unrolled(cfg, n, k * micro), mesh).compile_step())
+                program_cost(Trainer(_unrolled(cfg, n, k * micro), mesh).compile_step(), roofline)
                 for n in depths
             ]
         return costs[0] if len(costs) == 1 else _line(costs[0], costs[1], (layers - n1) / period)

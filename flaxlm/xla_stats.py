@@ -3,15 +3,16 @@
 `flaxlm bench`, `flaxlm compile`, the memory model and the benchmarks read both through these
 two functions. The figures are per device (XLA compiles one SPMD program that every device
 runs), and both analyses count the body of a loop (`nn.scan` over layers, `lax.scan` over
-micro-batches) once, not once per iteration. `collective_stats` reads the collectives (kind,
-count, bytes) from the compiled program's HLO text.
+micro-batches, a windowed einsum) once, not once per iteration. `collective_stats` reads the
+collectives (kind, count, bytes) of a whole step from the compiled program's HLO text.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any
+
+from flaxlm import hlo_program
 
 # Cost-analysis keys as XLA names them, and the names flaxlm reports them under.
 _COST_KEYS = {
@@ -51,74 +52,62 @@ def cost_stats(compiled: Any) -> dict[str, float]:
     return {ours: float(analysis[key]) for key, ours in _COST_KEYS.items() if key in analysis}
 
 
-_COLLECTIVE = re.compile(
-    r"^\s*(?:ROOT\s+)?%\S+\s*=\s*(?P<shape>.+?)\s+"
-    r"(?P<kind>all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
-    r"(?P<start>-start)?\((?P<rest>.*)$"
-)
-_SCATTER_FUSION = re.compile(
-    r"^\s*(?:ROOT\s+)?%\S+\s*=\s*(?P<shape>.+?)\s+fusion\(.*calls=%all-reduce-scatter\b"
-)
-_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|f8e\w+)\[([\d,]*)\]")
+_KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 _CHANNEL = re.compile(r"channel_id=(\d+)")
-
-
-def _array_bytes(shape: str) -> list[int]:
-    sizes = []
-    for dtype, dims in _ARRAY.findall(shape):
-        bits = 8 if dtype in ("pred",) or dtype.startswith("f8") else int(dtype[-2:].lstrip("f"))
-        sizes.append(math.prod(int(d) for d in dims.split(",") if d) * bits // 8)
-    return sizes
 
 
 def _result_bytes(kind: str, start: bool, shape: str) -> int:
     """Bytes a collective delivers. An async start's result is (operands, results) and, for a
     collective-permute, two u32[] scalars of context: the results are the second half of the
     arrays once the scalars are dropped (combined collectives carry several of each)."""
-    sizes = _array_bytes(shape)
+    sizes = hlo_program.array_bytes(shape)
     if not start or kind == "all-reduce":
         return sum(sizes)
     if kind == "collective-permute":
-        arrays = _ARRAY.findall(shape)
+        arrays = hlo_program.arrays(shape)
         pairs = zip(sizes, arrays, strict=True)
         sizes = [n for n, (dtype, dims) in pairs if dims or dtype != "u32"]
     return sum(sizes[len(sizes) // 2 :])
 
 
 def collective_stats(hlo_text: str) -> dict[str, dict[str, int]]:
-    """Collectives of a compiled program's HLO text, by kind: {"count", "bytes"} per device
-    (bytes of each collective's result). XLA may copy a collective into several computations
-    (async start/update/done forms): one channel id counts once. A loop body counts once.
+    """Collectives of a compiled program's HLO text per step, by kind: {"count", "bytes"} per
+    device (bytes of each collective's result). A collective in a loop body counts once per
+    iteration (`flaxlm.hlo_program` reads the trip counts; a loop whose count it cannot read
+    counts once). One channel id counts once per run of its computation.
 
     libtpu writes some reduce-scatters as a fusion that calls an `all-reduce-scatter`
     computation (an all-reduce of the whole operand and a slice of it, run as one
     reduce-scatter): each counts as a reduce-scatter of the fusion's result, and the all-reduce
     inside is not counted.
     """
-    seen: set[tuple[str, str]] = set()
+    computations = hlo_program.parse(hlo_text)
+    runs, _, _ = hlo_program.run_counts(computations)
     stats: dict[str, dict[str, int]] = {}
 
-    def add(kind: str, nbytes: int) -> None:
+    def add(kind: str, nbytes: int, times: int) -> None:
         entry = stats.setdefault(kind, {"count": 0, "bytes": 0})
-        entry["count"] += 1
-        entry["bytes"] += nbytes
+        entry["count"] += times
+        entry["bytes"] += nbytes * times
 
-    in_scatter_body = False
-    for line in hlo_text.splitlines():
-        if line.startswith(("%", "ENTRY")):  # the header of a computation
-            in_scatter_body = line.startswith("%all-reduce-scatter")
-        fused = _SCATTER_FUSION.match(line)
-        if fused:
-            add("reduce-scatter", sum(_array_bytes(fused["shape"])))
+    for name, computation in computations.items():
+        times = runs.get(name, 0)
+        if name.startswith("all-reduce-scatter") or not times:
             continue
-        match = _COLLECTIVE.match(line)
-        if not match or in_scatter_body:
-            continue
-        kind = match["kind"]
-        channel = _CHANNEL.search(match["rest"])
-        key = (kind, channel.group(1) if channel else line.split("=", 1)[0].strip())
-        if key in seen:
-            continue
-        seen.add(key)
-        add(kind, _result_bytes(kind, bool(match["start"]), match["shape"]))
+        seen: set[str] = set()
+        for instruction in computation.instructions.values():
+            op = instruction.op
+            called = [callee for _, callee in hlo_program.callees(instruction)]
+            if op == "fusion" and any(c.startswith("all-reduce-scatter") for c in called):
+                add("reduce-scatter", hlo_program.shape_bytes(instruction.shape), times)
+                continue
+            kind = op.removesuffix("-start")
+            if kind not in _KINDS:
+                continue
+            channel = _CHANNEL.search(instruction.attrs)
+            key = f"{kind}/{channel.group(1) if channel else instruction.name}"
+            if key in seen:
+                continue
+            seen.add(key)
+            add(kind, _result_bytes(kind, op.endswith("-start"), instruction.shape), times)
     return stats

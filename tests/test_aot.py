@@ -35,9 +35,11 @@ def test_compile_report_for_a_small_topology(tiny_cfg):
     # XLA's count of the step's FLOPs over all devices agrees with 6N + 12LTd.
     xla_total = fsdp["xla_flops_per_device"] * fsdp["devices"]
     assert xla_total == pytest.approx(fsdp["analytic_flops_per_step"], rel=0.1)
-    # Unrolled layers, no micro-batches: XLA's estimate covers the whole step.
-    assert fsdp["xla_estimate"] == "the compiled step" and fsdp["xla_step_seconds"] > 0
-    assert fsdp["xla_step_flops_per_device"] == fsdp["xla_flops_per_device"]
+    # Unrolled layers, no micro-batches: XLA's estimate covers the whole step, with the
+    # iterations of any loop the compiler made (a windowed einsum) added.
+    assert fsdp["xla_estimate"].startswith("the compiled step") and fsdp["xla_step_seconds"] > 0
+    assert fsdp["xla_step_unknown_loops"] == 0
+    assert fsdp["xla_step_flops_per_device"] >= fsdp["xla_flops_per_device"]
 
     # Replicating the state (pure data parallel) must cost about 4x the state memory per device.
     dp = aot.compile_report(tiny_cfg(*TILED, "mesh.data=4"), "v5e:2x2")

@@ -36,13 +36,6 @@ def test_chips_by_generation_and_by_device_kind():
 
 # Lines as libtpu prints them in a compiled program (shapes shortened to the ones that matter).
 _HLO = """
-  %ag = (bf16[512,128]{1,0}, bf16[4096,128]{1,0}) all-gather-start(%p), channel_id=1, dims={0}
-  %agd = bf16[4096,128]{1,0} all-gather-done(%ag), channel_id=1
-  %cp = (bf16[1,512,32,128]{3,1,0,2}, bf16[1,512,32,128]{3,1,0,2}, u32[]{:S(2)}, u32[]{:S(2)}) collective-permute-start(%x), channel_id=8, source_target_pairs={{0,1},{1,0}}
-  %agc = ((f32[8]{0}, f32[16]{0}), (f32[64]{0}, f32[128]{0})) all-gather-start(%a, %b), channel_id=3
-  %ar = f32[1000]{0} all-reduce(%g), channel_id=2, to_apply=%add
-  ROOT %rs = bf16[256]{0} reduce-scatter(%h), channel_id=4, dimensions={0}
-
 %all-reduce-scatter (input: bf16[4096,128]) -> bf16[512,128] {
   %input = bf16[4096,128]{1,0} parameter(0)
   %all-reduce.25 = bf16[4096,128]{1,0} all-reduce(%input), channel_id=127, replica_groups={{0,1,2,3,4,5,6,7}}
@@ -50,7 +43,13 @@ _HLO = """
 }
 
 ENTRY %main {
-  %fusion.11 = bf16[512,128]{1,0:T(8,128)(2,1)} fusion(%fusion.430), kind=kCustom, calls=%all-reduce-scatter, metadata={}
+  %ag = (bf16[512,128]{1,0}, bf16[4096,128]{1,0}) all-gather-start(%p), channel_id=1, dims={0}
+  %agd = bf16[4096,128]{1,0} all-gather-done(%ag), channel_id=1
+  %cp = (bf16[1,512,32,128]{3,1,0,2}, bf16[1,512,32,128]{3,1,0,2}, u32[]{:S(2)}, u32[]{:S(2)}) collective-permute-start(%x), channel_id=8, source_target_pairs={{0,1},{1,0}}
+  %agc = ((f32[8]{0}, f32[16]{0}), (f32[64]{0}, f32[128]{0})) all-gather-start(%a, %b), channel_id=3
+  %ar = f32[1000]{0} all-reduce(%g), channel_id=2, to_apply=%add
+  %rs = bf16[256]{0} reduce-scatter(%h), channel_id=4, dimensions={0}
+  ROOT %fusion.11 = bf16[512,128]{1,0:T(8,128)(2,1)} fusion(%fusion.430), kind=kCustom, calls=%all-reduce-scatter, metadata={}
 }
 """  # noqa: E501
 
