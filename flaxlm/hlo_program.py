@@ -26,6 +26,9 @@ from dataclasses import dataclass, field
 _HEADER = re.compile(r"^(?P<entry>ENTRY\s+)?%(?P<name>[^\s(]+)\s")
 _INSTRUCTION = re.compile(r"^\s*(?P<root>ROOT\s+)?%(?P<name>\S+)\s*=\s*(?P<rest>.*)$")
 _ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|f8e\w+|c64|c128)\[([\d,]*)\]")
+# An array with its layout: `S(1)` in the layout is TPU's on-chip vector memory (VMEM), where
+# the compiler stages buffers (memory-space assignment); they cost no HBM bandwidth.
+_ON_CHIP = re.compile(r"\b(?:pred|[suf]\d+|bf16|f8e\w+|c64|c128)\[[\d,]*\]\{[^}]*S\(1\)[^}]*\}")
 _CALLS = re.compile(r"\b(calls|to_apply|condition|body)=%([^\s,}]+)")
 _CALL_LISTS = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}")
 # Instructions that move no data of their own (views, tuples, control flow, scalars' sources).
@@ -177,6 +180,11 @@ def array_bytes(shape: str) -> list[int]:
 def shape_bytes(shape: str) -> int:
     """Bytes of every array in a shape (a tuple's arrays summed)."""
     return sum(array_bytes(shape))
+
+
+def hbm_bytes(shape: str) -> int:
+    """Bytes of the arrays of a shape that live in HBM (not those staged on chip, `S(1)`)."""
+    return shape_bytes(_ON_CHIP.sub("", shape))
 
 
 def _source(computation: Computation, name: str) -> Instruction | None:
@@ -389,30 +397,50 @@ _SLICES = ("dynamic-slice", "slice", "gather")
 def instruction_bytes(
     computations: dict[str, Computation], computation: Computation, instruction: Instruction
 ) -> int:
-    """Bytes a top-level instruction reads and writes: its operands and its result, as XLA's
-    cost analysis counts them. An operand only sliced is read as the slices; an update in
-    place (`dynamic-update-slice`, a scan writing one layer of a stacked array) reads and
-    writes the update, not the whole array."""
+    """HBM bytes a top-level instruction reads and writes: its operands and its result, the
+    way XLA's cost analysis counts them but without arrays staged on chip. An operand only
+    sliced is read as the slices; an update in place (`dynamic-update-slice`, a scan writing
+    one layer of a stacked array) reads and writes the update, not the whole array."""
     op = instruction.op
-    if computation.fused or op in _NO_BYTES or op.endswith("-done"):
+    if computation.fused or op in _NO_BYTES or op.endswith(("-done", "-update")):
         return 0
+    if op == "slice-start":  # a DMA of a slice: ((source), slice, context)
+        piece = _elements(instruction.shape)[1]
+        return shape_bytes(piece) + hbm_bytes(piece)
+    if op.endswith("-start"):  # an async copy or collective: its result holds both ends
+        return hbm_bytes(instruction.shape)
     if op in _SLICES:
-        return 2 * shape_bytes(instruction.shape)
+        return 2 * hbm_bytes(instruction.shape)
     if op == "dynamic-update-slice":
-        return 2 * shape_bytes(computation.shape(instruction.operands[1]))
+        return 2 * hbm_bytes(computation.shape(instruction.operands[1]))
     fused = computations.get(next((c for _, c in callees(instruction)), ""))
     if op != "fusion" or fused is None:
-        operands = sum(shape_bytes(computation.shape(name)) for name in instruction.operands)
-        return operands + shape_bytes(instruction.shape)
+        operands = sum(hbm_bytes(computation.shape(name)) for name in instruction.operands)
+        return operands + hbm_bytes(instruction.shape)
     users = fused.users()
     parameters = {
         int(i.args): name for name, i in fused.instructions.items() if i.op == "parameter"
     }
     total = _written_bytes(fused, fused.root)
     for number, operand in enumerate(instruction.operands):
-        whole = shape_bytes(computation.shape(operand))
+        whole = hbm_bytes(computation.shape(operand))
         total += min(whole, _read_bytes(fused, users, parameters.get(number, ""), whole))
     return total
+
+
+def _elements(shape: str) -> list[str]:
+    """The top-level elements of a tuple shape (the shape itself if it is an array)."""
+    if not shape.startswith("("):
+        return [shape]
+    elements, depth, start = [], 0, 1
+    for i, ch in enumerate(shape):
+        depth += {"(": 1, "{": 1, "[": 1, ")": -1, "}": -1, "]": -1}.get(ch, 0)
+        if (ch == "," and depth == 1) or depth == 0:
+            elements.append(shape[start:i].strip())
+            start = i + 1
+        if depth == 0:
+            break
+    return elements
 
 
 def _read_bytes(fused: Computation, users: dict[str, list[str]], name: str, whole: int) -> int:
@@ -424,9 +452,11 @@ def _read_bytes(fused: Computation, users: dict[str, list[str]], name: str, whol
         if user.op in _VIEWS:
             read += _read_bytes(fused, users, user_name, whole)
         elif user.op in _SLICES and user.operands[0] == name:
-            read += shape_bytes(user.shape)
+            read += hbm_bytes(user.shape)
         elif user.op == "dynamic-update-slice" and user.operands[0] == name:
             continue
+        elif user.op == "tuple" and user_name == fused.root:
+            continue  # passed through (libtpu's fusions that carry a collective's buffers)
         else:
             return whole
     return read
@@ -439,11 +469,13 @@ def _written_bytes(fused: Computation, name: str) -> int:
         return 0
     if result.op in _VIEWS and result.operands:
         return _written_bytes(fused, result.operands[0])
+    if result.op == "parameter":
+        return 0  # passed through: the caller's buffer, not written here
     if result.op == "tuple":
         return sum(_written_bytes(fused, operand) for operand in result.operands)
     if result.op == "dynamic-update-slice":
-        return shape_bytes(fused.shape(result.operands[1]))
-    return shape_bytes(result.shape)
+        return hbm_bytes(fused.shape(result.operands[1]))
+    return hbm_bytes(result.shape)
 
 
 def _flops(
