@@ -74,40 +74,44 @@ def collective_stats(hlo_text: str) -> dict[str, dict[str, int]]:
     """Collectives of a compiled program's HLO text per step, by kind: {"count", "bytes"} per
     device (bytes of each collective's result). A collective in a loop body counts once per
     iteration (`flaxlm.hlo_program` reads the trip counts; a loop whose count it cannot read
-    counts once). One channel id counts once per run of its computation.
+    counts once).
 
-    libtpu writes some reduce-scatters as a fusion that calls an `all-reduce-scatter`
-    computation (an all-reduce of the whole operand and a slice of it, run as one
-    reduce-scatter): each counts as a reduce-scatter of the fusion's result, and the all-reduce
-    inside is not counted.
+    One channel id is one collective. libtpu splits some into the steps of an async collective
+    fusion, several fusions that carry the same collective while computing, and may spread
+    those steps over a loop's iterations and the code around it: such a collective counts as
+    many times as the computation that runs it least often. libtpu also writes some
+    reduce-scatters as a fusion that calls an `all-reduce-scatter` computation (an all-reduce
+    of the whole operand and a slice of it, run as one reduce-scatter): each counts as a
+    reduce-scatter of the fusion's result, and the all-reduce inside is not counted.
     """
     computations = hlo_program.parse(hlo_text)
     runs, _, _ = hlo_program.run_counts(computations)
-    stats: dict[str, dict[str, int]] = {}
+    found: dict[str, tuple[str, int, int]] = {}  # channel: kind, bytes, times per step
 
-    def add(kind: str, nbytes: int, times: int) -> None:
-        entry = stats.setdefault(kind, {"count": 0, "bytes": 0})
-        entry["count"] += times
-        entry["bytes"] += nbytes * times
+    def add(key: str, kind: str, nbytes: int, times: int) -> None:
+        times = min(times, found[key][2]) if key in found else times
+        found[key] = (kind, nbytes, times)
 
     for name, computation in computations.items():
         times = runs.get(name, 0)
         if name.startswith("all-reduce-scatter") or not times:
             continue
-        seen: set[str] = set()
         for instruction in computation.instructions.values():
             op = instruction.op
             called = [callee for _, callee in hlo_program.callees(instruction)]
             if op == "fusion" and any(c.startswith("all-reduce-scatter") for c in called):
-                add("reduce-scatter", hlo_program.shape_bytes(instruction.shape), times)
+                key = f"{name}/{instruction.name}"
+                add(key, "reduce-scatter", hlo_program.shape_bytes(instruction.shape), times)
                 continue
             kind = op.removesuffix("-start")
             if kind not in _KINDS:
                 continue
             channel = _CHANNEL.search(instruction.attrs)
-            key = f"{kind}/{channel.group(1) if channel else instruction.name}"
-            if key in seen:
-                continue
-            seen.add(key)
-            add(kind, _result_bytes(kind, op.endswith("-start"), instruction.shape), times)
+            key = channel.group(1) if channel else f"{name}/{instruction.name}"
+            add(key, kind, _result_bytes(kind, op.endswith("-start"), instruction.shape), times)
+    stats: dict[str, dict[str, int]] = {}
+    for kind, nbytes, times in found.values():
+        entry = stats.setdefault(kind, {"count": 0, "bytes": 0})
+        entry["count"] += times
+        entry["bytes"] += nbytes * times
     return stats

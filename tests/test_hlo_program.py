@@ -165,3 +165,51 @@ def test_a_scanned_model_has_the_matmuls_of_the_unrolled_model(tiny_cfg):
     assert scanned["unknown_loops"] == 0 and scanned["missed_flops"] > 0
     assert scanned["flops"] == pytest.approx(unrolled["flops"], rel=0.001)
     assert unrolled["missed_flops"] == 0
+
+
+# libtpu's async collective fusions: one all-gather (channel 9) whose steps are spread over a
+# loop's body and the code after it, and one (channel 10) that each iteration runs whole.
+_PIPELINED = """
+%async_collective_fusion.1 (a: bf16[16,32], b: bf16[16,32]) -> (bf16[64,32], bf16[64,32]) {
+  %a = bf16[16,32]{1,0} parameter(0)
+  %b = bf16[16,32]{1,0} parameter(1)
+  %all-gather.5 = bf16[64,32]{1,0} all-gather(%a), channel_id=9, dimensions={0}
+  %all-gather.6 = bf16[64,32]{1,0} all-gather(%b), channel_id=10, dimensions={0}
+  ROOT %tuple.7 = (bf16[64,32]{1,0}, bf16[64,32]{1,0}) tuple(%all-gather.5, %all-gather.6)
+}
+
+%async_collective_fusion.2 (c: bf16[16,32]) -> bf16[64,32] {
+  %c = bf16[16,32]{1,0} parameter(0)
+  ROOT %all-gather.8 = bf16[64,32]{1,0} all-gather(%c), channel_id=9, dimensions={0}
+}
+
+%body (p: (bf16[16,32], s32[])) -> (bf16[16,32], s32[]) {
+  %p = (bf16[16,32]{1,0}, s32[]) parameter(0)
+  %x = bf16[16,32]{1,0} get-tuple-element(%p), index=0
+  %i = s32[] get-tuple-element(%p), index=1
+  %one = s32[] constant(1)
+  %fusion.1 = (bf16[64,32]{1,0}, bf16[64,32]{1,0}) fusion(%x, %x), kind=kCustom, calls=%async_collective_fusion.1
+  %next = s32[] add(%i, %one)
+  ROOT %t = (bf16[16,32]{1,0}, s32[]) tuple(%x, %next)
+}
+
+%cond (q: (bf16[16,32], s32[])) -> pred[] {
+  %q = (bf16[16,32]{1,0}, s32[]) parameter(0)
+  %j = s32[] get-tuple-element(%q), index=1
+  %four = s32[] constant(4)
+  ROOT %lt = pred[] compare(%j, %four), direction=LT
+}
+
+ENTRY %main (y: bf16[16,32]) -> bf16[64,32] {
+  %y = bf16[16,32]{1,0} parameter(0)
+  %zero = s32[] constant(0)
+  %init = (bf16[16,32]{1,0}, s32[]) tuple(%y, %zero)
+  %loop = (bf16[16,32]{1,0}, s32[]) while(%init), condition=%cond, body=%body
+  ROOT %fusion.2 = bf16[64,32]{1,0} fusion(%y), kind=kCustom, calls=%async_collective_fusion.2
+}
+"""  # noqa: E501
+
+
+def test_a_collective_spread_over_a_loop_counts_once_and_one_in_each_iteration_every_time():
+    stats = xla_stats.collective_stats(_PIPELINED)
+    assert stats["all-gather"] == {"count": 1 + 4, "bytes": (1 + 4) * 64 * 32 * 2}
