@@ -17,14 +17,20 @@ code: libtpu releases differ in their scheduling (one extra all-gather per layer
 see benchmarks/RESULTS.md). `--compiler own` compiles flaxlm with this Python's jax and libtpu.
 
 It prints one JSON line per (row, side, scan) and then one table: per-device memory (arguments,
-temporaries, peak), whether it fits in HBM, FLOPs and bytes accessed, XLA's estimated step time
-(v5p only: elsewhere libtpu gives none) and the collectives by kind (count, GB per device).
-XLA's cost analysis counts a loop body once; FLOPs, bytes and time of scanned rows are corrected
-(flaxlm: `flaxlm.step_cost`; MaxText: the same extrapolation from 1 and 2 unrolled layers),
-and `--no-correct` prints them raw, marked "loop body once". Collectives of scanned rows are
-those of the compiled program (a loop body once). Every compile is a subprocess, so memory is
-returned between them. A benchmark, not a test: an 8B model compiles in minutes per row on a
-small CPU, so `--layers N` compiles both sides at reduced depth.
+temporaries, peak), whether it fits in HBM, FLOPs and bytes accessed, two step-time estimates and
+the collectives by kind (count, GB per device per step). XLA's cost analysis counts a loop body
+once, and both programs loop: scanned layers, and on TPU the windowed einsums (a loop over the
+shards of a sharded matmul) in every row. FLOPs, bytes and XLA's estimated time (v5p only:
+elsewhere libtpu gives none) are corrected on both sides the same way: a scanned row's step is
+extrapolated from 1 and 2 unrolled layers (flaxlm: `flaxlm.step_cost`), and every compiled
+program gets the loop iterations XLA left out added back, read from its HLO with their trip
+counts (`flaxlm.hlo_program`); `--no-correct` prints XLA's raw figures, marked "loop body once".
+The roofline estimate (every generation) is `flaxlm.hlo_program.program_cost` of the compiled
+program itself: each instruction of each iteration at the slower of its matmul FLOPs at the
+chip's peak and its HBM bytes at the chip's bandwidth, without overlap or collectives.
+Collectives count every iteration (`flaxlm.xla_stats.collective_stats`). Every compile is a
+subprocess, so memory is returned between them. A benchmark, not a test: an 8B model compiles
+in minutes per row on a small CPU, so `--layers N` compiles both sides at reduced depth.
 """
 
 from __future__ import annotations
@@ -176,6 +182,21 @@ def maxtext_compile(python: Path, row: Row, layers: int, scan: bool, hlo: Path) 
     return result
 
 
+def _with_loops(cost: dict, hlo: Path, roofline: tuple[float, float]) -> dict:
+    """XLA's cost of a compiled program plus the loop iterations it counted once, read from
+    its HLO (`flaxlm.hlo_program`), as `flaxlm.step_cost.program_cost` does for flaxlm."""
+    from flaxlm import hlo_program
+
+    missed = hlo_program.program_cost(hlo.read_text(), *roofline)
+    cost = dict(cost)
+    for key in ("flops", "bytes_accessed"):
+        if key in cost:
+            cost[key] += missed[f"missed_{key}"]
+    if cost.get("optimal_seconds", 0) > 0:
+        cost["optimal_seconds"] += missed["missed_seconds"]
+    return cost
+
+
 def flaxlm_compile(
     python: Path | None, row: Row, layers: int, scan: bool, hlo: Path, correct: bool
 ) -> dict:
@@ -215,7 +236,10 @@ def flaxlm_worker(spec: dict) -> None:
     seconds = time.perf_counter() - started
     mem = xla_stats.memory_stats(compiled)
     mem["peak"] = int(getattr(compiled.memory_analysis(), "peak_memory_in_bytes", 0) or 0)
+    roofline = step_cost.device_roofline(list(mesh.devices.flat))
     cost = xla_stats.cost_stats(compiled)
+    if spec["correct"]:  # the iterations of the compiler's own loops (windowed einsums)
+        cost = step_cost.program_cost(compiled, roofline)
     Path(spec["hlo"]).write_text(compiled.as_text())
     result = {"memory": mem, "cost": cost, "compile_seconds": seconds}
     if spec["correct"] and step_cost.has_loops(cfg):
@@ -242,7 +266,7 @@ def _extrapolate(one: dict, two: dict, layers: int) -> dict:
 
 def measure(side: str, row: Row, layers: int, scan: bool, opts: argparse.Namespace) -> dict:
     """One compile (plus the loop correction's) of one side; a flat record for the table."""
-    from flaxlm import xla_stats
+    from flaxlm import hlo_program, xla_stats
 
     tag = f"{side}-{row.preset}-{row.topology}-{row.per_device}-{layers}-{scan}"
     tag = tag.replace(":", "_") + ("-own" if side == "flaxlm" and opts.compiler == "own" else "")
@@ -257,14 +281,15 @@ def measure(side: str, row: Row, layers: int, scan: bool, opts: argparse.Namespa
     else:
         r = maxtext_compile(opts.python, row, layers, scan, hlo)
         step, how = None, None
+        if "error" not in r and opts.correct:
+            r["cost"] = _with_loops(r["cost"], hlo, opts.roofline[row.topology])
         if "error" not in r and scan and opts.correct:
             depths = [1, 2] if layers > 2 else [layers]
-            parts = [
-                maxtext_compile(opts.python, row, n, False, hlo.with_suffix(f".{n}"))
-                for n in depths
-            ]
-            if all("error" not in p for p in parts):
-                costs = [p["cost"] for p in parts]
+            files = {n: hlo.with_suffix(f".{n}") for n in depths}
+            parts = {n: maxtext_compile(opts.python, row, n, False, f) for n, f in files.items()}
+            if all("error" not in p for p in parts.values()):
+                roofline = opts.roofline[row.topology]
+                costs = [_with_loops(parts[n]["cost"], files[n], roofline) for n in depths]
                 step = costs[0] if len(costs) == 1 else _extrapolate(*costs, layers)
                 how = (
                     f"the step unrolled ({layers} layers)"
@@ -286,10 +311,12 @@ def measure(side: str, row: Row, layers: int, scan: bool, opts: argparse.Namespa
     peak = m.get("peak") or live
     cost = step if step else r["cost"]
     if not step:
-        # A chunked loss is a loop too, in unrolled programs as well.
-        loops = scan or opts.logit_chunks > 1
-        how = "loop body once" if loops else "the step unrolled"
+        # Corrected, an unrolled program's loops (windowed einsums, a chunked loss) count by
+        # their trip counts.
+        loops = "loop body once" if scan or opts.logit_chunks > 1 else "the step unrolled"
+        how = "the compiled step, loops by trip counts" if opts.correct and not scan else loops
     seconds = cost.get("optimal_seconds")
+    program = hlo_program.program_cost(hlo.read_text(), *opts.roofline[row.topology])
     return {
         **record,
         "arguments_gib": round(m["arguments"] / GiB, 2),
@@ -301,6 +328,9 @@ def measure(side: str, row: Row, layers: int, scan: bool, opts: argparse.Namespa
         "tflops": round(cost.get("flops", 0) / 1e12, 2),
         "bytes_accessed_gb": round(cost.get("bytes_accessed", 0) / 1e9, 1),
         "xla_seconds": round(seconds, 4) if seconds and seconds > 0 else None,
+        "roofline_seconds": round(program["seconds"], 4),
+        "matmul_tflops": round(program["flops"] / 1e12, 2),
+        "unknown_loops": program["unknown_loops"],
         "cost_is": how,
         "raw_tflops": round(r["cost"].get("flops", 0) / 1e12, 2),
         "collectives": xla_stats.collective_stats(hlo.read_text()),
@@ -332,7 +362,8 @@ def table(records: list[dict]) -> str:
         "fits",
         "TFLOP",
         "GB acc",
-        "est s",
+        "XLA est s",
+        "roofline s",
         "collectives n/GB",
     )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -365,6 +396,7 @@ def table(records: list[dict]) -> str:
                 flops,
                 f"{r['bytes_accessed_gb']}",
                 f"{r['xla_seconds']}" if r["xla_seconds"] else "n/a",
+                f"{r['roofline_seconds']}" if r.get("roofline_seconds") else "n/a",
                 coll,
             ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -422,7 +454,9 @@ def main() -> None:
             )
             for r in rows
         ]
-    opts.hbm = {r.topology: find_chip(aot.parse_topology(r.topology)[0]).hbm_gib for r in rows}
+    chips = {r.topology: find_chip(aot.parse_topology(r.topology)[0]) for r in rows}
+    opts.hbm = {topology: chip.hbm_gib for topology, chip in chips.items()}
+    opts.roofline = {topology: chip.roofline() for topology, chip in chips.items()}
     scans = {"both": (True, False), "true": (True,), "false": (False,)}[opts.scan]
     records = []
     for row in rows:
@@ -436,13 +470,19 @@ def main() -> None:
 
 
 def _reread(path: Path) -> list[dict]:
-    """Records printed before, with the collectives read again from their HLO where it is kept."""
-    from flaxlm import xla_stats
+    """Records printed before, with the collectives and the roofline read again from their HLO
+    where it is kept."""
+    from flaxlm import aot, hlo_program, xla_stats
+    from flaxlm.flops import find_chip
 
     records = [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
     for r in records:
-        if Path(r.get("hlo", "")).is_file():
-            r["collectives"] = xla_stats.collective_stats(Path(r["hlo"]).read_text())
+        if "error" in r or not Path(r.get("hlo", "")).is_file():
+            continue
+        text = Path(r["hlo"]).read_text()
+        r["collectives"] = xla_stats.collective_stats(text)
+        roofline = find_chip(aot.parse_topology(r["row"].split()[1])[0]).roofline()
+        r["roofline_seconds"] = round(hlo_program.program_cost(text, *roofline)["seconds"], 4)
     return records
 
 
