@@ -17,7 +17,7 @@ from typing import Any
 
 import jax
 
-from flaxlm import memory, step_cost, xla_stats
+from flaxlm import hlo_program, memory, step_cost, xla_stats
 from flaxlm.config import AttentionKernel, Config, ConfigError
 from flaxlm.flops import (
     TPU_GENERATIONS,
@@ -75,7 +75,8 @@ def topology_devices(name: str, num_slices: int = 1) -> list[Any]:
 
 
 def compile_report(cfg: Config, topology: str, num_slices: int = 1) -> dict[str, Any]:
-    """Compiles cfg's train step for the topology; returns memory, fit and FLOPs per device."""
+    """Compiles cfg's train step for the topology; returns memory, fit, FLOPs and step-time
+    estimates per device."""
     generation, chips_per_slice = parse_topology(topology)
     devices = topology_devices(topology, num_slices)
     chips = chips_per_slice * num_slices
@@ -96,13 +97,14 @@ def compile_report(cfg: Config, topology: str, num_slices: int = 1) -> dict[str,
             raise
         compiled_mem, error, cost = None, str(e).splitlines()[0], {}
     compile_seconds = time.perf_counter() - started
-    step, how = cost, "the compiled step"
+    step, how, roofline = cost, "the compiled step", chip.roofline(len(devices) / chips)
     if error is None and step_cost.has_loops(cfg):
         step, how = step_cost.step_cost(cfg, mesh)
     elif error is None:
         # The compiler's own loops (windowed einsums) counted by their trip counts.
-        step = step_cost.program_cost(compiled, chip.roofline(len(devices) / chips))
+        step = step_cost.program_cost(compiled, roofline)
         how += ", its loops counted by their trip counts"
+    program = hlo_program.program_cost(compiled.as_text(), *roofline) if error is None else {}
     n_params = analytic_param_count(cfg.model)
     tokens = cfg.data.global_batch_size * cfg.data.seq_len
     analytic_flops = flops_per_step(cfg, n_params)
@@ -132,6 +134,9 @@ def compile_report(cfg: Config, topology: str, num_slices: int = 1) -> dict[str,
         **_xla_step_estimate(
             step, how, analytic_flops / peak, cfg.model.attention == AttentionKernel.splash
         ),
+        **_roofline_estimate(
+            program, analytic_flops / peak, cfg.model.attention == AttentionKernel.splash
+        ),
         "analytic_flops_per_step": analytic_flops,
         # The step time if every chip ran at its bf16 peak: a floor, for planning.
         "step_seconds_at_peak": analytic_flops / peak,
@@ -157,3 +162,16 @@ def _xla_step_estimate(
         how += "; a floor: XLA does not cost the splash attention kernel (a custom call)"
         return {"xla_step_seconds": seconds, "xla_mfu": None, "xla_estimate": how}
     return {"xla_step_seconds": seconds, "xla_mfu": seconds_at_peak / seconds, "xla_estimate": how}
+
+
+def _roofline_estimate(program: dict, seconds_at_peak: float, custom_kernel: bool) -> dict:
+    """The step time of the compiled program at the chip's roofline (`flaxlm.hlo_program`:
+    every instruction of every loop iteration at the slower of its matmul FLOPs at peak and
+    its HBM bytes at full bandwidth; no overlap, no collectives), on every TPU generation,
+    and the MFU it implies. With a custom kernel (splash attention) the kernel is priced by
+    its bytes alone: the time is a floor and no MFU is implied."""
+    seconds = program.get("seconds")
+    if not seconds:
+        return {"roofline_step_seconds": None, "roofline_mfu": None}
+    mfu = None if custom_kernel else seconds_at_peak / seconds
+    return {"roofline_step_seconds": seconds, "roofline_mfu": mfu}

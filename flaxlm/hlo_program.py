@@ -412,7 +412,8 @@ def instruction_bytes(
     if op in _SLICES:
         return 2 * hbm_bytes(instruction.shape)
     if op == "dynamic-update-slice":
-        return 2 * hbm_bytes(computation.shape(instruction.operands[1]))
+        update = computation.shape(instruction.operands[1])
+        return hbm_bytes(update) + (shape_bytes(update) if hbm_bytes(instruction.shape) else 0)
     fused = computations.get(next((c for _, c in callees(instruction)), ""))
     if op != "fusion" or fused is None:
         operands = sum(hbm_bytes(computation.shape(name)) for name in instruction.operands)
@@ -473,8 +474,9 @@ def _written_bytes(fused: Computation, name: str) -> int:
         return 0  # passed through: the caller's buffer, not written here
     if result.op == "tuple":
         return sum(_written_bytes(fused, operand) for operand in result.operands)
-    if result.op == "dynamic-update-slice":
-        return hbm_bytes(fused.shape(result.operands[1]))
+    if result.op == "dynamic-update-slice":  # in place: the update, unless the array is on chip
+        on_chip = not hbm_bytes(result.shape)
+        return 0 if on_chip else shape_bytes(fused.shape(result.operands[1]))
     return hbm_bytes(result.shape)
 
 
@@ -501,10 +503,12 @@ def program_cost(
     as it counts a loop body once. `loops`: the while loops of the program; `unknown_loops`:
     those whose trip count could not be read, counted once.
 
-    Against XLA's own cost analysis of a program, the matmul FLOPs counted once agree to
-    0.1% and the bytes to 2% (Llama-3-8B on v5p); the roofline is 5% below libtpu's
-    `optimal_seconds` there (bf16 matmuls, splash attention a custom call costed by its
-    operands' bytes only).
+    Against XLA's own cost analysis, which counts every instruction once, the matmul FLOPs
+    counted once agree within 0.6% (18 programs: Llama-3-8B and GPT-2 1.5B on v5p, v6e and v5e;
+    the rest is elementwise work). The bytes are HBM traffic, below XLA's count (15-35% there),
+    which also counts buffers staged on chip and both ends of every asynchronous copy. Read
+    with its loops by their trip counts, a scanned program costs what the same model unrolled
+    costs: equal FLOPs, and seconds within 4% on those programs.
     """
     computations = parse(hlo_text)
     runs, counted, unknown = run_counts(computations)

@@ -56,6 +56,11 @@ def test_a_scanned_model_reports_the_flops_of_its_whole_step(tiny_cfg):
     assert scanned["xla_flops_per_device"] < 0.6 * want  # the loop body, counted once
     assert scanned["xla_step_flops_per_device"] == pytest.approx(want, rel=0.02)
     assert scanned["xla_estimate"].startswith(("extrapolated", "unavailable"))
+    # The roofline reads the scanned program itself, its loop by its trip count: the same step
+    # time as the unrolled one, on v5e too, where XLA gives no estimate.
+    seconds = unrolled["roofline_step_seconds"]
+    assert scanned["roofline_step_seconds"] == pytest.approx(seconds, rel=0.05)
+    assert 0 < unrolled["roofline_mfu"] < 1
 
 
 def test_xla_step_estimate_is_given_only_where_xla_has_one():
