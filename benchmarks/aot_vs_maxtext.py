@@ -24,8 +24,8 @@ shards of a sharded matmul) in every row. FLOPs, bytes and XLA's estimated time 
 elsewhere libtpu gives none) are corrected on both sides the same way: a scanned row's step is
 extrapolated from 1 and 2 unrolled layers (flaxlm: `flaxlm.step_cost`), and every compiled
 program gets the loop iterations XLA left out added back, read from its HLO with their trip
-counts (`flaxlm.hlo_program`); `--no-correct` prints XLA's raw figures, marked "loop body once".
-The roofline estimate (every generation) is `flaxlm.hlo_program.program_cost` of the compiled
+counts (`flaxlm.hlo_cost`); `--no-correct` prints XLA's raw figures, marked "loop body once".
+The roofline estimate (every generation) is `flaxlm.hlo_cost.program_cost` of the compiled
 program itself: each instruction of each iteration at the slower of its matmul FLOPs at the
 chip's peak and its HBM bytes at the chip's bandwidth, without overlap or collectives.
 Collectives count every iteration (`flaxlm.xla_stats.collective_stats`). Every compile is a
@@ -184,10 +184,10 @@ def maxtext_compile(python: Path, row: Row, layers: int, scan: bool, hlo: Path) 
 
 def _with_loops(cost: dict, hlo: Path, roofline: tuple[float, float]) -> dict:
     """XLA's cost of a compiled program plus the loop iterations it counted once, read from
-    its HLO (`flaxlm.hlo_program`), as `flaxlm.step_cost.program_cost` does for flaxlm."""
-    from flaxlm import hlo_program
+    its HLO (`flaxlm.hlo_cost`), as `flaxlm.step_cost.program_cost` does for flaxlm."""
+    from flaxlm import hlo_cost
 
-    missed = hlo_program.program_cost(hlo.read_text(), *roofline)
+    missed = hlo_cost.program_cost(hlo.read_text(), *roofline)
     cost = dict(cost)
     for key in ("flops", "bytes_accessed"):
         if key in cost:
@@ -266,7 +266,7 @@ def _extrapolate(one: dict, two: dict, layers: int) -> dict:
 
 def measure(side: str, row: Row, layers: int, scan: bool, opts: argparse.Namespace) -> dict:
     """One compile (plus the loop correction's) of one side; a flat record for the table."""
-    from flaxlm import hlo_program, xla_stats
+    from flaxlm import hlo_cost, xla_stats
 
     tag = f"{side}-{row.preset}-{row.topology}-{row.per_device}-{layers}-{scan}"
     tag = tag.replace(":", "_") + ("-own" if side == "flaxlm" and opts.compiler == "own" else "")
@@ -316,7 +316,7 @@ def measure(side: str, row: Row, layers: int, scan: bool, opts: argparse.Namespa
         loops = "loop body once" if scan or opts.logit_chunks > 1 else "the step unrolled"
         how = "the compiled step, loops by trip counts" if opts.correct and not scan else loops
     seconds = cost.get("optimal_seconds")
-    program = hlo_program.program_cost(hlo.read_text(), *opts.roofline[row.topology])
+    program = hlo_cost.program_cost(hlo.read_text(), *opts.roofline[row.topology])
     return {
         **record,
         "arguments_gib": round(m["arguments"] / GiB, 2),
@@ -472,7 +472,7 @@ def main() -> None:
 def _reread(path: Path) -> list[dict]:
     """Records printed before, with the collectives and the roofline read again from their HLO
     where it is kept."""
-    from flaxlm import aot, hlo_program, xla_stats
+    from flaxlm import aot, hlo_cost, xla_stats
     from flaxlm.flops import find_chip
 
     records = [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
@@ -482,7 +482,7 @@ def _reread(path: Path) -> list[dict]:
         text = Path(r["hlo"]).read_text()
         r["collectives"] = xla_stats.collective_stats(text)
         roofline = find_chip(aot.parse_topology(r["row"].split()[1])[0]).roofline()
-        r["roofline_seconds"] = round(hlo_program.program_cost(text, *roofline)["seconds"], 4)
+        r["roofline_seconds"] = round(hlo_cost.program_cost(text, *roofline)["seconds"], 4)
     return records
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import jax
 
-from flaxlm import hlo_program, memory, step_cost, xla_stats
+from flaxlm import hlo_cost, memory, step_cost, xla_stats
 from flaxlm.config import AttentionKernel, Config, ConfigError
 from flaxlm.flops import (
     TPU_GENERATIONS,
@@ -104,7 +104,7 @@ def compile_report(cfg: Config, topology: str, num_slices: int = 1) -> dict[str,
         # The compiler's own loops (windowed einsums) counted by their trip counts.
         step = step_cost.program_cost(compiled, roofline)
         how += ", its loops counted by their trip counts"
-    program = hlo_program.program_cost(compiled.as_text(), *roofline) if error is None else {}
+    program = hlo_cost.program_cost(compiled.as_text(), *roofline) if error is None else {}
     n_params = analytic_param_count(cfg.model)
     tokens = cfg.data.global_batch_size * cfg.data.seq_len
     analytic_flops = flops_per_step(cfg, n_params)
@@ -165,7 +165,7 @@ def _xla_step_estimate(
 
 
 def _roofline_estimate(program: dict, seconds_at_peak: float, custom_kernel: bool) -> dict:
-    """The step time of the compiled program at the chip's roofline (`flaxlm.hlo_program`:
+    """The step time of the compiled program at the chip's roofline (`flaxlm.hlo_cost`:
     every instruction of every loop iteration at the slower of its matmul FLOPs at peak and
     its HBM bytes at full bandwidth; no overlap, no collectives), on every TPU generation,
     and the MFU it implies. With a custom kernel (splash attention) the kernel is priced by

@@ -19,7 +19,7 @@ two compiles, with it two or four, all of a few layers. A loss computed in chunk
 
 The programs still loop where the compiler made loops: on TPU, a matmul with a sharded operand
 becomes a windowed einsum, a loop over the shards. `program_cost` adds the iterations XLA did
-not count, read from the HLO (`flaxlm.hlo_program`): their matmul FLOPs, their bytes and, on a
+not count, read from the HLO (`flaxlm.hlo_cost`): their matmul FLOPs, their bytes and, on a
 chip that `flaxlm.flops.CHIPS` knows, their seconds at its roofline, to XLA's own figures.
 """
 
@@ -29,7 +29,7 @@ import dataclasses
 import math
 from typing import Any
 
-from flaxlm import hlo_program, xla_stats
+from flaxlm import hlo_cost, xla_stats
 from flaxlm.config import Config
 from flaxlm.flops import find_chip
 from flaxlm.output_head import unrolled_chunks
@@ -83,7 +83,7 @@ def program_cost(compiled: Any, roofline: tuple[float, float] | None) -> dict[st
     iterations it left out added back (see the module docstring), and `unknown_loops`, the
     loops whose trip count could not be read (counted once)."""
     cost = xla_stats.cost_stats(compiled)
-    missed = hlo_program.program_cost(compiled.as_text(), *(roofline or (None, None)))
+    missed = hlo_cost.program_cost(compiled.as_text(), *(roofline or (None, None)))
     for key in ("flops", "bytes_accessed"):
         if key in cost:
             cost[key] += missed[f"missed_{key}"]

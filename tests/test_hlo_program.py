@@ -1,4 +1,4 @@
-"""A compiled program read from its HLO text: loops by their trip counts (flaxlm/hlo_program.py).
+"""A compiled program read from its HLO: loops by their trip counts (hlo_program, hlo_cost).
 
 The oracles are XLA's own cost analysis of the same computation compiled without loops, which
 counts every operation, and a program in the forms libtpu writes (a windowed einsum's loop)."""
@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from flaxlm import hlo_program, xla_stats
+from flaxlm import hlo_cost, xla_stats
 from flaxlm.mesh import make_mesh
 from flaxlm.train import Trainer
 
@@ -38,11 +38,11 @@ def test_a_scan_costs_its_trip_count_times_its_body():
     assert want >= 6 * 2 * 64 * 128 * 128
     # XLA counts the loop's body once.
     assert xla_stats.cost_stats(looped)["flops"] < want / 3
-    got = hlo_program.program_cost(looped.as_text())
+    got = hlo_cost.program_cost(looped.as_text())
     assert got["loops"] == 1 and got["unknown_loops"] == 0
     assert got["flops"] == 6 * 2 * 64 * 128 * 128
     assert got["missed_flops"] == 5 * 2 * 64 * 128 * 128
-    assert hlo_program.program_cost(flat.as_text())["flops"] == got["flops"]
+    assert hlo_cost.program_cost(flat.as_text())["flops"] == got["flops"]
 
 
 def test_nested_loops_multiply_their_trip_counts():
@@ -50,7 +50,7 @@ def test_nested_loops_multiply_their_trip_counts():
         return jax.lax.fori_loop(0, 3, lambda _, h: _layers(h, w, unroll=False), x)
 
     x, w = jnp.ones((32, 64)), jnp.ones((4, 64, 64))
-    got = hlo_program.program_cost(_compiled(twice, x, w).as_text())
+    got = hlo_cost.program_cost(_compiled(twice, x, w).as_text())
     assert got["loops"] == 2 and got["unknown_loops"] == 0
     assert got["flops"] == 3 * 4 * 2 * 32 * 64 * 64
 
@@ -60,7 +60,7 @@ def test_a_loop_whose_trip_count_depends_on_data_is_counted_once_and_reported():
         return jax.lax.while_loop(lambda h: h.sum() > 1.0, lambda h: jnp.tanh(h @ w) * 0.5, x)
 
     x, w = jnp.ones((32, 64)), jnp.ones((64, 64))
-    got = hlo_program.program_cost(_compiled(until_small, x, w).as_text())
+    got = hlo_cost.program_cost(_compiled(until_small, x, w).as_text())
     assert got["unknown_loops"] == 1
     assert got["flops"] == 2 * 32 * 64 * 64 and got["missed_flops"] == 0
 
@@ -81,7 +81,7 @@ def test_matmul_flops_of_dots_and_convolutions_are_xla_s(padding, dilation):
     args = (jnp.ones((2, 3, 9, 7)), jnp.ones((5, 3, 4, 3)))
     args += (jnp.ones((4, 8, 16)), jnp.ones((4, 16, 32)))
     compiled = _compiled(both, *args)
-    got = hlo_program.program_cost(compiled.as_text())["flops"]
+    got = hlo_cost.program_cost(compiled.as_text())["flops"]
     elementwise = 2 * 9 * 7 * 5 * 2 + 4 * 8 * 32  # at most: the sums' adds
     assert xla_stats.cost_stats(compiled)["flops"] - elementwise <= got
     assert got <= xla_stats.cost_stats(compiled)["flops"]
@@ -133,7 +133,7 @@ ENTRY %main (x: bf16[64,32], y: bf16[64,128]) -> bf16[64,128] {
 
 
 def test_a_windowed_einsum_loop_as_libtpu_writes_it():
-    got = hlo_program.program_cost(_WINDOWED, PEAK, BANDWIDTH)
+    got = hlo_cost.program_cost(_WINDOWED, PEAK, BANDWIDTH)
     assert got["loops"] == 1 and got["unknown_loops"] == 0
     # 0, 2, 4, 6: four iterations of a 64x32x128 matmul, three of them missed by XLA.
     assert got["flops"] == 4 * 2 * 64 * 32 * 128
@@ -160,7 +160,7 @@ def test_a_scanned_model_has_the_matmuls_of_the_unrolled_model(tiny_cfg):
     for scan in ("true", "false"):
         cfg = tiny_cfg("model.n_layers=4", f"model.scan_layers={scan}", "data.seq_len=32")
         compiled = Trainer(cfg, make_mesh(cfg, jax.devices()[:1])).compile_step()
-        costs.append(hlo_program.program_cost(compiled.as_text(), PEAK, BANDWIDTH))
+        costs.append(hlo_cost.program_cost(compiled.as_text(), PEAK, BANDWIDTH))
     scanned, unrolled = costs
     assert scanned["unknown_loops"] == 0 and scanned["missed_flops"] > 0
     assert scanned["flops"] == pytest.approx(unrolled["flops"], rel=0.001)
