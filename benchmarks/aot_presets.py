@@ -5,7 +5,8 @@
 For each (preset, pod) below it compiles the train step in bfloat16 (float32 master weights)
 with FSDP over the pod, trying its remat choices in order until one fits, and prints a Markdown
 table row and a JSON line: per-device memory (XLA's analysis and the analytic estimate), the
-chip's HBM, and FLOPs per step.
+chip's HBM, FLOPs per step, and the roofline step time of the compiled program
+(`flaxlm.hlo_cost`; a floor with splash attention, which it prices by its bytes alone).
 """
 
 from __future__ import annotations
@@ -63,6 +64,10 @@ def run_case(preset, topology, batch, seq, remats, extra) -> dict:
     return report
 
 
+def _seconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", help="run the cases of this preset only")
@@ -70,7 +75,7 @@ def main() -> None:
     args = parser.parse_args()
     print(
         "| preset | pod | mesh | batch x seq | remat | XLA GiB/device | estimate GiB | HBM GiB "
-        "| fits | TFLOP/step |\n|---|---|---|---|---|---|---|---|---|---|"
+        "| fits | TFLOP/step | roofline s |\n|---|---|---|---|---|---|---|---|---|---|---|"
     )
     for preset, topology, batch, seq, remats, extra in CASES:
         if (args.only and preset != args.only) or (args.topology and topology != args.topology):
@@ -83,7 +88,8 @@ def main() -> None:
             f"| {preset} | {topology} ({r['chips']} chips) | {mesh} | {batch} x {seq} "
             f"| {r['remat']} | {xla:.1f} "
             f"| {r['estimate_per_device']['total_gib']:.1f} | {r['hbm_per_device_gib']:.0f} "
-            f"| {'yes' if r['fits'] else 'no'} | {r['analytic_flops_per_step'] / 1e12:,.0f} |",
+            f"| {'yes' if r['fits'] else 'no'} | {r['analytic_flops_per_step'] / 1e12:,.0f} "
+            f"| {_seconds(r['roofline_step_seconds'])} |",
             flush=True,
         )
         print(json.dumps(r), file=sys.stderr, flush=True)
