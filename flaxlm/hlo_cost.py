@@ -107,7 +107,8 @@ def instruction_bytes(
     if computation.fused or op in _NO_BYTES or op.endswith(("-done", "-update")):
         return 0
     if op == "slice-start":  # a DMA of a slice: ((source), slice, context)
-        piece = _elements(instruction.shape)[1]
+        elements = _elements(instruction.shape)
+        piece = elements[1] if len(elements) > 1 else elements[0]
         return shape_bytes(piece) + hbm_bytes(piece)
     if op.endswith("-start"):  # an async copy or collective: its result holds both ends
         return hbm_bytes(instruction.shape)
