@@ -53,7 +53,8 @@ def matmul_flops(computation: Computation, instruction: Instruction) -> int:
     if instruction.op == "dot":
         lhs = dims(computation.shape(instruction.operands[0]))
         contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", instruction.attrs)
-        depth = math.prod(lhs[int(d)] for d in contracting.group(1).split(",") if d)
+        axes = contracting.group(1).split(",") if contracting else []
+        depth = math.prod(lhs[int(d)] for d in axes if d)
         return 2 * math.prod(dims(instruction.shape)) * depth
     if instruction.op != "convolution":
         return 0
@@ -81,15 +82,33 @@ def matmul_flops(computation: Computation, instruction: Instruction) -> int:
         low = int(pads[d].split("_")[0])
         dilation, rhs_dilation = int(dilations[d]), int(rhs_dilations[d])
         stride, extent = int(strides[d]), (size - 1) * dilation + 1
-        positions *= sum(
-            1
-            for o in range(out_size)
-            for k in range(int(sizes[d]))
-            if 0 <= (p := o * stride + k * rhs_dilation - low) < extent and p % dilation == 0
+        positions *= _window_positions(
+            out_size, int(sizes[d]), stride, rhs_dilation, low, extent, dilation
         )
     features = lhs[lhs_labels.index("f")] // (int(groups.group(1)) if groups else 1)
     batch = lhs[lhs_labels.index("b")] // (int(batch_groups.group(1)) if batch_groups else 1)
     return 2 * features * out[out_labels.index("f")] * batch * positions
+
+
+def _window_positions(
+    out_size: int, window: int, stride: int, rhs_dilation: int, low: int, extent: int, dilation: int
+) -> int:
+    """(output position, window position) pairs of one spatial dimension whose input position
+    o * stride + k * rhs_dilation - low lies inside the (dilated) input and on one of its
+    elements."""
+    if dilation != 1:  # rare: count them one by one
+        return sum(
+            1
+            for o in range(out_size)
+            for k in range(window)
+            if 0 <= (p := o * stride + k * rhs_dilation - low) < extent and p % dilation == 0
+        )
+    total = 0
+    for o in range(out_size):  # k from ceil((low - o s) / r) to floor((extent - 1 + low - o s) / r)
+        first = max(0, -(-(low - o * stride) // rhs_dilation))
+        last = min(window - 1, (extent - 1 + low - o * stride) // rhs_dilation)
+        total += max(0, last - first + 1)
+    return total
 
 
 _VIEWS = ("bitcast", "reshape", "copy")
