@@ -182,19 +182,11 @@ def maxtext_compile(python: Path, row: Row, layers: int, scan: bool, hlo: Path) 
     return result
 
 
-def _with_loops(cost: dict, hlo: Path, roofline: tuple[float, float]) -> dict:
-    """XLA's cost of a compiled program plus the loop iterations it counted once, read from
-    its HLO (`flaxlm.hlo_cost`), as `flaxlm.step_cost.program_cost` does for flaxlm."""
+def _program(hlo: Path, roofline: tuple[float, float]) -> dict:
+    """`flaxlm.hlo_cost.program_cost` of a kept program: every loop by its trip count."""
     from flaxlm import hlo_cost
 
-    missed = hlo_cost.program_cost(hlo.read_text(), *roofline)
-    cost = dict(cost)
-    for key in ("flops", "bytes_accessed"):
-        if key in cost:
-            cost[key] += missed[f"missed_{key}"]
-    if cost.get("optimal_seconds", 0) > 0:
-        cost["optimal_seconds"] += missed["missed_seconds"]
-    return cost
+    return hlo_cost.program_cost(hlo.read_text(), *roofline)
 
 
 def flaxlm_compile(
@@ -236,10 +228,10 @@ def flaxlm_worker(spec: dict) -> None:
     seconds = time.perf_counter() - started
     mem = xla_stats.memory_stats(compiled)
     mem["peak"] = int(getattr(compiled.memory_analysis(), "peak_memory_in_bytes", 0) or 0)
-    roofline = step_cost.device_roofline(list(mesh.devices.flat))
-    cost = xla_stats.cost_stats(compiled)
     if spec["correct"]:  # the iterations of the compiler's own loops (windowed einsums)
-        cost = step_cost.program_cost(compiled, roofline)
+        cost = step_cost.program_cost(compiled, step_cost.device_roofline(list(mesh.devices.flat)))
+    else:
+        cost = xla_stats.cost_stats(compiled)
     Path(spec["hlo"]).write_text(compiled.as_text())
     result = {"memory": mem, "cost": cost, "compile_seconds": seconds}
     if spec["correct"] and step_cost.has_loops(cfg):
@@ -266,13 +258,14 @@ def _extrapolate(one: dict, two: dict, layers: int) -> dict:
 
 def measure(side: str, row: Row, layers: int, scan: bool, opts: argparse.Namespace) -> dict:
     """One compile (plus the loop correction's) of one side; a flat record for the table."""
-    from flaxlm import hlo_cost, xla_stats
+    from flaxlm import step_cost, xla_stats
 
     tag = f"{side}-{row.preset}-{row.topology}-{row.per_device}-{layers}-{scan}"
     tag = tag.replace(":", "_") + ("-own" if side == "flaxlm" and opts.compiler == "own" else "")
     if opts.logit_chunks > 1:
         tag += f"-chunks{opts.logit_chunks}"
     hlo = opts.workdir / f"{tag}.hlo.txt"
+    roofline = opts.roofline[row.topology]
     started = time.perf_counter()
     if side == "flaxlm":
         python = opts.python if opts.compiler == "same" else None
@@ -282,14 +275,16 @@ def measure(side: str, row: Row, layers: int, scan: bool, opts: argparse.Namespa
         r = maxtext_compile(opts.python, row, layers, scan, hlo)
         step, how = None, None
         if "error" not in r and opts.correct:
-            r["cost"] = _with_loops(r["cost"], hlo, opts.roofline[row.topology])
+            r["cost"] = step_cost.with_missed(r["cost"], _program(hlo, roofline))
         if "error" not in r and scan and opts.correct:
             depths = [1, 2] if layers > 2 else [layers]
             files = {n: hlo.with_suffix(f".{n}") for n in depths}
             parts = {n: maxtext_compile(opts.python, row, n, False, f) for n, f in files.items()}
             if all("error" not in p for p in parts.values()):
-                roofline = opts.roofline[row.topology]
-                costs = [_with_loops(parts[n]["cost"], files[n], roofline) for n in depths]
+                costs = [
+                    step_cost.with_missed(parts[n]["cost"], _program(files[n], roofline))
+                    for n in depths
+                ]
                 step = costs[0] if len(costs) == 1 else _extrapolate(*costs, layers)
                 how = (
                     f"the step unrolled ({layers} layers)"
@@ -316,7 +311,7 @@ def measure(side: str, row: Row, layers: int, scan: bool, opts: argparse.Namespa
         loops = "loop body once" if scan or opts.logit_chunks > 1 else "the step unrolled"
         how = "the compiled step, loops by trip counts" if opts.correct and not scan else loops
     seconds = cost.get("optimal_seconds")
-    program = hlo_cost.program_cost(hlo.read_text(), *opts.roofline[row.topology])
+    program = _program(hlo, roofline)
     return {
         **record,
         "arguments_gib": round(m["arguments"] / GiB, 2),
@@ -472,17 +467,17 @@ def main() -> None:
 def _reread(path: Path) -> list[dict]:
     """Records printed before, with the collectives and the roofline read again from their HLO
     where it is kept."""
-    from flaxlm import aot, hlo_cost, xla_stats
+    from flaxlm import aot, xla_stats
     from flaxlm.flops import find_chip
 
     records = [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
     for r in records:
         if "error" in r or not Path(r.get("hlo", "")).is_file():
             continue
-        text = Path(r["hlo"]).read_text()
-        r["collectives"] = xla_stats.collective_stats(text)
+        hlo = Path(r["hlo"])
+        r["collectives"] = xla_stats.collective_stats(hlo.read_text())
         roofline = find_chip(aot.parse_topology(r["row"].split()[1])[0]).roofline()
-        r["roofline_seconds"] = round(hlo_cost.program_cost(text, *roofline)["seconds"], 4)
+        r["roofline_seconds"] = round(_program(hlo, roofline)["seconds"], 4)
     return records
 
 

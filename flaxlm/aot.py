@@ -98,13 +98,13 @@ def compile_report(cfg: Config, topology: str, num_slices: int = 1) -> dict[str,
         compiled_mem, error, cost = None, str(e).splitlines()[0], {}
     compile_seconds = time.perf_counter() - started
     step, how, roofline = cost, "the compiled step", chip.roofline(len(devices) / chips)
+    program = hlo_cost.program_cost(compiled.as_text(), *roofline) if error is None else {}
     if error is None and step_cost.has_loops(cfg):
         step, how = step_cost.step_cost(cfg, mesh)
     elif error is None:
         # The compiler's own loops (windowed einsums) counted by their trip counts.
-        step = step_cost.program_cost(compiled, roofline)
+        step = step_cost.with_missed(cost, program)
         how += ", its loops counted by their trip counts"
-    program = hlo_cost.program_cost(compiled.as_text(), *roofline) if error is None else {}
     n_params = analytic_param_count(cfg.model)
     tokens = cfg.data.global_batch_size * cfg.data.seq_len
     analytic_flops = flops_per_step(cfg, n_params)

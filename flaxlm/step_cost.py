@@ -78,19 +78,25 @@ def device_roofline(devices: list[Any]) -> tuple[float, float] | None:
     return chip.roofline(len(devices) / len(chips) if None not in chips else 1.0)
 
 
-def program_cost(compiled: Any, roofline: tuple[float, float] | None) -> dict[str, float]:
+def with_missed(cost: dict[str, float], program: dict[str, float]) -> dict[str, float]:
     """XLA's cost analysis of a compiled program (`flaxlm.xla_stats.cost_stats`) with the loop
-    iterations it left out added back (see the module docstring), and `unknown_loops`, the
-    loops whose trip count could not be read (counted once)."""
-    cost = xla_stats.cost_stats(compiled)
-    missed = hlo_cost.program_cost(compiled.as_text(), *(roofline or (None, None)))
+    iterations it left out added back, from `program`, `flaxlm.hlo_cost.program_cost` of the
+    same program (see the module docstring), and `unknown_loops`, the loops whose trip count
+    could not be read (counted once)."""
+    cost = dict(cost)
     for key in ("flops", "bytes_accessed"):
         if key in cost:
-            cost[key] += missed[f"missed_{key}"]
-    if cost.get("optimal_seconds", 0) > 0 and "missed_seconds" in missed:
-        cost["optimal_seconds"] += missed["missed_seconds"]
-    cost["unknown_loops"] = missed["unknown_loops"]
+            cost[key] += program[f"missed_{key}"]
+    if cost.get("optimal_seconds", 0) > 0 and "missed_seconds" in program:
+        cost["optimal_seconds"] += program["missed_seconds"]
+    cost["unknown_loops"] = program["unknown_loops"]
     return cost
+
+
+def program_cost(compiled: Any, roofline: tuple[float, float] | None) -> dict[str, float]:
+    """`with_missed` of a compiled program, its HLO priced at `roofline` (None: no seconds)."""
+    program = hlo_cost.program_cost(compiled.as_text(), *(roofline or (None, None)))
+    return with_missed(xla_stats.cost_stats(compiled), program)
 
 
 def step_cost(cfg: Config, mesh: Any) -> tuple[dict[str, float], str]:
