@@ -17,7 +17,7 @@ from typing import Any
 
 import jax
 
-from flaxlm import hlo_cost, memory, step_cost, xla_stats
+from flaxlm import hlo_cost, memory, step_cost, step_time, xla_stats
 from flaxlm.config import AttentionKernel, Config, ConfigError
 from flaxlm.flops import (
     TPU_GENERATIONS,
@@ -74,9 +74,12 @@ def topology_devices(name: str, num_slices: int = 1) -> list[Any]:
     return list(topo.devices)
 
 
-def compile_report(cfg: Config, topology: str, num_slices: int = 1) -> dict[str, Any]:
+def compile_report(
+    cfg: Config, topology: str, num_slices: int = 1, xla_estimate: bool = True
+) -> dict[str, Any]:
     """Compiles cfg's train step for the topology; returns memory, fit, FLOPs and step-time
-    estimates per device."""
+    estimates per device. `xla_estimate=False` skips the small unrolled compiles that XLA's own
+    estimate of a looping step needs (`flaxlm.step_cost`); the roofline needs none."""
     generation, chips_per_slice = parse_topology(topology)
     devices = topology_devices(topology, num_slices)
     chips = chips_per_slice * num_slices
@@ -98,8 +101,11 @@ def compile_report(cfg: Config, topology: str, num_slices: int = 1) -> dict[str,
         compiled_mem, error, cost = None, str(e).splitlines()[0], {}
     compile_seconds = time.perf_counter() - started
     step, how, roofline = cost, "the compiled step", chip.roofline(len(devices) / chips)
-    program = hlo_cost.program_cost(compiled.as_text(), *roofline) if error is None else {}
-    if error is None and step_cost.has_loops(cfg):
+    hlo = compiled.as_text() if error is None else ""
+    program = hlo_cost.program_cost(hlo, *roofline) if error is None else {}
+    if error is None and step_cost.has_loops(cfg) and not xla_estimate:
+        step, how = {}, "not computed"
+    elif error is None and step_cost.has_loops(cfg):
         step, how = step_cost.step_cost(cfg, mesh)
     elif error is None:
         # The compiler's own loops (windowed einsums) counted by their trip counts.
@@ -137,6 +143,7 @@ def compile_report(cfg: Config, topology: str, num_slices: int = 1) -> dict[str,
         **_roofline_estimate(
             program, analytic_flops / peak, cfg.model.attention == AttentionKernel.splash
         ),
+        **_estimate(cfg, hlo, devices, num_slices),
         "analytic_flops_per_step": analytic_flops,
         # The step time if every chip ran at its bf16 peak: a floor, for planning.
         "step_seconds_at_peak": analytic_flops / peak,
@@ -175,3 +182,17 @@ def _roofline_estimate(program: dict, seconds_at_peak: float, custom_kernel: boo
         return {"roofline_step_seconds": None, "roofline_mfu": None}
     mfu = None if custom_kernel else seconds_at_peak / seconds
     return {"roofline_step_seconds": seconds, "roofline_mfu": mfu}
+
+
+def _estimate(cfg: Config, hlo: str, devices: list[Any], num_slices: int) -> dict[str, Any]:
+    """The step time of the compiled program with its collectives (`flaxlm.step_time`)."""
+    if not hlo:
+        return {"collectives": None, "estimated_step_seconds": None, "estimated_mfu": None}
+    rates = (*step_cost.device_roofline(devices), *step_time.bandwidths(devices))
+    found = step_time.step_estimate(cfg, hlo, len(devices), rates, num_slices)
+    keys = ("collectives", "step_seconds_overlapped", "step_seconds_serial")
+    return {
+        **{k: found[k] for k in keys},
+        "estimated_step_seconds": found["estimated_step_seconds"],
+        "estimated_mfu": found["estimated_mfu"],
+    }

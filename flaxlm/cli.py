@@ -7,6 +7,8 @@
                     [--stop TEXT ...] [--seed S]
     flaxlm fill-mask --checkpoint RUN_DIR [--step N] --text "... [MASK] ..." [--top-k K]
     flaxlm compile  --config configs/X.yaml --topology v5p:4x4x4 [--slices N] [key.sub=value ...]
+    flaxlm plan     --config configs/X.yaml [--topology v5p:4x4x4] [--slices N] [--global-batch B]
+                    [--top K] [--compile N] [--jobs J] [--apply OUT.yaml] [key.sub=value ...]
     flaxlm export   --checkpoint RUN_DIR [--step N] DST
     flaxlm convert  {from-hf|to-hf} SRC DST [--step N] [--dtype D] [--max-shard-size BYTES]
                     [key.sub=value ...]
@@ -45,6 +47,7 @@ from flaxlm import (
     data_commands,  # noqa: F401  (registers the data tools' commands)
 )
 from flaxlm.commands import COMMANDS
+from flaxlm.plan import command as plan_command  # noqa: F401  (registers `flaxlm plan`)
 
 
 def parser() -> argparse.ArgumentParser:

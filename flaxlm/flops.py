@@ -32,7 +32,8 @@ from flaxlm.config import (
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """One accelerator chip: its dense bf16 peak, its HBM and its HBM bandwidth, per chip."""
+    """One accelerator chip: its dense bf16 peak, its HBM, its HBM bandwidth and its
+    interconnect bandwidths, per chip."""
 
     # As TPU topology names spell it (v5p:4x4x4), or the GPU's model.
     generation: str
@@ -41,6 +42,12 @@ class Chip:
     peak_flops: float
     hbm_gib: float | None
     hbm_bandwidth: float  # bytes per second
+    # Bytes per second one chip moves in a ring collective over one axis of its fast
+    # interconnect (TPU ICI: both directions of one torus axis; GPU NVLink: per direction).
+    ici_bandwidth: float
+    # Bytes per second out of one chip across the data-center network between slices (TPU
+    # DCN: the host's NICs shared by its chips; GPU: one InfiniBand NIC per GPU).
+    dcn_bandwidth: float
 
     def per_device(self, devices_per_chip: float = 1.0) -> tuple[float, float | None]:
         """(peak FLOP/s, HBM GiB) of one JAX device when each chip shows as devices_per_chip
@@ -60,16 +67,19 @@ class Chip:
 
 # Dense bf16 peak and HBM bandwidth per chip from the published TPU and GPU specs (SXM parts).
 # GPU memory differs between variants of one model (A100 40 or 80 GB), so only TPU chips carry
-# their HBM.
+# their HBM. Interconnect: ICI per torus axis (both directions of a link) and DCN per chip as
+# the JAX scaling book's "TPU Specs" give them (jax-ml.github.io/scaling-book/tpus), which agree
+# with the Cloud TPU pages (v5p: 50 Gbps of DCN per chip); NVLink per direction and one
+# 400 Gb/s InfiniBand NIC per GPU (200 Gb/s on A100) from its GPU chapter.
 CHIPS: tuple[Chip, ...] = (
-    Chip("v4", ("TPU v4",), 275e12, 32, 1228e9),
-    Chip("v5e", ("TPU v5 lite", "TPU v5e"), 197e12, 16, 819e9),
-    Chip("v5p", ("TPU v5p", "TPU v5"), 459e12, 95, 2765e9),
-    Chip("v6e", ("TPU v6 lite", "TPU v6e"), 918e12, 32, 1640e9),
-    Chip("H100", ("NVIDIA H100",), 989e12, None, 3.35e12),
-    Chip("H200", ("NVIDIA H200",), 989e12, None, 4.8e12),
-    Chip("A100", ("NVIDIA A100",), 312e12, None, 2.039e12),
-    Chip("B200", ("NVIDIA B200",), 2250e12, None, 8e12),
+    Chip("v4", ("TPU v4",), 275e12, 32, 1228e9, 9e10, 6.25e9),
+    Chip("v5e", ("TPU v5 lite", "TPU v5e"), 197e12, 16, 819e9, 9e10, 3.125e9),
+    Chip("v5p", ("TPU v5p", "TPU v5"), 459e12, 95, 2765e9, 1.8e11, 6.25e9),
+    Chip("v6e", ("TPU v6 lite", "TPU v6e"), 918e12, 32, 1640e9, 1.8e11, 12.5e9),
+    Chip("H100", ("NVIDIA H100",), 989e12, None, 3.35e12, 450e9, 50e9),
+    Chip("H200", ("NVIDIA H200",), 989e12, None, 4.8e12, 450e9, 50e9),
+    Chip("A100", ("NVIDIA A100",), 312e12, None, 2.039e12, 300e9, 25e9),
+    Chip("B200", ("NVIDIA B200",), 2250e12, None, 8e12, 900e9, 50e9),
 )
 TPU_GENERATIONS = tuple(c.generation for c in CHIPS if c.device_kinds[0].startswith("TPU"))
 
@@ -219,3 +229,18 @@ def sustained_matmul_flops(seconds: float, n: int = 1024) -> float:
         elapsed = time.perf_counter() - start
         if elapsed >= seconds:
             return 2.0 * n**3 * count / elapsed
+
+
+def measured_memory_bandwidth(mib: int = 256, repeats: int = 5) -> float:
+    """Bytes per second of the fastest of `repeats` elementwise passes over a float32 array of
+    `mib` MiB on the default device (each reads it once and writes it once), measured now: the
+    memory side of a CPU roofline."""
+    x = jnp.zeros((mib * 2**20 // 4,), jnp.float32)
+    add_one = jax.jit(lambda a: a + 1.0)
+    add_one(x).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        add_one(x).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * x.nbytes / best

@@ -9,6 +9,7 @@ collectives (kind, count, bytes) of a whole step from the compiled program's HLO
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -54,6 +55,13 @@ def cost_stats(compiled: Any) -> dict[str, float]:
 
 _KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 _CHANNEL = re.compile(r"channel_id=(\d+)")
+# Replica groups listed ({{0,1},{2,3}}) or as an iota ([2,2]<=[4], [2,2]<=[2,2]T(1,0)).
+_GROUPS = re.compile(
+    r"replica_groups=(\{(?:\{[\d,]*\},?)*\}|\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?)"
+)
+_PARTITIONS = re.compile(r"num_partitions=(\d+)")
+# A transfer between slices: libtpu hands it to its megascale runtime as a send.
+_MEGASCALE = re.compile(r'_xla_megascale_transfer_type="(\w+)"')
 
 
 def _result_bytes(kind: str, start: bool, shape: str) -> int:
@@ -70,11 +78,37 @@ def _result_bytes(kind: str, start: bool, shape: str) -> int:
     return sum(sizes[len(sizes) // 2 :])
 
 
-def collective_stats(hlo_text: str) -> dict[str, dict[str, int]]:
-    """Collectives of a compiled program's HLO text per step, by kind: {"count", "bytes"} per
-    device (bytes of each collective's result). A collective in a loop body counts once per
-    iteration (`flaxlm.hlo_program` reads the trip counts; a loop whose count it cannot read
-    counts once).
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One collective of a step: its kind, the bytes it delivers to each device, how many
+    times a step runs it and the devices in each of its groups (0 where not read: a
+    collective-permute). A transfer between TPU slices (DCN, by libtpu's megascale runtime) has
+    kind `dcn-all-reduce`, `dcn-all-gather`, `dcn-one-to-one`, ...: bytes are what each device
+    sends, and the group is the slices."""
+
+    kind: str
+    nbytes: int
+    times: int
+    group: int
+
+
+def _group_size(attrs: str, partitions: int) -> int:
+    """Devices per replica group: `{{0,1},{2,3}}` lists them, `[G,S]<=[...]` (iota groups)
+    gives G groups of S, and `{}` is one group of every partition."""
+    match = _GROUPS.search(attrs)
+    if not match:
+        return 0
+    text = match.group(1)
+    if text.startswith("["):
+        return int(text[1:].split("]")[0].split(",")[-1])
+    first = text.removeprefix("{").split("}")[0].strip("{")
+    return len(first.split(",")) if first else partitions
+
+
+def collectives(hlo_text: str, slices: int = 1) -> list[Collective]:
+    """The collectives of a compiled program's HLO text, once each, with the times a step runs
+    them (`flaxlm.hlo_program` reads the loops' trip counts; a loop whose count it cannot read
+    counts once). `slices`: the TPU slices the program spans (the group of a DCN transfer).
 
     One channel id is one collective. libtpu splits some into the steps of an async collective
     fusion, several fusions that carry the same collective while computing, and may spread
@@ -86,32 +120,51 @@ def collective_stats(hlo_text: str) -> dict[str, dict[str, int]]:
     """
     computations = hlo_program.parse(hlo_text)
     runs, _, _ = hlo_program.run_counts(computations)
-    found: dict[str, tuple[str, int, int]] = {}  # channel: kind, bytes, times per step
+    partitions = int(m.group(1)) if (m := _PARTITIONS.search(hlo_text)) else 1
+    found: dict[str, Collective] = {}
 
-    def add(key: str, kind: str, nbytes: int, times: int) -> None:
-        times = min(times, found[key][2]) if key in found else times
-        found[key] = (kind, nbytes, times)
+    def add(key: str, kind: str, nbytes: int, times: int, group: int) -> None:
+        times = min(times, found[key].times) if key in found else times
+        found[key] = Collective(kind, nbytes, times, group)
 
     for name, computation in computations.items():
         times = runs.get(name, 0)
         if name.startswith("all-reduce-scatter") or not times:
             continue
         for instruction in computation.instructions.values():
-            op = instruction.op
+            op, attrs = instruction.op, instruction.attrs
             called = [callee for _, callee in hlo_program.callees(instruction)]
+            key = f"{name}/{instruction.name}"
             if op == "fusion" and any(c.startswith("all-reduce-scatter") for c in called):
-                key = f"{name}/{instruction.name}"
-                add(key, "reduce-scatter", hlo_program.shape_bytes(instruction.shape), times)
+                nbytes = hlo_program.shape_bytes(instruction.shape)
+                callee = computations.get(called[0])
+                inner = [i.attrs for i in callee.instructions.values()] if callee else []
+                group = max((_group_size(a, partitions) for a in inner), default=0)
+                add(key, "reduce-scatter", nbytes, times, group)
+                continue
+            transfer = _MEGASCALE.search(attrs)
+            if op == "send" and transfer:
+                kind = "dcn-" + transfer.group(1).lower().replace("_", "-")
+                nbytes = hlo_program.array_bytes(instruction.shape)[0]
+                add(key, kind, nbytes, times, slices)
                 continue
             kind = op.removesuffix("-start")
             if kind not in _KINDS:
                 continue
-            channel = _CHANNEL.search(instruction.attrs)
-            key = channel.group(1) if channel else f"{name}/{instruction.name}"
-            add(key, kind, _result_bytes(kind, op.endswith("-start"), instruction.shape), times)
+            channel = _CHANNEL.search(attrs)
+            key = channel.group(1) if channel else key
+            nbytes = _result_bytes(kind, op.endswith("-start"), instruction.shape)
+            add(key, kind, nbytes, times, _group_size(attrs, partitions))
+    return list(found.values())
+
+
+def collective_stats(hlo_text: str) -> dict[str, dict[str, int]]:
+    """Collectives of a compiled program's HLO text per step, by kind (`collectives`):
+    {"count", "bytes"} per device (bytes of each collective's result; of a DCN transfer, what
+    each device sends), every iteration of a loop counted."""
     stats: dict[str, dict[str, int]] = {}
-    for kind, nbytes, times in found.values():
-        entry = stats.setdefault(kind, {"count": 0, "bytes": 0})
-        entry["count"] += times
-        entry["bytes"] += nbytes * times
+    for c in collectives(hlo_text):
+        entry = stats.setdefault(c.kind, {"count": 0, "bytes": 0})
+        entry["count"] += c.times
+        entry["bytes"] += c.nbytes * c.times
     return stats
