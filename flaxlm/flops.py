@@ -84,6 +84,14 @@ CHIPS: tuple[Chip, ...] = (
 TPU_GENERATIONS = tuple(c.generation for c in CHIPS if c.device_kinds[0].startswith("TPU"))
 
 
+def devices_per_chip(devices: list) -> float:
+    """How many JAX devices each chip shows as: libtpu's topology descriptions show a v4 chip
+    as two devices (one per TensorCore), which share its compute, memory and links; devices
+    without chip coordinates (CPU, GPU) count one each."""
+    chips = {getattr(d, "coords", None) and tuple(d.coords) for d in devices}
+    return len(devices) / len(chips) if None not in chips else 1.0
+
+
 def find_chip(name: str) -> Chip | None:
     """The chip of a TPU generation (`v5p`) or of a JAX device kind (`TPU v5 lite`, `NVIDIA
     H100 80GB HBM3`), or None if the table does not know it."""

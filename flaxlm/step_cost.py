@@ -31,7 +31,7 @@ from typing import Any
 
 from flaxlm import hlo_cost, xla_stats
 from flaxlm.config import Config
-from flaxlm.flops import find_chip
+from flaxlm.flops import devices_per_chip, find_chip
 from flaxlm.output_head import unrolled_chunks
 from flaxlm.train import Trainer
 
@@ -74,8 +74,7 @@ def device_roofline(devices: list[Any]) -> tuple[float, float] | None:
     chip = find_chip(devices[0].device_kind)
     if chip is None:
         return None
-    chips = {getattr(d, "coords", None) and tuple(d.coords) for d in devices}
-    return chip.roofline(len(devices) / len(chips) if None not in chips else 1.0)
+    return chip.roofline(devices_per_chip(devices))
 
 
 def with_missed(cost: dict[str, float], program: dict[str, float]) -> dict[str, float]:

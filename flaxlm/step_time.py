@@ -33,7 +33,7 @@ from typing import Any
 
 from flaxlm import hlo_cost, xla_stats
 from flaxlm.config import AttentionKernel, Config
-from flaxlm.flops import find_chip, flops_per_step
+from flaxlm.flops import devices_per_chip, find_chip, flops_per_step
 from flaxlm.xla_stats import Collective
 
 # Bytes on the wire per byte delivered, as a function of the group size n.
@@ -63,8 +63,7 @@ def bandwidths(devices: list[Any]) -> tuple[float, float] | None:
     chip = find_chip(devices[0].device_kind)
     if chip is None:
         return None
-    chips = {getattr(d, "coords", None) and tuple(d.coords) for d in devices}
-    per_chip = len(devices) / len(chips) if None not in chips else 1.0
+    per_chip = devices_per_chip(devices)
     return chip.ici_bandwidth / per_chip, chip.dcn_bandwidth / per_chip
 
 

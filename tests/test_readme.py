@@ -41,6 +41,8 @@ TINY = {
     "flaxlm sweep": ["--steps", "1", "--warmup", "0"],
     "flaxlm tokenizer train": ["--max-bytes", "3000000"],
     "flaxlm compile": ["model.n_layers=2", "data.seq_len=2048"],
+    "flaxlm plan": ["model.n_layers=2", "data.seq_len=2048", "--compile", "1", "--jobs", "1",
+                    "--remat", "full"],
     "flaxlm generate": [],
     "flaxlm fill-mask": [],
     "flaxlm convert": [],

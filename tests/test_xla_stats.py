@@ -64,3 +64,14 @@ def test_collective_stats_count_the_results_of_async_collectives():
     # A reduce-scatter written as a fusion of an all-reduce and a slice counts once, as what
     # it delivers; the all-reduce inside it is not one of the program's all-reduces.
     assert stats["reduce-scatter"] == {"count": 2, "bytes": 512 + 512 * 128 * 2}
+
+
+def test_replica_groups_are_read_in_every_spelling():
+    """Listed groups, iota groups (G groups of S, optionally transposed) and the empty list
+    (one group of every partition)."""
+    size = xla_stats._group_size
+    assert size("channel_id=1, replica_groups={{0,1},{2,3}}, use_global_device_ids=true", 4) == 2
+    assert size("replica_groups=[2,4]<=[8], to_apply=%add", 8) == 4
+    assert size("replica_groups=[4,2]<=[2,4]T(1,0), to_apply=%add", 8) == 2
+    assert size("replica_groups={}, to_apply=%add", 8) == 8
+    assert size("source_target_pairs={{0,1},{1,0}}", 8) == 0

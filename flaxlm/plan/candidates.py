@@ -30,9 +30,10 @@ from flaxlm.config import (
 )
 
 # A candidate is dropped when the analytic estimate exceeds the HBM by more than this factor:
-# the activation count is an estimate (XLA fuses, reuses and schedules buffers its own way),
-# and on the models of tests/test_plan.py it overestimates what XLA compiles.
-PRUNE_MARGIN = 1.25
+# the activation count is an estimate (XLA fuses, reuses and schedules buffers its own way).
+# It overestimates what XLA compiles by up to 1.3x (Llama 3 70B on v5p:4x4x4, two sequences of
+# 4096 per chip with q/k/v and block outputs kept: 126.8 GiB estimated, 97.7 compiled).
+PRUNE_MARGIN = 1.5
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Any
 
 from flaxlm import memory, step_time
 from flaxlm.config import AttentionKernel, Config, ConfigError, Remat
-from flaxlm.flops import find_chip
+from flaxlm.flops import devices_per_chip, find_chip
 from flaxlm.plan import analytic, candidates
 from flaxlm.plan.candidates import Space
 from flaxlm.plan.compile import Target, compile_all, target_devices
@@ -37,20 +37,19 @@ def make_target(topology: str | None, slices: int = 1, hbm_gib: float | None = N
     from flaxlm.flops import measured_matmul_flops, measured_memory_bandwidth
 
     if topology is not None:
-        generation, chips = aot.parse_topology(topology)
+        generation, _ = aot.parse_topology(topology)
         devices = aot.topology_devices(topology, slices)
     else:
         if slices != 1:
             raise ConfigError("--slices needs --topology: the local devices are one slice")
         generation, devices = None, jax.devices()
-        chips = len(devices)
     chip = find_chip(generation or devices[0].device_kind)
     if chip is None:  # the CPU
         n = len(devices)
         flops, bandwidth = measured_matmul_flops() / n, measured_memory_bandwidth() / n
         rates, overlap, hbm = (flops, bandwidth, bandwidth, bandwidth), False, None
     else:
-        per_chip = len(devices) / (chips * slices)
+        per_chip = devices_per_chip(devices)
         peak, hbm_bandwidth = chip.roofline(per_chip)
         rates = (peak, hbm_bandwidth, *step_time.bandwidths(devices))
         overlap, hbm = True, chip.per_device(per_chip)[1]
