@@ -189,3 +189,25 @@ def test_plan_command_rejects_bad_input(tmp_path):
     assert bad.returncode == 2 and "not a TPU topology name" in bad.stderr
     remat = flaxlm("plan", "--config", "configs/bench/cpu.yaml", "--remat", "most", check=False)
     assert remat.returncode == 2 and "--remat takes" in remat.stderr
+
+
+def test_the_analytic_order_prices_what_each_choice_costs(tiny_cfg):
+    """The order in which candidates are compiled: recomputation costs time, an unfused
+    attention kernel pays for its score matrices, and slices joined along fsdp (parameters
+    gathered every micro-batch) cost more DCN time than along data (one all-reduce)."""
+    from flaxlm.plan import analytic
+
+    cfg = tiny_cfg("data.global_batch_size=16", "data.seq_len=128", "model.max_seq_len=128")
+    rates = (1e12, 1e11, 1e10, 1e9)
+
+    def seconds(ici, dcn=(1,) * 5, remat=Remat.none, attention=AttentionKernel.splash, accum=1):
+        c = Candidate(ici, dcn, remat, accum, attention, True)
+        return analytic.analytic_seconds(c, cfg, rates, overlap=False)["estimated_step_seconds"]
+
+    fsdp = (1, 4, 1, 1, 1)
+    assert seconds(fsdp, remat=Remat.full) > seconds(fsdp, remat=Remat.save_dots) > seconds(fsdp)
+    assert seconds(fsdp, attention=AttentionKernel.xla) > seconds(fsdp)
+    assert seconds(fsdp, accum=4) > seconds(fsdp)  # the parameters gathered 4 times
+    across_data, across_fsdp = (2, 1, 1, 1, 1), (1, 2, 1, 1, 1)
+    one_slice = seconds((2, 4, 1, 1, 1))  # the same 8 devices, data over ICI
+    assert seconds(fsdp, across_fsdp) > seconds(fsdp, across_data) > one_slice

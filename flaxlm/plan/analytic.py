@@ -6,7 +6,8 @@ themselves (`flaxlm.step_time`). Per device and step:
 
 - compute: the model FLOPs (`flaxlm.flops.flops_per_step`) times what the remat policy
   recomputes (the forward pass again under full remat: 8/6; less when projections or matmul
-  outputs are kept), at the peak;
+  outputs are kept), at the peak; with an unfused attention kernel, plus its score matrices
+  through memory;
 - FSDP: per micro-batch, the parameters' shards all-gathered for the forward and the
   backward pass and the float32 gradients reduce-scattered, over the fsdp axis;
 - data parallelism: one all-reduce of the float32 gradient shards per step, over data;
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from flaxlm.config import Config, Remat
+from flaxlm.config import AttentionKernel, Config, Remat
 from flaxlm.flops import analytic_param_count, flops_per_step
 from flaxlm.plan.candidates import Candidate
 from flaxlm.step_time import step_seconds
@@ -49,11 +50,18 @@ def analytic_seconds(
     """The step seconds of cfg laid out as candidate, overlapped, serial and the estimate
     (see the module docstring). `rates`: per device, peak FLOP/s and HBM, ICI and DCN bytes
     per second (`flaxlm.plan.compile.Target`)."""
-    peak, _, ici_bandwidth, dcn_bandwidth = rates
+    peak, hbm_bandwidth, ici_bandwidth, dcn_bandwidth = rates
     m, mesh = cfg.model, candidate.mesh()
     devices = int(np.prod(list(mesh.values())))
     params = analytic_param_count(m)
     compute = flops_per_step(cfg, params) * RECOMPUTE[candidate.remat] / devices / peak
+    if candidate.attention in (AttentionKernel.xla, AttentionKernel.reference):
+        # An unfused kernel writes and reads the scores and the probabilities (float32) in
+        # memory, forward and backward; a fused one keeps them on chip.
+        rows = candidate.micro_batch(cfg) * candidate.accum
+        seq = cfg.data.seq_len
+        scores = rows * m.n_heads / mesh["tensor"] * seq / mesh["context"] * seq * 4
+        compute += m.n_layers * 6 * scores / hbm_bandwidth
     tensor, fsdp, data = mesh["tensor"], mesh["fsdp"], mesh["data"]
     dcn = dict(zip(("data", "fsdp", "context", "tensor", "expert"), candidate.dcn, strict=True))
     param_bytes = np.dtype(m.param_dtype).itemsize
