@@ -87,9 +87,14 @@ TPU_GENERATIONS = tuple(c.generation for c in CHIPS if c.device_kinds[0].startsw
 def devices_per_chip(devices: list) -> float:
     """How many JAX devices each chip shows as: libtpu's topology descriptions show a v4 chip
     as two devices (one per TensorCore), which share its compute, memory and links; devices
-    without chip coordinates (CPU, GPU) count one each."""
-    chips = {getattr(d, "coords", None) and tuple(d.coords) for d in devices}
-    return len(devices) / len(chips) if None not in chips else 1.0
+    without chip coordinates (CPU, GPU) count one each. A chip is its coordinates within its
+    slice: each slice of a multislice job has chips at the same coordinates."""
+    coords = [getattr(d, "coords", None) for d in devices]
+    if any(c is None for c in coords):
+        return 1.0
+    slices = [getattr(d, "slice_index", 0) or 0 for d in devices]
+    chips = {(s, tuple(c)) for s, c in zip(slices, coords, strict=True)}
+    return len(devices) / len(chips)
 
 
 def find_chip(name: str) -> Chip | None:

@@ -211,3 +211,15 @@ def test_the_analytic_order_prices_what_each_choice_costs(tiny_cfg):
     across_data, across_fsdp = (2, 1, 1, 1, 1), (1, 2, 1, 1, 1)
     one_slice = seconds((2, 4, 1, 1, 1))  # the same 8 devices, data over ICI
     assert seconds(fsdp, across_fsdp) > seconds(fsdp, across_data) > one_slice
+
+
+def test_a_chip_is_counted_once_per_slice():
+    """libtpu shows a v4 chip as two devices; two v6e slices have chips at the same
+    coordinates, each its own: the rates per device follow."""
+    from flaxlm import aot
+    from flaxlm.flops import devices_per_chip
+
+    assert devices_per_chip(aot.topology_devices("v4:2x2x1")) == 2
+    assert devices_per_chip(aot.topology_devices("v6e:2x2", num_slices=2)) == 1
+    one, two = planner.make_target("v6e:2x2"), planner.make_target("v6e:2x2", slices=2)
+    assert one.rates == two.rates and one.hbm_gib == two.hbm_gib == 32
