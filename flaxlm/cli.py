@@ -8,7 +8,8 @@
     flaxlm fill-mask --checkpoint RUN_DIR [--step N] --text "... [MASK] ..." [--top-k K]
     flaxlm compile  --config configs/X.yaml --topology v5p:4x4x4 [--slices N] [key.sub=value ...]
     flaxlm plan     --config configs/X.yaml [--topology v5p:4x4x4] [--slices N] [--global-batch B]
-                    [--top K] [--compile N] [--jobs J] [--apply OUT.yaml] [key.sub=value ...]
+                    [--top K] [--compile N] [--jobs J] [--scan {config,both}] [--remat R ...]
+                    [--hbm-gib G] [--cache DIR] [--out DIR] [--apply OUT.yaml] [key.sub=value ...]
     flaxlm export   --checkpoint RUN_DIR [--step N] DST
     flaxlm convert  {from-hf|to-hf} SRC DST [--step N] [--dtype D] [--max-shard-size BYTES]
                     [key.sub=value ...]
