@@ -74,12 +74,9 @@ def topology_devices(name: str, num_slices: int = 1) -> list[Any]:
     return list(topo.devices)
 
 
-def compile_report(
-    cfg: Config, topology: str, num_slices: int = 1, xla_estimate: bool = True
-) -> dict[str, Any]:
+def compile_report(cfg: Config, topology: str, num_slices: int = 1) -> dict[str, Any]:
     """Compiles cfg's train step for the topology; returns memory, fit, FLOPs and step-time
-    estimates per device. `xla_estimate=False` skips the small unrolled compiles that XLA's own
-    estimate of a looping step needs (`flaxlm.step_cost`); the roofline needs none."""
+    estimates per device."""
     generation, chips_per_slice = parse_topology(topology)
     devices = topology_devices(topology, num_slices)
     chips = chips_per_slice * num_slices
@@ -103,9 +100,7 @@ def compile_report(
     step, how, roofline = cost, "the compiled step", chip.roofline(len(devices) / chips)
     hlo = compiled.as_text() if error is None else ""
     program = hlo_cost.program_cost(hlo, *roofline) if error is None else {}
-    if error is None and step_cost.has_loops(cfg) and not xla_estimate:
-        step, how = {}, "not computed"
-    elif error is None and step_cost.has_loops(cfg):
+    if error is None and step_cost.has_loops(cfg):
         step, how = step_cost.step_cost(cfg, mesh)
     elif error is None:
         # The compiler's own loops (windowed einsums) counted by their trip counts.
