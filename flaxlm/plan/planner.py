@@ -53,6 +53,9 @@ def make_target(topology: str | None, slices: int = 1, hbm_gib: float | None = N
         peak, hbm_bandwidth = chip.roofline(per_chip)
         rates = (peak, hbm_bandwidth, *step_time.bandwidths(devices))
         overlap, hbm = True, chip.per_device(per_chip)[1]
+        if hbm is None and topology is None:  # a GPU here: its memory as the runtime reports it
+            limit = (devices[0].memory_stats() or {}).get("bytes_limit")
+            hbm = limit / memory.GiB if limit else None
     kind = devices[0].device_kind
     return Target(topology, slices, len(devices), kind, rates, overlap, hbm_gib or hbm)
 
