@@ -74,6 +74,17 @@ def topology_devices(name: str, num_slices: int = 1) -> list[Any]:
     return list(topo.devices)
 
 
+def compile_or_refusal(trainer: Trainer) -> tuple[Any, str | None]:
+    """(the compiled train step, None), or (None, the compiler's message) when it refuses a
+    program that cannot fit in HBM (the TPU compiler says by how much)."""
+    try:
+        return trainer.compile_step(), None
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return None, str(e).splitlines()[0]
+
+
 def compile_report(cfg: Config, topology: str, num_slices: int = 1) -> dict[str, Any]:
     """Compiles cfg's train step for the topology; returns memory, fit, FLOPs and step-time
     estimates per device."""
@@ -87,15 +98,9 @@ def compile_report(cfg: Config, topology: str, num_slices: int = 1) -> dict[str,
     trainer = Trainer(cfg, mesh)
     estimate = memory.estimate(cfg, trainer.abstract_state, dict(mesh.shape))
     started = time.perf_counter()
-    try:
-        compiled = trainer.compile_step()
-        compiled_mem, error = memory.compiled_memory(compiled), None
-        cost = xla_stats.cost_stats(compiled)
-    except jax.errors.JaxRuntimeError as e:
-        # The TPU compiler refuses a program that cannot fit in HBM, saying by how much.
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        compiled_mem, error, cost = None, str(e).splitlines()[0], {}
+    compiled, error = compile_or_refusal(trainer)
+    compiled_mem = memory.compiled_memory(compiled) if error is None else None
+    cost = xla_stats.cost_stats(compiled) if error is None else {}
     compile_seconds = time.perf_counter() - started
     step, how, roofline = cost, "the compiled step", chip.roofline(len(devices) / chips)
     hlo = compiled.as_text() if error is None else ""
@@ -138,7 +143,7 @@ def compile_report(cfg: Config, topology: str, num_slices: int = 1) -> dict[str,
         **_roofline_estimate(
             program, analytic_flops / peak, cfg.model.attention == AttentionKernel.splash
         ),
-        **_estimate(cfg, hlo, devices, num_slices),
+        **_estimate(cfg, hlo, program, devices, num_slices),
         "analytic_flops_per_step": analytic_flops,
         # The step time if every chip ran at its bf16 peak: a floor, for planning.
         "step_seconds_at_peak": analytic_flops / peak,
@@ -179,12 +184,15 @@ def _roofline_estimate(program: dict, seconds_at_peak: float, custom_kernel: boo
     return {"roofline_step_seconds": seconds, "roofline_mfu": mfu}
 
 
-def _estimate(cfg: Config, hlo: str, devices: list[Any], num_slices: int) -> dict[str, Any]:
-    """The step time of the compiled program with its collectives (`flaxlm.step_time`)."""
+def _estimate(
+    cfg: Config, hlo: str, program: dict, devices: list[Any], num_slices: int
+) -> dict[str, Any]:
+    """The step time of the compiled program (`program`: its roofline, priced at the same
+    rates) with its collectives (`flaxlm.step_time`)."""
     if not hlo:
         return {"collectives": None, "estimated_step_seconds": None, "estimated_mfu": None}
-    rates = (*step_cost.device_roofline(devices), *step_time.bandwidths(devices))
-    found = step_time.step_estimate(cfg, hlo, len(devices), rates, num_slices)
+    rates = step_time.device_rates(devices)
+    found = step_time.step_estimate(cfg, hlo, len(devices), rates, num_slices, program=program)
     keys = ("collectives", "step_seconds_overlapped", "step_seconds_serial")
     return {
         **{k: found[k] for k in keys},

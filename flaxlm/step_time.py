@@ -57,14 +57,16 @@ def wire_bytes(c: Collective) -> float:
     return c.nbytes * factor(max(c.group, 2))
 
 
-def bandwidths(devices: list[Any]) -> tuple[float, float] | None:
-    """(ICI, DCN) bytes per second of one of these devices, None for a chip the table does not
-    know (the CPU). libtpu's topologies show a v4 chip as two devices, which share its links."""
+def device_rates(devices: list[Any]) -> tuple[float, float, float, float] | None:
+    """Per device of these: peak FLOP/s and HBM, ICI and DCN bytes per second, None for a chip
+    the table does not know (the CPU). Devices that share a chip (libtpu shows a v4 chip as
+    two) share its rates."""
     chip = find_chip(devices[0].device_kind)
     if chip is None:
         return None
     per_chip = devices_per_chip(devices)
-    return chip.ici_bandwidth / per_chip, chip.dcn_bandwidth / per_chip
+    peak, hbm = chip.roofline(per_chip)
+    return peak, hbm, chip.ici_bandwidth / per_chip, chip.dcn_bandwidth / per_chip
 
 
 def collective_seconds(
@@ -118,12 +120,14 @@ def step_estimate(
     rates: tuple[float, float, float, float],
     slices: int = 1,
     overlap: bool = True,
+    program: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """The estimated step time of cfg's compiled step (its HLO text, on `devices` devices
     over `slices` slices), and the MFU it implies. `rates`: per device, peak FLOP/s and HBM,
-    ICI and DCN bytes per second."""
+    ICI and DCN bytes per second (`device_rates`). `program`: the HLO's
+    `flaxlm.hlo_cost.program_cost` at those rates, where the caller has it already."""
     peak, hbm, ici, dcn = rates
-    program = hlo_cost.program_cost(hlo, peak, hbm)
+    program = program or hlo_cost.program_cost(hlo, peak, hbm)
     comm = collective_seconds(xla_stats.collectives(hlo, slices), ici, dcn)
     compute = program["seconds"] + kernel_seconds(cfg, devices, peak)
     times = step_seconds(compute, comm, overlap)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from flaxlm.config import AttentionKernel, Config, Remat
+from flaxlm.config import MESH_AXES, AttentionKernel, Config, Remat
 from flaxlm.flops import analytic_param_count, flops_per_step
 from flaxlm.plan.candidates import Candidate
 from flaxlm.step_time import step_seconds
@@ -63,7 +63,7 @@ def analytic_seconds(
         scores = rows * m.n_heads / mesh["tensor"] * seq / mesh["context"] * seq * 4
         compute += m.n_layers * 6 * scores / hbm_bandwidth
     tensor, fsdp, data = mesh["tensor"], mesh["fsdp"], mesh["data"]
-    dcn = dict(zip(("data", "fsdp", "context", "tensor", "expert"), candidate.dcn, strict=True))
+    dcn = dict(zip(MESH_AXES, candidate.dcn, strict=True))
     param_bytes = np.dtype(m.param_dtype).itemsize
     shard = params / tensor  # parameters of one tensor-parallel rank
     ici = dcn_bytes = 0.0

@@ -85,20 +85,15 @@ def target_devices(target: Target) -> list[Any]:
 def compile_program(cfg: Config, target: Target) -> dict[str, Any]:
     """Compiles cfg's train step on the target: XLA's memory analysis and the HLO text, or
     the compiler's refusal (a program that cannot fit in HBM)."""
-    import jax
-
     from flaxlm import memory
+    from flaxlm.aot import compile_or_refusal
     from flaxlm.mesh import make_mesh
     from flaxlm.train import Trainer
 
     started = time.perf_counter()
-    trainer = Trainer(cfg, make_mesh(cfg, target_devices(target)))
-    try:
-        compiled = trainer.compile_step()
-    except jax.errors.JaxRuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        return {"memory": None, "error": str(e).splitlines()[0], "hlo": ""}
+    compiled, error = compile_or_refusal(Trainer(cfg, make_mesh(cfg, target_devices(target))))
+    if error is not None:
+        return {"memory": None, "error": error, "hlo": ""}
     return {
         "memory": memory.compiled_memory(compiled),
         "error": None,

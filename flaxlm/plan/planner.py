@@ -49,10 +49,8 @@ def make_target(topology: str | None, slices: int = 1, hbm_gib: float | None = N
         flops, bandwidth = measured_matmul_flops() / n, measured_memory_bandwidth() / n
         rates, overlap, hbm = (flops, bandwidth, bandwidth, bandwidth), False, None
     else:
-        per_chip = devices_per_chip(devices)
-        peak, hbm_bandwidth = chip.roofline(per_chip)
-        rates = (peak, hbm_bandwidth, *step_time.bandwidths(devices))
-        overlap, hbm = True, chip.per_device(per_chip)[1]
+        rates, overlap = step_time.device_rates(devices), True
+        hbm = chip.per_device(devices_per_chip(devices))[1]
         if hbm is None and topology is None:  # a GPU here: its memory as the runtime reports it
             limit = (devices[0].memory_stats() or {}).get("bytes_limit")
             hbm = limit / memory.GiB if limit else None
